@@ -1,0 +1,158 @@
+"""Drive one export: validate, stream weights into external data, write graph and manifest."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+from tqdm import tqdm
+
+from .. import __version__
+from ..artifact import check_output, staged_output
+from ..checkpoint import Checkpoint, ModelSpec
+from ..errors import QwenDeployError
+from ..manifest import ATTENTION_FORMS, PRECISIONS, Manifest, TensorSpec
+from .graph import OPSET, DecoderGraph, graph_io
+from .weights import ExternalData
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+DTYPES = {"fp32": np.float32, "fp16": np.float16}
+QWEN2_GENERATION_DEFAULTS = {
+    "temperature": 0.7,
+    "top_k": 20,
+    "top_p": 0.8,
+    "repetition_penalty": 1.05,
+}
+
+
+def _token_ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def generation_defaults(ckpt: Checkpoint) -> tuple[dict, list[int], int | None, int | None]:
+    """Sampling defaults, EOS ids, pad id and bos id from generation_config.json and config.json."""
+    gen = ckpt.generation_config
+    defaults = {k: gen[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty",
+                                    "min_p", "max_new_tokens") if k in gen}
+    defaults["do_sample"] = bool(gen.get("do_sample", bool(defaults)))
+    if not gen:
+        defaults = dict(QWEN2_GENERATION_DEFAULTS, do_sample=True)
+    eos = _token_ids(gen.get("eos_token_id")) or _token_ids(ckpt.config.get("eos_token_id"))
+    pad = gen.get("pad_token_id", ckpt.config.get("pad_token_id"))
+    bos = gen.get("bos_token_id", ckpt.config.get("bos_token_id"))
+    if isinstance(pad, list):
+        pad = pad[0]
+    return defaults, eos, pad, bos
+
+
+def _tensor_specs(spec: ModelSpec, dtype) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    inputs, outputs = graph_io(spec, dtype)
+    name = {v: k.lower() for k, v in TensorProto.DataType.items()}
+    return ([TensorSpec(n, name[t], s) for n, t, s in inputs],
+            [TensorSpec(n, name[t], s) for n, t, s in outputs])
+
+
+def build_manifest(ckpt: Checkpoint, precision: str, attention: str, data_files: list[str],
+                   tokenizer_files: list[str]) -> Manifest:
+    dtype = DTYPES[precision]
+    inputs, outputs = _tensor_specs(ckpt.spec, dtype)
+    generation, eos, pad, bos = generation_defaults(ckpt)
+    return Manifest(
+        model=ckpt.spec,
+        precision=precision,
+        attention=attention,
+        opset=OPSET,
+        model_file=MODEL_FILE,
+        data_files=data_files,
+        inputs=inputs,
+        outputs=outputs,
+        source={
+            "path": str(ckpt.path.resolve()),
+            "fingerprint": ckpt.fingerprint(),
+            "dtype": ckpt.source_dtype,
+            "architecture": "Qwen2ForCausalLM",
+        },
+        eos_token_ids=eos,
+        pad_token_id=pad,
+        bos_token_id=bos,
+        generation=generation,
+        chat_template=ckpt.chat_template,
+        tokenizer_files=tokenizer_files,
+        kv_cache={
+            "layout": "BNSH",
+            "shape": ["batch_size", ckpt.spec.num_kv_heads, "past_sequence_length",
+                      ckpt.spec.head_dim],
+            "dtype": precision,
+            "past": "past_key_values.{layer}.{key|value}",
+            "present": "present.{layer}.{key|value}",
+            "update": "concat",
+        },
+        producer={"name": "qwen-deploy", "version": __version__,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    )
+
+
+def export_checkpoint(
+    source: str | Path,
+    out: str | Path,
+    precision: str = "fp32",
+    attention: str = "onnx",
+    force: bool = False,
+    progress: bool = True,
+    on_layer: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Export `source` (a Hugging Face Qwen2 folder) to the artifact folder `out`.
+
+    The folder appears only when everything is written; a failure leaves nothing behind.
+    `on_layer` is called with each weight group's name as it streams (tests use it to interrupt).
+    """
+    if precision not in PRECISIONS:
+        raise QwenDeployError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}.")
+    if attention not in ATTENTION_FORMS:
+        raise QwenDeployError(
+            f"attention {attention!r} is not one of {', '.join(ATTENTION_FORMS)}."
+        )
+    out = Path(out)
+    check_output(out, force)
+    ckpt = Checkpoint(source)
+    dtype = np.dtype(DTYPES[precision])
+    bar = tqdm(total=ckpt.spec.num_layers + 2, desc="export", unit="group", disable=not progress)
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update(1)
+        if on_layer:
+            on_layer(name)
+
+    with staged_output(out, force) as tmp:
+        data = ExternalData(tmp, DATA_FILE)
+        try:
+            def weight(onnx_name: str, ckpt_name: str, transpose: bool) -> TensorProto:
+                array = ckpt.tensor(ckpt_name)
+                if transpose:
+                    return data.write_transposed(onnx_name, array, dtype)
+                return data.write(onnx_name, array, dtype)
+
+            model = DecoderGraph(ckpt.spec, dtype, attention, weight).build(step)
+        finally:
+            data.close()
+            bar.close()
+        onnx.save_model(model, tmp / MODEL_FILE)
+        copied = []
+        for file in ckpt.tokenizer_files():
+            shutil.copy2(file, tmp / file.name)
+            copied.append(file.name)
+        if (ckpt.path / "generation_config.json").is_file():
+            shutil.copy2(ckpt.path / "generation_config.json", tmp / "generation_config.json")
+        shutil.copy2(ckpt.path / "config.json", tmp / "config.json")
+        manifest = build_manifest(ckpt, precision, attention, [DATA_FILE], copied)
+        manifest.save(tmp)
+    return manifest

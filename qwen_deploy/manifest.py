@@ -1,0 +1,99 @@
+"""The artifact contract: manifest.json, read by every later stage and by C++/Triton users.
+
+A stage never guesses what an earlier stage did; it reads this file. Field meanings are documented
+in docs/artifact.md; bump FORMAT_VERSION on any incompatible change.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .checkpoint import ModelSpec
+from .errors import ArtifactError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PRECISIONS = ("fp32", "fp16")
+ATTENTION_FORMS = ("onnx", "gqa", "decomposed")
+
+
+@dataclass
+class TensorSpec:
+    """One graph input or output: name, ONNX element type name and shape (ints or dim names)."""
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass
+class Manifest:
+    model: ModelSpec
+    precision: str
+    attention: str
+    opset: int
+    model_file: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    source: dict
+    eos_token_ids: list[int]
+    pad_token_id: int | None
+    bos_token_id: int | None
+    generation: dict
+    chat_template: str | None
+    tokenizer_files: list[str]
+    data_files: list[str] = field(default_factory=list)
+    kv_cache: dict = field(default_factory=dict)
+    quantization: dict | None = None
+    quality: dict | None = None
+    engine: dict | None = None
+    producer: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["model"] = self.model.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ArtifactError(
+                f"manifest format_version is {version}, this qwen-deploy reads {FORMAT_VERSION}; "
+                "re-export the artifact with this version."
+            )
+        data = dict(data)
+        data["model"] = ModelSpec.from_dict(data["model"])
+        data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
+        data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Manifest:
+        path = Path(folder) / MANIFEST
+        if not Path(folder).is_dir():
+            raise ArtifactError(f"artifact folder {folder} does not exist; run `qwen-deploy export`.")
+        if not path.is_file():
+            raise ArtifactError(
+                f"{folder} has no {MANIFEST}; it is not a qwen-deploy artifact (or an export was "
+                "interrupted): re-run `qwen-deploy export`."
+            )
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ArtifactError(f"{path} is malformed ({e}); re-export the artifact.") from e
+
+    def kv_names(self, layer: int) -> tuple[str, str, str, str]:
+        """(past key, past value, present key, present value) tensor names of one layer."""
+        return (
+            f"past_key_values.{layer}.key",
+            f"past_key_values.{layer}.value",
+            f"present.{layer}.key",
+            f"present.{layer}.value",
+        )
