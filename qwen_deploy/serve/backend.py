@@ -1,0 +1,31 @@
+"""The one interface every runtime backend implements: feed tokens, keep the KV cache, get logits."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from ..manifest import Manifest
+
+
+class KVCache(Protocol):
+    """Backend-owned cache state for a batch of sequences; opaque to callers except its length."""
+
+    @property
+    def length(self) -> int:
+        """Positions already cached (past_sequence_length)."""
+
+
+class Backend(Protocol):
+    manifest: Manifest
+
+    def new_cache(self, batch: int) -> KVCache:
+        """An empty cache for `batch` sequences."""
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                position_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run one step; returns float32 logits [batch, seq, vocab] and extends `cache` in place.
+
+        attention_mask covers cache + new tokens ([batch, cache.length + seq]).
+        """
