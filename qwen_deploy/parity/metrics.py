@@ -1,0 +1,36 @@
+"""Logit comparison metrics between a reference and a candidate (numpy only)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Metrics over rows of [..., vocab] logits.
+
+    max_abs/mean_abs: absolute logit error; cosine: the smallest per-row cosine similarity;
+    top1: fraction of rows whose argmax agrees; kl: the largest per-row KL(reference || candidate)
+    of the softmax distributions, in nats.
+    """
+    ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
+    cand = candidate.reshape(-1, candidate.shape[-1]).astype(np.float64)
+    if ref.shape != cand.shape:
+        raise ValueError(f"shape mismatch: reference {ref.shape} vs candidate {cand.shape}")
+    diff = np.abs(ref - cand)
+    norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(cand, axis=-1)
+    cosine = (ref * cand).sum(-1) / np.maximum(norms, 1e-30)
+    log_p, log_q = _log_softmax(ref), _log_softmax(cand)
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "cosine": float(cosine.min()),
+        "top1": float((ref.argmax(-1) == cand.argmax(-1)).mean()),
+        "kl": float(max(kl.max(), 0.0)),
+    }
