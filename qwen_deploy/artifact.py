@@ -1,4 +1,4 @@
-"""Artifact folders appear only when complete: stages write to a temp folder and rename at the end."""
+"""Artifact folders appear only when complete: write to a temp folder, rename at the end."""
 
 from __future__ import annotations
 

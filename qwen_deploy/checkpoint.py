@@ -59,7 +59,7 @@ class ModelSpec:
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies in float32, computed as transformers does."""
         exponents = np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32)
-        inv = (1.0 / (np.float32(self.rope_theta) ** (exponents / np.float32(self.head_dim))))
+        inv = 1.0 / (np.float32(self.rope_theta) ** (exponents / np.float32(self.head_dim)))
         inv = inv.astype(np.float32)
         if self.rope_type == "linear":
             inv = (inv / np.float32(self.rope_factor)).astype(np.float32)
@@ -83,7 +83,8 @@ def _rope(config: dict) -> tuple[float, str, float]:
     else:
         raise CheckpointError(
             "config.json has no RoPE theta: expected 'rope_theta' (transformers 4) or "
-            "'rope_parameters.rope_theta' (transformers 5). Add the model's value (Qwen2.5: 1000000)."
+            "'rope_parameters.rope_theta' (transformers 5). Add the model's value "
+            "(Qwen2.5: 1000000)."
         )
     if rope_type not in SUPPORTED_ROPE_TYPES:
         field = "rope_parameters.rope_type" if params else "rope_scaling.type"
@@ -107,7 +108,8 @@ def spec_from_config(config: dict) -> ModelSpec:
     if config.get("model_type") != "qwen2" or not set(archs) & set(SUPPORTED_ARCHITECTURES):
         raise CheckpointError(
             f"config.json describes model_type={config.get('model_type')!r}, "
-            f"architectures={archs}; qwen-deploy exports Qwen2ForCausalLM (model_type 'qwen2') only."
+            f"architectures={archs}; qwen-deploy exports Qwen2ForCausalLM "
+            "(model_type 'qwen2') only."
         )
     if config.get("use_sliding_window"):
         raise CheckpointError(

@@ -22,8 +22,11 @@ def manifest_table(manifest: Manifest, folder: str | Path) -> str:
         ("quantization", (manifest.quantization or {}).get("mode", "none")),
         ("attention", manifest.attention),
         ("opset", str(manifest.opset)),
-        ("model file", f"{manifest.model_file} + {', '.join(manifest.data_files) or '-'} "
-                       f"({_size(folder, [manifest.model_file, *manifest.data_files])})"),
+        (
+            "model file",
+            f"{manifest.model_file} + {', '.join(manifest.data_files) or '-'} "
+            f"({_size(folder, [manifest.model_file, *manifest.data_files])})",
+        ),
         ("layers", str(m.num_layers)),
         ("hidden / intermediate", f"{m.hidden_size} / {m.intermediate_size}"),
         ("heads / kv heads / head dim", f"{m.num_heads} / {m.num_kv_heads} / {m.head_dim}"),
@@ -33,8 +36,10 @@ def manifest_table(manifest: Manifest, folder: str | Path) -> str:
         ("max positions", str(m.max_position_embeddings)),
         ("tied embeddings", str(m.tie_word_embeddings)),
         ("kv cache", f"{manifest.kv_cache.get('layout')} {manifest.kv_cache.get('shape')}"),
-        ("eos / pad / bos", f"{manifest.eos_token_ids} / {manifest.pad_token_id} / "
-                            f"{manifest.bos_token_id}"),
+        (
+            "eos / pad / bos",
+            f"{manifest.eos_token_ids} / {manifest.pad_token_id} / {manifest.bos_token_id}",
+        ),
         ("generation", ", ".join(f"{k}={v}" for k, v in manifest.generation.items())),
         ("chat template", "yes" if manifest.chat_template else "no"),
         ("inputs", ", ".join(t.name for t in manifest.inputs[:3]) + ", past_key_values.*"),

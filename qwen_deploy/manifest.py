@@ -78,7 +78,9 @@ class Manifest:
     def load(cls, folder: str | Path) -> Manifest:
         path = Path(folder) / MANIFEST
         if not Path(folder).is_dir():
-            raise ArtifactError(f"artifact folder {folder} does not exist; run `qwen-deploy export`.")
+            raise ArtifactError(
+                f"artifact folder {folder} does not exist; run `qwen-deploy export`."
+            )
         if not path.is_file():
             raise ArtifactError(
                 f"{folder} has no {MANIFEST}; it is not a qwen-deploy artifact (or an export was "

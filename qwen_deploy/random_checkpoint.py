@@ -89,8 +89,8 @@ def make_random_checkpoint(
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
         tie_word_embeddings=tie_word_embeddings,
         initializer_range=init_std,
-        bos_token_id=151643,
-        eos_token_id=151645,
+        bos_token_id=151643 if vocab > 151645 else None,
+        eos_token_id=151645 if vocab > 151645 else None,
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config).eval()

@@ -28,7 +28,9 @@ def checkpoint(tmp_path_factory):
     def make(**kwargs) -> Path:
         key = _key(kwargs)
         if key not in cache:
-            kwargs.setdefault("init_std", 0.2)  # logits up to ~8, like a real model: no greedy ties
+            # logits up to ~8 whatever the width, like a real model: no greedy ties, and fp32
+            # rounding in the reference itself stays well below the 1e-4 parity bound
+            kwargs.setdefault("init_std", 1.6 / kwargs.get("hidden", 64) ** 0.5)
             folder = tmp_path_factory.mktemp("ckpt")
             cache[key] = make_random_checkpoint(folder / "model", **kwargs)
         return cache[key]
@@ -63,3 +65,19 @@ def tiny_checkpoint(checkpoint) -> Path:
 def tiny_artifact(artifact) -> Path:
     """The default tiny checkpoint exported at fp32 with the `onnx` attention form."""
     return artifact()
+
+
+@pytest.fixture(scope="session")
+def r1_tokenizer_dir(tmp_path_factory) -> Path:
+    """DeepSeek-R1-Distill-Qwen tokenizer files (tests/fixtures/deepseek_r1_distill/README.md)."""
+    from qwen_deploy.random_checkpoint import qwen_tokenizer_dir
+
+    fixture = Path(__file__).parent / "fixtures" / "deepseek_r1_distill"
+    out = tmp_path_factory.mktemp("r1_tokenizer")
+    tokenizer = json.loads((qwen_tokenizer_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer["added_tokens"] = json.loads(
+        (fixture / "added_tokens.tokenizer_json.json").read_text(encoding="utf-8")
+    )
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+    (out / "tokenizer_config.json").write_bytes((fixture / "tokenizer_config.json").read_bytes())
+    return out

@@ -40,8 +40,11 @@ def _token_ids(value) -> list[int]:
 def generation_defaults(ckpt: Checkpoint) -> tuple[dict, list[int], int | None, int | None]:
     """Sampling defaults, EOS ids, pad id and bos id from generation_config.json and config.json."""
     gen = ckpt.generation_config
-    defaults = {k: gen[k] for k in ("temperature", "top_k", "top_p", "repetition_penalty",
-                                    "min_p", "max_new_tokens") if k in gen}
+    defaults = {
+        k: gen[k]
+        for k in ("temperature", "top_k", "top_p", "repetition_penalty", "min_p", "max_new_tokens")
+        if k in gen
+    }
     defaults["do_sample"] = bool(gen.get("do_sample", bool(defaults)))
     if not gen:
         defaults = dict(QWEN2_GENERATION_DEFAULTS, do_sample=True)
@@ -56,12 +59,19 @@ def generation_defaults(ckpt: Checkpoint) -> tuple[dict, list[int], int | None, 
 def _tensor_specs(spec: ModelSpec, dtype) -> tuple[list[TensorSpec], list[TensorSpec]]:
     inputs, outputs = graph_io(spec, dtype)
     name = {v: k.lower() for k, v in TensorProto.DataType.items()}
-    return ([TensorSpec(n, name[t], s) for n, t, s in inputs],
-            [TensorSpec(n, name[t], s) for n, t, s in outputs])
+    return (
+        [TensorSpec(n, name[t], s) for n, t, s in inputs],
+        [TensorSpec(n, name[t], s) for n, t, s in outputs],
+    )
 
 
-def build_manifest(ckpt: Checkpoint, precision: str, attention: str, data_files: list[str],
-                   tokenizer_files: list[str]) -> Manifest:
+def build_manifest(
+    ckpt: Checkpoint,
+    precision: str,
+    attention: str,
+    data_files: list[str],
+    tokenizer_files: list[str],
+) -> Manifest:
     dtype = DTYPES[precision]
     inputs, outputs = _tensor_specs(ckpt.spec, dtype)
     generation, eos, pad, bos = generation_defaults(ckpt)
@@ -88,15 +98,22 @@ def build_manifest(ckpt: Checkpoint, precision: str, attention: str, data_files:
         tokenizer_files=tokenizer_files,
         kv_cache={
             "layout": "BNSH",
-            "shape": ["batch_size", ckpt.spec.num_kv_heads, "past_sequence_length",
-                      ckpt.spec.head_dim],
+            "shape": [
+                "batch_size",
+                ckpt.spec.num_kv_heads,
+                "past_sequence_length",
+                ckpt.spec.head_dim,
+            ],
             "dtype": precision,
             "past": "past_key_values.{layer}.{key|value}",
             "present": "present.{layer}.{key|value}",
             "update": "concat",
         },
-        producer={"name": "qwen-deploy", "version": __version__,
-                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+        producer={
+            "name": "qwen-deploy",
+            "version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
     )
 
 
@@ -135,6 +152,7 @@ def export_checkpoint(
     with staged_output(out, force) as tmp:
         data = ExternalData(tmp, DATA_FILE)
         try:
+
             def weight(onnx_name: str, ckpt_name: str, transpose: bool) -> TensorProto:
                 array = ckpt.tensor(ckpt_name)
                 if transpose:

@@ -52,14 +52,24 @@ class GraphBuilder:
         self._count += 1
         return f"{hint}_{self._count}"
 
-    def op(self, op_type: str, inputs: list[str], hint: str = "", outputs: int | list[str] = 1,
-           domain: str = "", **attrs) -> str | list[str]:
-        names = outputs if isinstance(outputs, list) else [
-            self._name(f"{hint or op_type}/out{i}") for i in range(outputs)
-        ]
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        hint: str = "",
+        outputs: int | list[str] = 1,
+        domain: str = "",
+        **attrs,
+    ) -> str | list[str]:
+        names = (
+            outputs
+            if isinstance(outputs, list)
+            else [self._name(f"{hint or op_type}/out{i}") for i in range(outputs)]
+        )
         self.nodes.append(
-            helper.make_node(op_type, inputs, names, name=self._name(hint or op_type),
-                             domain=domain, **attrs)
+            helper.make_node(
+                op_type, inputs, names, name=self._name(hint or op_type), domain=domain, **attrs
+            )
         )
         return names[0] if len(names) == 1 else names
 
@@ -98,8 +108,13 @@ def graph_io(spec: ModelSpec, dtype: np.dtype) -> tuple[list, list]:
 class DecoderGraph:
     """Builds the whole decoder; `weight(onnx_name, ckpt_name, transpose)` streams one tensor."""
 
-    def __init__(self, spec: ModelSpec, dtype: np.dtype, attention: str,
-                 weight: Callable[[str, str, bool], TensorProto]):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        dtype: np.dtype,
+        attention: str,
+        weight: Callable[[str, str, bool], TensorProto],
+    ):
         self.spec = spec
         self.g = GraphBuilder(dtype)
         self.attention = attention
@@ -110,7 +125,9 @@ class DecoderGraph:
         return self.g.add_initializer(self.weight(ckpt_name, ckpt_name, transpose))
 
     def _linear(self, x: str, prefix: str, bias: bool = False) -> str:
-        y = self.g.op("MatMul", [x, self._w(prefix + ".weight", transpose=True)], prefix + "/MatMul")
+        y = self.g.op(
+            "MatMul", [x, self._w(prefix + ".weight", transpose=True)], prefix + "/MatMul"
+        )
         if bias:
             y = self.g.op("Add", [y, self._w(prefix + ".bias")], prefix + "/Add")
         return y
@@ -118,7 +135,11 @@ class DecoderGraph:
     def _rms_norm(self, x: str, weight_name: str) -> str:
         """Qwen2RMSNorm: normalize in float32, cast back, then scale (transformers' order)."""
         g, hint = self.g, weight_name.removesuffix(".weight")
-        xf = x if g.dtype == np.float32 else g.op("Cast", [x], hint + "/CastUp", to=TensorProto.FLOAT)
+        xf = (
+            x
+            if g.dtype == np.float32
+            else g.op("Cast", [x], hint + "/CastUp", to=TensorProto.FLOAT)
+        )
         sq = g.op("Mul", [xf, xf], hint + "/Square")
         mean = g.op("ReduceMean", [sq, g.const([-1], "axes", np.int64)], hint + "/Mean", keepdims=1)
         eps = g.const(np.float32(self.spec.rms_norm_eps), "eps")
@@ -149,10 +170,16 @@ class DecoderGraph:
         Returns (bool mask, padding-only bool mask [B,1,S,T] without the causal part).
         """
         g = self.g
-        total = g.op("Gather", [g.op("Shape", ["attention_mask"], "mask/ShapeT"),
-                                g.const(1, "one", np.int64)], "mask/T")
-        seq = g.op("Gather", [g.op("Shape", ["input_ids"], "mask/ShapeS"),
-                              g.const(1, "one", np.int64)], "mask/S")
+        total = g.op(
+            "Gather",
+            [g.op("Shape", ["attention_mask"], "mask/ShapeT"), g.const(1, "one", np.int64)],
+            "mask/T",
+        )
+        seq = g.op(
+            "Gather",
+            [g.op("Shape", ["input_ids"], "mask/ShapeS"), g.const(1, "one", np.int64)],
+            "mask/S",
+        )
         past = g.op("Sub", [total, seq], "mask/Past")
         one = g.const(1, "one", np.int64)
         q_pos = g.op("Range", [past, total, one], "mask/QPos")
@@ -175,8 +202,10 @@ class DecoderGraph:
 
     def _rope_tables(self) -> tuple[str, str]:
         cos, sin = rope_cache(self.spec)
-        return (self.g.const(cos, "rope/cos_cache", self.g.dtype),
-                self.g.const(sin, "rope/sin_cache", self.g.dtype))
+        return (
+            self.g.const(cos, "rope/cos_cache", self.g.dtype),
+            self.g.const(sin, "rope/sin_cache", self.g.dtype),
+        )
 
     def _rope_gathered(self, cos_cache: str, sin_cache: str) -> tuple[str, str]:
         """cos/sin [B,1,S,D] for the decomposed form (rotate_half convention)."""
@@ -192,11 +221,22 @@ class DecoderGraph:
         """x * cos + rotate_half(x) * sin, rotate_half(x) = concat(-x2, x1)."""
         g = self.g
         half = self.spec.head_dim // 2
-        x1, x2 = g.op("Split", [x, g.const([half, half], "split", np.int64)], hint + "/Split",
-                      outputs=2, axis=-1)
+        x1, x2 = g.op(
+            "Split",
+            [x, g.const([half, half], "split", np.int64)],
+            hint + "/Split",
+            outputs=2,
+            axis=-1,
+        )
         rotated = g.op("Concat", [g.op("Neg", [x2], hint + "/Neg"), x1], hint + "/Concat", axis=-1)
-        return g.op("Add", [g.op("Mul", [x, cos], hint + "/MulCos"),
-                            g.op("Mul", [rotated, sin], hint + "/MulSin")], hint + "/Add")
+        return g.op(
+            "Add",
+            [
+                g.op("Mul", [x, cos], hint + "/MulCos"),
+                g.op("Mul", [rotated, sin], hint + "/MulSin"),
+            ],
+            hint + "/Add",
+        )
 
     # -- attention forms -----------------------------------------------------------------------
     def _attention(self, i: int, q: str, k: str, v: str, ctx: dict) -> str:
@@ -206,16 +246,38 @@ class DecoderGraph:
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         present_k, present_v = f"present.{i}.key", f"present.{i}.value"
         if self.attention == "gqa":
-            q = g.op("RotaryEmbedding", [q, ctx["cos"], ctx["sin"], "position_ids"], p + "/RopeQ",
-                     num_heads=s.num_heads)
-            k = g.op("RotaryEmbedding", [k, ctx["cos"], ctx["sin"], "position_ids"], p + "/RopeK",
-                     num_heads=s.num_kv_heads)
+            q = g.op(
+                "RotaryEmbedding",
+                [q, ctx["cos"], ctx["sin"], "position_ids"],
+                p + "/RopeQ",
+                num_heads=s.num_heads,
+            )
+            k = g.op(
+                "RotaryEmbedding",
+                [k, ctx["cos"], ctx["sin"], "position_ids"],
+                p + "/RopeK",
+                num_heads=s.num_kv_heads,
+            )
             out = g.op(
                 "GroupQueryAttention",
-                [q, k, v, past_k, past_v, ctx["seqlens_k"], ctx["total_len"], "", "", "",
-                 ctx["bias"]],
-                p + "/GQA", outputs=[self.g._name(p + "/GQA/out"), present_k, present_v],
-                domain=MS_DOMAIN, num_heads=s.num_heads, kv_num_heads=s.num_kv_heads,
+                [
+                    q,
+                    k,
+                    v,
+                    past_k,
+                    past_v,
+                    ctx["seqlens_k"],
+                    ctx["total_len"],
+                    "",
+                    "",
+                    "",
+                    ctx["bias"],
+                ],
+                p + "/GQA",
+                outputs=[self.g._name(p + "/GQA/out"), present_k, present_v],
+                domain=MS_DOMAIN,
+                num_heads=s.num_heads,
+                kv_num_heads=s.num_kv_heads,
             )
             return out[0]
         q4 = self._heads(q, s.num_heads, p + "/q")
@@ -244,8 +306,9 @@ class DecoderGraph:
         x5 = g.op("Unsqueeze", [x, g.const([2], "axes", np.int64)], hint + "/Unsqueeze")
         shape5 = g.op("Shape", [x5], hint + "/Shape")
         ones = g.const([1, 1, groups, 1, 1], "expand", np.int64)
-        expanded = g.op("Expand", [x5, g.op("Mul", [shape5, ones], hint + "/ExpandShape")],
-                        hint + "/Expand")
+        expanded = g.op(
+            "Expand", [x5, g.op("Mul", [shape5, ones], hint + "/ExpandShape")], hint + "/Expand"
+        )
         shape4 = g.const([0, s.num_heads, -1, s.head_dim], "shape", np.int64)
         return g.op("Reshape", [expanded, shape4], hint + "/Reshape")
 
@@ -266,15 +329,24 @@ class DecoderGraph:
 
     def _gqa_inputs(self, pad_only: str) -> dict:
         g = self.g
-        total = g.op("Gather", [g.op("Shape", ["attention_mask"], "gqa/ShapeT"),
-                                g.const(1, "one", np.int64)], "gqa/T")
+        total = g.op(
+            "Gather",
+            [g.op("Shape", ["attention_mask"], "gqa/ShapeT"), g.const(1, "one", np.int64)],
+            "gqa/T",
+        )
         batch = g.op("Shape", ["attention_mask"], "gqa/ShapeB", start=0, end=1)
         total32 = g.op("Cast", [total], "gqa/Total32", to=TensorProto.INT32)
         last = g.op("Sub", [total32, g.const(1, "one", np.int32)], "gqa/Last")
-        seqlens = g.op("Expand", [g.op("Unsqueeze", [last, g.const([0], "axes", np.int64)],
-                                       "gqa/Last1D"), batch], "gqa/SeqlensK")
-        return {"seqlens_k": seqlens, "total_len": total32,
-                "bias": self._additive(pad_only, "gqa/Bias")}
+        seqlens = g.op(
+            "Expand",
+            [g.op("Unsqueeze", [last, g.const([0], "axes", np.int64)], "gqa/Last1D"), batch],
+            "gqa/SeqlensK",
+        )
+        return {
+            "seqlens_k": seqlens,
+            "total_len": total32,
+            "bias": self._additive(pad_only, "gqa/Bias"),
+        }
 
     # -- the whole decoder ---------------------------------------------------------------------
     def build(self, progress: Callable[[str], None] = lambda _: None) -> onnx.ModelProto:
@@ -315,8 +387,10 @@ class DecoderGraph:
 
         inputs, outputs = graph_io(s, g.dtype)
         graph = helper.make_graph(
-            g.nodes, "qwen2_decoder",
-            [_value_info(*t) for t in inputs], [_value_info(*t) for t in outputs],
+            g.nodes,
+            "qwen2_decoder",
+            [_value_info(*t) for t in inputs],
+            [_value_info(*t) for t in outputs],
             initializer=g.initializers,
         )
         opsets = [helper.make_opsetid("", OPSET)]

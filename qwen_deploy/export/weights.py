@@ -38,7 +38,9 @@ class ExternalData:
         if pad:
             self._f.write(b"\0" * pad)
 
-    def _proto(self, name: str, dtype: np.dtype, shape: tuple[int, ...], offset: int) -> TensorProto:
+    def _proto(
+        self, name: str, dtype: np.dtype, shape: tuple[int, ...], offset: int
+    ) -> TensorProto:
         length = self._f.tell() - offset
         self.nbytes += length
         tensor = TensorProto()

@@ -1,4 +1,4 @@
-"""Prompt sets for parity: the shipped default (finance and reasoning, English and Chinese) or a file."""
+"""Parity prompt sets: the shipped default (finance/reasoning, English/Chinese) or a file."""
 
 from __future__ import annotations
 
@@ -44,8 +44,11 @@ def load_prompts(path: str | Path | None = None) -> list[dict]:
     if path.suffix == ".jsonl":
         prompts = _parse_jsonl(text, str(path))
     else:
-        prompts = [{"messages": [{"role": "user", "content": line}]}
-                   for line in text.splitlines() if line.strip()]
+        prompts = [
+            {"messages": [{"role": "user", "content": line}]}
+            for line in text.splitlines()
+            if line.strip()
+        ]
     if not prompts:
         raise QwenDeployError(f"prompt file {path} holds no prompts.")
     return prompts

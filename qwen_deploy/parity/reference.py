@@ -30,9 +30,10 @@ class TorchReference:
     def reset(self) -> None:
         self.cache = None
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                position_ids: np.ndarray) -> np.ndarray:
-        """One step with the cache kept between calls; returns float32 logits [batch, seq, vocab]."""
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray
+    ) -> np.ndarray:
+        """One step, the cache kept between calls; float32 logits [batch, seq, vocab]."""
         torch = self._torch
         with torch.no_grad():
             out = self.model(

@@ -8,13 +8,19 @@ COLUMNS = ("max_abs", "mean_abs", "cosine", "top1", "kl")
 
 
 def _fmt(metrics: dict[str, float]) -> list[str]:
-    return [f"{metrics['max_abs']:.3e}", f"{metrics['mean_abs']:.3e}", f"{metrics['cosine']:.7f}",
-            f"{metrics['top1']:.3f}", f"{metrics['kl']:.3e}"]
+    return [
+        f"{metrics['max_abs']:.3e}",
+        f"{metrics['mean_abs']:.3e}",
+        f"{metrics['cosine']:.7f}",
+        f"{metrics['top1']:.3f}",
+        f"{metrics['kl']:.3e}",
+    ]
 
 
 def _rows(report: ParityReport) -> list[list[str]]:
-    rows = [[s.case, "prefill" if s.step == 0 else str(s.step), *_fmt(s.metrics)]
-            for s in report.steps]
+    rows = [
+        [s.case, "prefill" if s.step == 0 else str(s.step), *_fmt(s.metrics)] for s in report.steps
+    ]
     rows.append(["ALL", "", *_fmt(report.summary)])
     return rows
 
@@ -36,19 +42,32 @@ def table(report: ParityReport) -> str:
         return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
 
     tol = ", ".join(f"{k} {v:g}" for k, v in report.tolerance.to_dict().items() if v is not None)
-    return "\n".join([
-        f"parity: {report.artifact} ({report.precision}) vs transformers on {report.reference}",
-        f"tolerance: {tol}",
-        line(header), line(["-" * w for w in widths]), *map(line, rows), verdict(report),
-    ])
+    return "\n".join(
+        [
+            f"parity: {report.artifact} ({report.precision}) vs transformers on {report.reference}",
+            f"tolerance: {tol}",
+            line(header),
+            line(["-" * w for w in widths]),
+            *map(line, rows),
+            verdict(report),
+        ]
+    )
 
 
 def markdown(report: ParityReport) -> str:
     header = ["case", "step", *COLUMNS]
     body = ["| " + " | ".join(r) + " |" for r in _rows(report)]
-    return "\n".join([
-        f"# Parity: {report.artifact}", "",
-        f"Reference: transformers on `{report.reference}`; precision {report.precision}.", "",
-        "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *body, "",
-        f"**{verdict(report)}**", "",
-    ])
+    return "\n".join(
+        [
+            f"# Parity: {report.artifact}",
+            "",
+            f"Reference: transformers on `{report.reference}`; precision {report.precision}.",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
+            *body,
+            "",
+            f"**{verdict(report)}**",
+            "",
+        ]
+    )

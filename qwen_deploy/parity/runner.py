@@ -46,8 +46,9 @@ class ParityReport:
         top1 = np.array([s.metrics["top1"] for s in self.steps])
         return {
             "max_abs": max(s.metrics["max_abs"] for s in self.steps),
-            "mean_abs": float(np.average([s.metrics["mean_abs"] for s in self.steps],
-                                         weights=rows)),
+            "mean_abs": float(
+                np.average([s.metrics["mean_abs"] for s in self.steps], weights=rows)
+            ),
             "cosine": min(s.metrics["cosine"] for s in self.steps),
             "top1": float((top1 * rows).sum() / rows.sum()),
             "kl": max(s.metrics["kl"] for s in self.steps),
@@ -63,8 +64,14 @@ class ParityReport:
 
     def worst_step(self) -> StepResult:
         """The step with the most violated bounds; ties broken by logit error, then cosine."""
-        return max(self.steps, key=lambda s: (len(self.tolerance.failures(s.metrics)),
-                                              s.metrics["max_abs"], -s.metrics["cosine"]))
+        return max(
+            self.steps,
+            key=lambda s: (
+                len(self.tolerance.failures(s.metrics)),
+                s.metrics["max_abs"],
+                -s.metrics["cosine"],
+            ),
+        )
 
     def to_dict(self) -> dict:
         worst = self.worst_step()
@@ -78,8 +85,9 @@ class ParityReport:
             "failures": self.failures,
             "summary": self.summary,
             "worst": {"case": worst.case, "step": worst.step, **worst.metrics},
-            "steps": [{"case": s.case, "step": s.step, "rows": s.rows, **s.metrics}
-                      for s in self.steps],
+            "steps": [
+                {"case": s.case, "step": s.step, "rows": s.rows, **s.metrics} for s in self.steps
+            ],
         }
 
 
@@ -88,22 +96,29 @@ def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarra
     ids = np.full((len(rows), width), pad_id, np.int64)
     mask = np.zeros((len(rows), width), np.int64)
     for b, r in enumerate(rows):
-        ids[b, width - len(r):] = r
-        mask[b, width - len(r):] = 1
+        ids[b, width - len(r) :] = r
+        mask[b, width - len(r) :] = 1
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
     return ids, mask, positions
 
 
-def _run_case(name: str, rows: list[list[int]], steps: int, ref: TorchReference,
-              backend: OnnxRuntimeBackend, pad_id: int) -> list[StepResult]:
+def _run_case(
+    name: str,
+    rows: list[list[int]],
+    steps: int,
+    ref: TorchReference,
+    backend: OnnxRuntimeBackend,
+    pad_id: int,
+) -> list[StepResult]:
     ids, mask, positions = _left_pad(rows, pad_id)
     ref.reset()
     cache = backend.new_cache(len(rows))
     ref_logits = ref.forward(ids, mask, positions)
     cand_logits = backend.forward(ids, mask, positions, cache)
     valid = mask.astype(bool)
-    results = [StepResult(name, 0, compare_logits(ref_logits[valid], cand_logits[valid]),
-                          int(valid.sum()))]
+    results = [
+        StepResult(name, 0, compare_logits(ref_logits[valid], cand_logits[valid]), int(valid.sum()))
+    ]
     for step in range(1, steps + 1):
         next_ids = ref_logits[:, -1].argmax(-1)[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
@@ -124,18 +139,22 @@ def run_parity(
     preset: str | None = None,
     overrides: dict[str, float | None] | None = None,
     progress: bool = True,
+    token_rows: list[list[int]] | None = None,
 ) -> ParityReport:
-    """Compare `artifact` with transformers on `reference` over every prompt and a padded batch."""
+    """Compare `artifact` with transformers on `reference` over every prompt and a padded batch.
+
+    `token_rows` replaces the prompts with ready token ids (models without a tokenizer).
+    """
     manifest = Manifest.load(artifact)
     preset = preset or preset_for(manifest.precision, (manifest.quantization or {}).get("mode"))
     if preset not in PRESETS:
         raise QwenDeployError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     tolerance = PRESETS[preset].override(**(overrides or {}))
-    prompts = load_prompts(prompts_file)
-    rows = chat_prompt_ids(reference, prompts)
+    rows = token_rows or chat_prompt_ids(reference, load_prompts(prompts_file))
     backend = OnnxRuntimeBackend(artifact, provider=provider)
     ref = TorchReference(reference)
-    pad = manifest.pad_token_id if manifest.pad_token_id is not None else 0
+    pad = manifest.pad_token_id or 0
+    pad = pad if pad < manifest.model.vocab_size else 0  # masked out anyway
     report = ParityReport(str(artifact), str(reference), manifest.precision, preset, tolerance)
     cases = [(f"prompt {i + 1}", [r]) for i, r in enumerate(rows)]
     if batch and len(rows) > 1:

@@ -1,4 +1,4 @@
-"""The one interface every runtime backend implements: feed tokens, keep the KV cache, get logits."""
+"""The interface every runtime backend implements: feed tokens, keep the cache, get logits."""
 
 from __future__ import annotations
 
@@ -23,8 +23,13 @@ class Backend(Protocol):
     def new_cache(self, batch: int) -> KVCache:
         """An empty cache for `batch` sequences."""
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                position_ids: np.ndarray, cache: KVCache) -> np.ndarray:
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: KVCache,
+    ) -> np.ndarray:
         """Run one step; returns float32 logits [batch, seq, vocab] and extends `cache` in place.
 
         attention_mask covers cache + new tokens ([batch, cache.length + seq]).

@@ -1,0 +1,230 @@
+"""The checkpoint's own chat template, rendered as transformers' `apply_chat_template` renders it.
+
+Templates come from the Hub and are untrusted code: they run in jinja2's immutable sandbox. The
+environment copies transformers' (utils/chat_template_utils.py): trim_blocks + lstrip_blocks, loop
+controls, a `{% generation %}` tag, a `tojson` that does not HTML-escape, `raise_exception`,
+`strftime_now`, guarded `dict`/`namespace`; messages are cleaned the same way (None values
+dropped, plain JSON types only, reasoning fields aliased) and the named special tokens are
+template variables. Any failure inside the template becomes a ChatTemplateError naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.utils
+import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..errors import ArtifactError, QwenDeployError
+from ..manifest import Manifest
+from .tokenizer import load_special_tokens
+
+TEMPLATE_FILENAME = "<template>"  # what jinja2 calls a template made from a string in tracebacks
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class ChatTemplateError(QwenDeployError):
+    """The chat template cannot be compiled, or failed while rendering these messages."""
+
+
+class _TemplateRaised(jinja2.TemplateError):
+    """raise_exception() called by the template itself: its message is meant for the user."""
+
+
+def _raise_exception(message: str) -> None:
+    raise _TemplateRaised(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # jinja2's own tojson HTML-escapes <, >, & and ' (wrong in a prompt); transformers overrides it
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+class _TemplateDict:
+    """`dict(...)` in templates without exposing the dict type itself."""
+
+    def __call__(self, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args, **kwargs):
+        return dict.fromkeys(*args, **kwargs)
+
+
+class _TemplateNamespace(jinja2.utils.Namespace):
+    """jinja2's namespace, refusing underscore names (a route to CPython internals)."""
+
+    def __init__(*args, **kwargs):  # jinja2's signature trick, so namespace(self=...) works
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _TemplateNamespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name) -> None:
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates cannot set underscore attributes on a namespace ({name!r})"
+            )
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}` marks assistant text for training masks; here it renders its body."""
+
+    tags = frozenset({"generation"})
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller) -> str:
+        return caller()
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.globals["dict"] = _TemplateDict()
+    env.globals["namespace"] = _TemplateNamespace
+    return env
+
+
+def _plain(value: Any) -> Any:
+    """Rebuild caller data from plain JSON types, so the sandbox sees no object with methods."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__int__(value)
+    if isinstance(value, float):
+        return float.__float__(value)
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if callable(getattr(value, "model_dump", None)):  # pydantic models (the server's requests)
+        return _plain(value.model_dump())
+    return f"<{type(value).__name__}>"
+
+
+def _clean_messages(messages: list[dict]) -> list[dict]:
+    """Drop None values (OpenAI clients send content=None), plain types, alias reasoning fields."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ChatTemplateError("messages must be a non-empty list of {role, content} dicts.")
+    cleaned = []
+    for i, message in enumerate(_plain(list(messages))):
+        if not isinstance(message, dict):
+            raise ChatTemplateError(
+                f"messages[{i}] is a {type(message).__name__}; each message must be a dict "
+                "with 'role' and 'content'."
+            )
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in REASONING_FIELDS if k in message), None)
+        if reasoning is not None:  # templates read reasoning_content, gpt-oss reads thinking
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        cleaned.append(message)
+    return cleaned
+
+
+def _template_line(error: BaseException) -> int | None:
+    """The template line a render error happened on (jinja2 rewrites tracebacks to name it)."""
+    line = None
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == TEMPLATE_FILENAME:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+class ChatTemplate:
+    """A compiled chat template plus the special tokens it sees as variables (bos_token, ...)."""
+
+    def __init__(self, template: str, special_tokens: dict[str, str]):
+        if not isinstance(template, str) or not template.strip():
+            raise ChatTemplateError(
+                "the chat template is empty; it must be a Jinja template string."
+            )
+        self.source = template
+        self.special_tokens = dict(special_tokens)
+        try:
+            self._template = _environment().from_string(template)
+        except jinja2.TemplateSyntaxError as e:
+            raise ChatTemplateError(
+                f"the chat template has a Jinja syntax error at line {e.lineno}: {e.message}; "
+                "fix chat_template in the checkpoint's tokenizer_config.json (or "
+                "chat_template.jinja) and re-export."
+            ) from e
+
+    @classmethod
+    def from_artifact(cls, folder: str | Path) -> ChatTemplate:
+        """The template recorded in the manifest, special tokens from tokenizer_config.json."""
+        manifest = Manifest.load(folder)
+        if not manifest.chat_template:
+            raise ArtifactError(
+                f"{folder} has no chat template (its checkpoint defines none, e.g. a base model): "
+                "send a plain prompt instead of chat messages, or add chat_template to the "
+                "checkpoint's tokenizer_config.json and re-export."
+            )
+        return cls(manifest.chat_template, load_special_tokens(folder))
+
+    def render(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        **kwargs,
+    ) -> str:
+        """The prompt string for `messages`; kwargs (enable_thinking, documents, ...) reach the
+        template as variables and override same-named special tokens, as in transformers."""
+        messages = _clean_messages(messages)
+        if tools is not None and not all(isinstance(t, Mapping) for t in tools):
+            raise ChatTemplateError("tools must be a list of JSON-schema dicts.")
+        variables = {"documents": None, **self.special_tokens, **_plain(kwargs)}
+        try:
+            return self._template.render(
+                messages=messages,
+                tools=_plain(tools),
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except _TemplateRaised as e:
+            raise ChatTemplateError(f"the chat template rejected these messages: {e}") from e
+        except Exception as e:  # untrusted template code: any failure is a template problem
+            line = _template_line(e)
+            where = f" at line {line}" if line else ""
+            raise ChatTemplateError(
+                f"the chat template failed{where} ({type(e).__name__}: {e}); the messages do not "
+                "have the shape this template expects (roles, content, tool_calls)."
+            ) from e

@@ -1,0 +1,176 @@
+"""Text <-> token ids from the artifact's own tokenizer files, and streaming detokenization.
+
+`tokenizer.json` is the tokenizer (the `tokenizers` library runs it exactly as transformers'
+fast tokenizer does); `tokenizer_config.json` names the special tokens. Byte-level BPE splits one
+Chinese character or emoji over several tokens, so streaming decodes a short window of ids and
+holds text back until its last character is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tokenizers import AddedToken
+from tokenizers import Tokenizer as HFTokenizer
+
+from ..errors import ArtifactError
+
+# The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
+NAMED_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+REPLACEMENT_CHAR = "\ufffd"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(
+            f"{path} cannot be read ({e}); copy it again from the checkpoint."
+        ) from e
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path} is not a JSON object; copy it again from the checkpoint.")
+    return data
+
+
+def _token_content(value: object) -> str | None:
+    """A special token as tokenizer_config.json spells it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def tokenizer_config(folder: str | Path) -> dict:
+    """tokenizer_config.json of an artifact or checkpoint folder ({} when it has none)."""
+    path = Path(folder) / "tokenizer_config.json"
+    return _read_json(path) if path.is_file() else {}
+
+
+def load_special_tokens(folder: str | Path) -> dict[str, str]:
+    """bos/eos/pad/... tokens as the checkpoint defines them, resolved the way transformers does.
+
+    tokenizer_config.json is the source; special_tokens_map.json overrides it only in the legacy
+    layout (a config without added_tokens_decoder), as in transformers' from_pretrained.
+    """
+    config = tokenizer_config(folder)
+    names = {k: config.get(k) for k in NAMED_SPECIAL_TOKENS}
+    legacy_map = Path(folder) / "special_tokens_map.json"
+    if "added_tokens_decoder" not in config and legacy_map.is_file():
+        names.update({k: v for k, v in _read_json(legacy_map).items() if k in names})
+    resolved = {k: _token_content(v) for k, v in names.items()}
+    return {k: v for k, v in resolved.items() if v is not None}
+
+
+class Tokenizer:
+    """The checkpoint's tokenizer: encode adds no special tokens (the chat template writes them)."""
+
+    def __init__(self, tokenizer: HFTokenizer, special_tokens: dict[str, str]):
+        self._tok = tokenizer
+        self.special_tokens = dict(special_tokens)
+
+    @classmethod
+    def from_artifact(cls, folder: str | Path) -> Tokenizer:
+        """Load tokenizer.json and tokenizer_config.json from an artifact (or checkpoint) folder."""
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise ArtifactError(
+                f"{folder} has no tokenizer.json; the runtime needs the fast tokenizer file: "
+                "save it with transformers (AutoTokenizer.from_pretrained(src)"
+                ".save_pretrained(src)) and re-export."
+            )
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the Rust loader raises a bare Exception on malformed files
+            raise ArtifactError(f"{path} is not a valid tokenizer file ({e}).") from e
+        special = load_special_tokens(folder)
+        _add_declared_tokens(tok, tokenizer_config(folder), special)
+        return cls(tok, special)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows, added tokens included."""
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+
+def _add_declared_tokens(tok: HFTokenizer, config: dict, special: dict[str, str]) -> None:
+    """Add the tokens tokenizer_config.json declares and tokenizer.json lacks, as transformers does.
+
+    Real Qwen checkpoints never need this; a config naming e.g. a new pad token does.
+    """
+    declared = sorted(
+        (int(i), spec) for i, spec in (config.get("added_tokens_decoder") or {}).items()
+    )
+    missing = [
+        AddedToken(
+            spec["content"],
+            single_word=spec.get("single_word", False),
+            lstrip=spec.get("lstrip", False),
+            rstrip=spec.get("rstrip", False),
+            normalized=spec.get("normalized", not spec.get("special", False)),
+            special=spec.get("special", False),
+        )
+        for _, spec in declared
+        if tok.token_to_id(spec["content"]) is None
+    ]
+    have = {t.content for t in missing}
+    missing += [
+        AddedToken(content, special=True, normalized=False)
+        for content in special.values()
+        if tok.token_to_id(content) is None and content not in have
+    ]
+    if missing:
+        tok.add_tokens(missing)
+
+
+class IncrementalDecoder:
+    """Turns a stream of token ids into text deltas that never split a UTF-8 character.
+
+    Decodes the window ids[prefix:]; the text of ids[prefix:read] was already emitted. A delta
+    whose last character is U+FFFD is an incomplete multi-byte character: hold it until the next
+    token completes it. The concatenation of all deltas plus flush() equals decode(all ids).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = []
+        self._prefix = 0  # window start: the text before it is final
+        self._read = 0  # ids up to here are emitted
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the newly completed text ("" while a character is incomplete)."""
+        self._ids.append(int(token_id))
+        done = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        if len(text) <= len(done) or text.endswith(REPLACEMENT_CHAR):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(done) :]
+
+    def flush(self) -> str:
+        """The held-back rest at the end of the stream (invalid bytes come out as U+FFFD)."""
+        done = self._decode(self._ids[self._prefix : self._read])
+        text = self._decode(self._ids[self._prefix :])
+        self._prefix = self._read = len(self._ids)
+        return text[len(done) :]
