@@ -24,6 +24,7 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 QWEN2_GENERATION_DEFAULTS = {
+    "do_sample": True,
     "temperature": 0.7,
     "top_k": 20,
     "top_p": 0.8,
@@ -38,22 +39,25 @@ def _token_ids(value) -> list[int]:
 
 
 def generation_defaults(ckpt: Checkpoint) -> tuple[dict, list[int], int | None, int | None]:
-    """Sampling defaults, EOS ids, pad id and bos id from generation_config.json and config.json."""
+    """Sampling defaults, EOS ids, pad id and bos id from generation_config.json and config.json.
+
+    Without a generation_config.json the Qwen2 family's published defaults apply.
+    """
     gen = ckpt.generation_config
-    defaults = {
-        k: gen[k]
-        for k in ("temperature", "top_k", "top_p", "repetition_penalty", "min_p", "max_new_tokens")
-        if k in gen
-    }
-    defaults["do_sample"] = bool(gen.get("do_sample", bool(defaults)))
-    if not gen:
-        defaults = dict(QWEN2_GENERATION_DEFAULTS, do_sample=True)
+    keys = (
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "max_new_tokens",
+    )
+    defaults = {k: gen[k] for k in keys if k in gen} if gen else dict(QWEN2_GENERATION_DEFAULTS)
     eos = _token_ids(gen.get("eos_token_id")) or _token_ids(ckpt.config.get("eos_token_id"))
     pad = gen.get("pad_token_id", ckpt.config.get("pad_token_id"))
     bos = gen.get("bos_token_id", ckpt.config.get("bos_token_id"))
-    if isinstance(pad, list):
-        pad = pad[0]
-    return defaults, eos, pad, bos
+    return defaults, eos, (pad[0] if isinstance(pad, list) else pad), bos
 
 
 def _tensor_specs(spec: ModelSpec, dtype) -> tuple[list[TensorSpec], list[TensorSpec]]:

@@ -1,0 +1,116 @@
+"""The export / inspect / parity commands as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qwen_deploy.cli import main
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("What is a bond?\n\n什么是股票？\n")
+    return path
+
+
+def _parity(artifact, checkpoint, *extra):
+    return CliRunner().invoke(
+        main, ["parity", str(artifact), "--reference", str(checkpoint), "--quiet", *extra]
+    )
+
+
+def test_export_then_inspect(tiny_checkpoint, tmp_path):
+    out = tmp_path / "artifact"
+    result = CliRunner().invoke(
+        main,
+        [
+            "export",
+            str(tiny_checkpoint),
+            "-o",
+            str(out),
+            "--attention",
+            "gqa",
+            "--precision",
+            "fp16",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "export: 100%" in result.stderr  # progress while weights stream
+    table = CliRunner().invoke(main, ["inspect", str(out)])
+    assert table.exit_code == 0
+    assert "attention                    gqa" in table.output
+    assert "precision                    fp16" in table.output
+    assert "[151645, 151643] / 151643" in table.output
+    data = json.loads(CliRunner().invoke(main, ["inspect", str(out), "--json"]).output)
+    assert data["model"]["num_kv_heads"] == 2 and data["model"]["rope_theta"] == 1e6
+    assert data["generation"]["top_k"] == 20 and data["generation"]["temperature"] == 0.7
+    assert data["chat_template"].startswith("{%- if tools %}")
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+
+
+def test_inspect_missing_artifact(tmp_path):
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "has no manifest.json" in result.stderr
+
+
+def test_parity_passes_with_table_json_and_markdown(
+    tiny_artifact, tiny_checkpoint, prompts_file, tmp_path
+):
+    md = tmp_path / "report.md"
+    result = _parity(
+        tiny_artifact,
+        tiny_checkpoint,
+        "--prompts",
+        str(prompts_file),
+        "--steps",
+        "3",
+        "--json",
+        "-",
+        "--markdown",
+        str(md),
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] and report["preset"] == "fp32"
+    cases = {s["case"] for s in report["steps"]}
+    assert cases == {"prompt 1", "prompt 2", "batch of 2 (left-padded)"}
+    assert len(report["steps"]) == 3 * 4
+    assert report["summary"]["max_abs"] <= 1e-4 and report["summary"]["top1"] == 1.0
+    assert "**PASS (fp32 preset)**" in md.read_text()
+
+
+def test_parity_failure_names_worst_prompt_and_step(tiny_artifact, tiny_checkpoint, prompts_file):
+    result = _parity(
+        tiny_artifact,
+        tiny_checkpoint,
+        "--prompts",
+        str(prompts_file),
+        "--steps",
+        "2",
+        "--max-abs",
+        "1e-12",
+    )
+    assert result.exit_code == 1
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("FAIL (fp32 preset): max_abs")
+    assert "> 1e-12; worst: " in last
+    assert ("prompt " in last or "batch of 2" in last) and ("prefill" in last or "step" in last)
+
+
+def test_parity_default_prompt_set(tiny_artifact, tiny_checkpoint):
+    result = _parity(tiny_artifact, tiny_checkpoint, "--steps", "1", "--no-batch")
+    assert result.exit_code == 0, result.output
+    assert "prompt 6" in result.stdout and "batch" not in result.stdout
+
+
+def test_parity_bad_prompt_file(tiny_artifact, tiny_checkpoint, tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{oops\n')
+    result = _parity(tiny_artifact, tiny_checkpoint, "--prompts", str(bad))
+    assert result.exit_code == 2
+    assert "line 2 is not valid JSON" in result.stderr
