@@ -1,8 +1,8 @@
 """The Qwen2 decoder with KV cache as an ONNX graph, built node by node from the weights.
 
 One graph serves prefill and decode. The attention form is chosen per runtime:
-- "onnx": standard ONNX Attention (opset 23) on 4D Q/K/V with the KV concat outside the node and
-  an explicit boolean mask; TensorRT >= 10.14 imports it as its fused IAttention layer.
+- "onnx": standard ONNX Attention (opset 23) on 4D Q/K/V with the KV concat outside the node, an
+  explicit boolean mask and elementwise RoPE; TensorRT >= 10.14 imports it as fused IAttention.
 - "gqa": com.microsoft GroupQueryAttention, onnxruntime's fastest kernel.
 - "decomposed": MatMul/Softmax/MatMul, runs anywhere.
 """
@@ -283,12 +283,10 @@ class DecoderGraph:
         q4 = self._heads(q, s.num_heads, p + "/q")
         k4 = self._heads(k, s.num_kv_heads, p + "/k")
         v4 = self._heads(v, s.num_kv_heads, p + "/v")
-        if self.attention == "onnx":
-            q4 = g.op("RotaryEmbedding", [q4, ctx["cos"], ctx["sin"], "position_ids"], p + "/RopeQ")
-            k4 = g.op("RotaryEmbedding", [k4, ctx["cos"], ctx["sin"], "position_ids"], p + "/RopeK")
-        else:
-            q4 = self._rotate(q4, ctx["cos"], ctx["sin"], p + "/RopeQ")
-            k4 = self._rotate(k4, ctx["cos"], ctx["sin"], p + "/RopeK")
+        # RoPE as elementwise ops: TensorRT's parser imports RotaryEmbedding only from 10.15,
+        # Attention from 10.14, and fuses the elementwise form itself
+        q4 = self._rotate(q4, ctx["cos"], ctx["sin"], p + "/RopeQ")
+        k4 = self._rotate(k4, ctx["cos"], ctx["sin"], p + "/RopeK")
         g.op("Concat", [past_k, k4], p + "/ConcatK", outputs=[present_k], axis=2)
         g.op("Concat", [past_v, v4], p + "/ConcatV", outputs=[present_v], axis=2)
         if self.attention == "onnx":
@@ -354,13 +352,14 @@ class DecoderGraph:
         allowed, pad_only = self._mask()
         cos_cache, sin_cache = self._rope_tables()
         ctx: dict = {"cos": cos_cache, "sin": sin_cache}
-        if self.attention == "onnx":
-            ctx["mask"] = allowed
-        elif self.attention == "decomposed":
-            ctx["mask_add"] = self._additive(allowed, "mask/Additive")
-            ctx["cos"], ctx["sin"] = self._rope_gathered(cos_cache, sin_cache)
-        else:
+        if self.attention == "gqa":
             ctx.update(self._gqa_inputs(pad_only))
+        else:
+            ctx["cos"], ctx["sin"] = self._rope_gathered(cos_cache, sin_cache)
+            if self.attention == "onnx":
+                ctx["mask"] = allowed
+            else:
+                ctx["mask_add"] = self._additive(allowed, "mask/Additive")
 
         progress("model.embed_tokens.weight")
         x = g.op("Gather", [self._w("model.embed_tokens.weight"), "input_ids"], "embed")
