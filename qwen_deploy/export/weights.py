@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 
 ALIGN = 4096  # page-aligned offsets let onnxruntime memory-map large initializers
 CHUNK_BYTES = 64 << 20
+TRANSPOSE_TILE = 256
 
 
 def _row_chunks(rows: int, row_bytes: int) -> Iterator[tuple[int, int]]:
@@ -61,7 +62,7 @@ class ExternalData:
         rows = array.shape[0] if array.ndim else 1
         flat = array.reshape(rows, -1)
         for a, b in _row_chunks(rows, flat.shape[1] * dtype.itemsize):
-            self._f.write(np.ascontiguousarray(flat[a:b], dtype=dtype).tobytes())
+            self._f.write(np.ascontiguousarray(flat[a:b], dtype=dtype).data)
         return self._proto(name, dtype, tuple(array.shape), offset)
 
     def write_transposed(self, name: str, weight: np.ndarray, dtype: np.dtype) -> TensorProto:
@@ -71,5 +72,11 @@ class ExternalData:
         self._pad()
         offset = self._f.tell()
         for a, b in _row_chunks(in_features, out_features * dtype.itemsize):
-            self._f.write(np.ascontiguousarray(weight[:, a:b].T, dtype=dtype).tobytes())
+            # transpose in the source dtype, tile by tile (cache-friendly), then cast once:
+            # numpy's strided transpose-and-cast in one go is ~4x slower on a 7B LM head
+            block = weight[:, a:b]
+            buf = np.empty((b - a, out_features), weight.dtype)
+            for i in range(0, out_features, TRANSPOSE_TILE):
+                buf[:, i : i + TRANSPOSE_TILE] = block[i : i + TRANSPOSE_TILE].T
+            self._f.write(np.ascontiguousarray(buf, dtype=dtype).data)
         return self._proto(name, dtype, (in_features, out_features), offset)
