@@ -1,4 +1,14 @@
-"""onnxruntime backend: one InferenceSession over the artifact's model.onnx."""
+"""onnxruntime backend: one InferenceSession over the artifact's model.onnx.
+
+Two kinds of KV cache:
+- host (`new_cache(batch)`): numpy arrays replaced by the present outputs after each step; the
+  batching engine slices and left-pads them.
+- bound (`new_cache(batch, capacity=n)`): the cache stays in OrtValues on the provider's device
+  and is fed back through IO binding, so decode steps never move it through the host. With the
+  `gqa` attention form the past and present tensors share one preallocated buffer of `capacity`
+  positions that GroupQueryAttention updates in place (no per-step copy at all); the concat forms
+  (onnx, decomposed) chain each step's present OrtValues into the next step's past.
+"""
 
 from __future__ import annotations
 
@@ -10,24 +20,36 @@ import onnxruntime as ort
 
 from ..errors import QwenDeployError
 from ..manifest import Manifest
-from .fp32_compute import fp32_compute_copy
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 NUMPY_DTYPES = {"float": np.float32, "float16": np.float16}
+GROW_STEP = 256  # bound in-place caches grow to a multiple of this many positions
 
 
 @dataclass
 class OrtKVCache:
-    """past_key_values arrays per layer, replaced by the present outputs after each step."""
+    """past_key_values per layer ([batch, kv_heads, length, head_dim]) and the cached length.
+
+    `arrays` holds a host cache; a bound cache keeps `values` (OrtValues; with `capacity` > 0 they
+    are in-place buffers of that many positions) and leaves `arrays` empty.
+    """
 
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     length: int = 0
+    values: dict[str, ort.OrtValue] | None = None
+    capacity: int = 0
 
 
 class OnnxRuntimeBackend:
     """Runs an exported artifact on onnxruntime (CPU or CUDA provider)."""
 
-    def __init__(self, artifact: str | Path, provider: str = "cpu", threads: int | None = None):
+    def __init__(
+        self,
+        artifact: str | Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        spinning: bool = False,
+    ):
         self.folder = Path(artifact)
         self.manifest = Manifest.load(self.folder)
         if provider not in PROVIDERS:
@@ -42,34 +64,111 @@ class OnnxRuntimeBackend:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        model_path = self.folder / self.manifest.model_file
-        if provider == "cpu" and self.manifest.precision == "fp16":
-            model_path, self._widened = fp32_compute_copy(model_path)
+        if not spinning:
+            # Idle workers sleep instead of spinning: on shared or busy cores spinning threads
+            # steal the time slices the working ones need (decode measured 2-4x slower with it
+            # under load, no faster without load).
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
-            str(model_path), options, providers=[PROVIDERS[provider]]
+            str(self.folder / self.manifest.model_file), options, providers=[PROVIDERS[provider]]
         )
         self.provider = provider
-        kv_input = next(i for i in self.session.get_inputs() if i.name.startswith("past_key"))
-        self.kv_dtype = NUMPY_DTYPES[kv_input.type.removeprefix("tensor(").removesuffix(")")]
+        self.device = "cuda" if provider == "cuda" else "cpu"
+        kv_input = next(t for t in self.manifest.inputs if t.name.startswith("past_key_values."))
+        self.kv_dtype = NUMPY_DTYPES[kv_input.dtype]
         spec = self.manifest.model
-        self._past_names = [n for i in range(spec.num_layers) for n in self.manifest.kv_names(i)[:2]]
+        self._past_names = [
+            n for i in range(spec.num_layers) for n in self.manifest.kv_names(i)[:2]
+        ]
         self._output_names = [o.name for o in self.session.get_outputs()]
+        self.in_place = self.manifest.attention == "gqa"  # GroupQueryAttention shares past/present
 
-    def new_cache(self, batch: int) -> OrtKVCache:
+    def _kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
         spec = self.manifest.model
-        empty = np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), self.kv_dtype)
-        return OrtKVCache({name: empty for name in self._past_names}, 0)
+        return (batch, spec.num_kv_heads, length, spec.head_dim)
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                position_ids: np.ndarray, cache: OrtKVCache) -> np.ndarray:
+    def new_cache(self, batch: int, capacity: int | None = None) -> OrtKVCache:
+        """An empty cache: host arrays, or a bound cache when `capacity` (positions) is given."""
+        if capacity is None:
+            empty = np.zeros(self._kv_shape(batch, 0), self.kv_dtype)
+            return OrtKVCache({name: empty for name in self._past_names}, 0)
+        size = _round_up(max(capacity, 1)) if self.in_place else 0
+        values = {
+            name: self._device_zeros(self._kv_shape(batch, size)) for name in self._past_names
+        }
+        return OrtKVCache({}, 0, values, size)
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: OrtKVCache,
+    ) -> np.ndarray:
+        """Run one step; returns float32 logits [batch, seq, vocab] and extends `cache`."""
         feeds = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
             "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
             "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
-            **cache.arrays,
         }
-        outputs = dict(zip(self._output_names, self.session.run(None, feeds), strict=True))
+        if cache.values is not None:
+            return self._forward_bound(feeds, cache)
+        outputs = dict(
+            zip(self._output_names, self.session.run(None, {**feeds, **cache.arrays}), strict=True)
+        )
         for past in self._past_names:
-            cache.arrays[past] = outputs[past.replace("past_key_values.", "present.")]
+            cache.arrays[past] = outputs[_present(past)]
         cache.length += input_ids.shape[1]
         return outputs["logits"].astype(np.float32, copy=False)
+
+    def _forward_bound(self, feeds: dict[str, np.ndarray], cache: OrtKVCache) -> np.ndarray:
+        seq = feeds["input_ids"].shape[1]
+        if self.in_place and cache.length + seq > cache.capacity:
+            self._grow(cache, cache.length + seq)
+        binding = self.session.io_binding()
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, array)
+        binding.bind_output("logits", self.device)
+        for past in self._past_names:
+            binding.bind_ortvalue_input(past, cache.values[past])
+            if self.in_place:
+                binding.bind_ortvalue_output(_present(past), cache.values[past])
+            else:
+                binding.bind_output(_present(past), self.device)
+        self.session.run_with_iobinding(binding)
+        outputs = dict(
+            zip(
+                ["logits", *(_present(p) for p in self._past_names)],
+                binding.get_outputs(),
+                strict=True,
+            )
+        )
+        if not self.in_place:
+            cache.values = {past: outputs[_present(past)] for past in self._past_names}
+        cache.length += seq
+        return outputs["logits"].numpy().astype(np.float32, copy=False)
+
+    def _grow(self, cache: OrtKVCache, needed: int) -> None:
+        """Move an in-place cache to larger buffers (amortized: at least doubling)."""
+        size = _round_up(max(needed, 2 * cache.capacity))
+        for past, value in cache.values.items():
+            old = value.numpy()
+            grown = np.zeros((*old.shape[:2], size, old.shape[3]), old.dtype)
+            grown[:, :, : cache.length] = old[:, :, : cache.length]
+            cache.values[past] = self._device_value(grown)
+        cache.capacity = size
+
+    def _device_zeros(self, shape: tuple[int, ...]) -> ort.OrtValue:
+        return self._device_value(np.zeros(shape, self.kv_dtype))
+
+    def _device_value(self, array: np.ndarray) -> ort.OrtValue:
+        """An OrtValue on the provider's device (on CPU it shares memory with `array`)."""
+        return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+
+
+def _present(past: str) -> str:
+    return past.replace("past_key_values.", "present.")
+
+
+def _round_up(n: int) -> int:
+    return -(-n // GROW_STEP) * GROW_STEP

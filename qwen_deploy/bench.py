@@ -1,0 +1,468 @@
+"""`qwen-deploy bench`: generation speed of an artifact, next to its peers measured in the same run.
+
+Each engine lives in its own fresh process (spawned), so its peak RSS is its own and thread pools
+do not mix: qwen-deploy on the artifact; transformers eager `generate` on the source checkpoint
+(with --reference); onnxruntime-genai on its own fp32 CPU export of that checkpoint (when the
+package is installed). All decode greedily exactly `new_tokens` tokens from the same random
+prompt ids, so the work is identical. The engines take turns, one run each per repeat, so a
+shared machine's changing load hits them alike; medians over the repeats are reported.
+
+Definitions: time to first token (TTFT) = prompt in -> first token out (prefill + one sample);
+decode tokens/s = (tokens - 1) / (last token time - first token time); aggregate tokens/s at
+batch B = B * tokens / wall time of the whole batch (prefill included); aggregate decode tokens/s
+leaves the prefill out. The roofline is the decode speed if every step only had to stream the
+weights it reads (all but the embedding table) once from memory.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import QwenDeployError
+from .manifest import Manifest
+
+ASSUMED_BANDWIDTH_GBS = 40.0  # this project's reference CPU machine
+PROMPT_SEED = 0
+
+
+@dataclass
+class BenchConfig:
+    prompt_len: int = 128
+    new_tokens: int = 64
+    repeats: int = 3
+    batches: tuple[int, ...] = (4, 8)
+    threads: int | None = None
+    bandwidth_probe_mb: int = 1024  # larger than CPU caches, so the probe reads memory
+
+    def check(self) -> None:
+        for name in ("prompt_len", "new_tokens", "repeats"):
+            if getattr(self, name) < 1:
+                raise QwenDeployError(f"--{name.replace('_', '-')} must be >= 1.")
+        if self.new_tokens < 2:
+            raise QwenDeployError("--new-tokens must be >= 2 to time decoding.")
+
+
+@dataclass
+class EngineResult:
+    """Medians over the repeats, the raw runs, and the process's peak RSS."""
+
+    ttft_s: float | None = None
+    decode_tok_s: float | None = None
+    batches: dict[str, dict] = field(default_factory=dict)
+    peak_rss_mb: float | None = None
+    runs: dict = field(default_factory=dict)
+    skipped: str | None = None
+
+
+def prompts(config: BenchConfig, vocab: int) -> list[list[int]]:
+    """Deterministic random prompt ids (ordinary tokens), one per concurrent request."""
+    rng = np.random.default_rng(PROMPT_SEED)
+    high = min(vocab, 150000)  # below Qwen's special tokens
+    count = max((1, *config.batches))
+    return [[int(t) for t in rng.integers(0, high, config.prompt_len)] for _ in range(count)]
+
+
+def _timings(start: float, stamps: list[float]) -> dict:
+    return {
+        "ttft_s": stamps[0] - start,
+        "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+    }
+
+
+def _summary(runs: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# -- engines: each lives in its own spawned process and answers `single` / `batch` calls --------
+
+
+class QwenDeployRunner:
+    def __init__(self, artifact: str, config: BenchConfig):
+        from .serve.generator import Generator
+        from .serve.sampling import SamplingParams
+
+        self.generator = Generator(artifact, threads=config.threads)
+        self.ids = prompts(config, self.generator.manifest.model.vocab_size)
+        self.params = SamplingParams(temperature=0, max_tokens=config.new_tokens)  # no stop ids
+        self.new_tokens = config.new_tokens
+        self._timed(1)  # warm-up: first-run allocations and kernel choices
+
+    def _timed(self, batch: int) -> tuple[float, list[float]]:
+        states = self.generator.states(self.ids[:batch], [self.params] * batch)
+        start = time.perf_counter()
+        return start, [time.perf_counter() for _ in self.generator.run(states)]
+
+    def single(self) -> dict:
+        return _timings(*self._timed(1))
+
+    def batch(self, batch: int) -> dict:
+        start, stamps = self._timed(batch)
+        return {
+            "aggregate_tok_s": batch * self.new_tokens / (stamps[-1] - start),
+            "aggregate_decode_tok_s": batch * (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "ttft_s": stamps[0] - start,
+        }
+
+
+class TransformersRunner:
+    def __init__(self, checkpoint: str, config: BenchConfig):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(
+            checkpoint, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        self.ids = torch.tensor(prompts(config, self.model.config.vocab_size)[:1])
+        self.new_tokens = config.new_tokens
+        self._timed(2)
+
+    def _timed(self, new_tokens: int) -> dict:
+        from transformers.generation.streamers import BaseStreamer
+
+        stamps: list[float] = []
+
+        class Stamps(BaseStreamer):
+            def put(self, value):  # the first put is the prompt itself
+                stamps.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        start = time.perf_counter()
+        with self.torch.inference_mode():
+            self.model.generate(
+                self.ids,
+                attention_mask=self.torch.ones_like(self.ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                streamer=Stamps(),
+                pad_token_id=0,
+            )
+        return _timings(start, stamps[1:])
+
+    def single(self) -> dict:
+        return self._timed(self.new_tokens)
+
+
+class GenaiRunner:
+    def __init__(self, model_dir: str, config: BenchConfig):
+        import onnxruntime_genai as og
+
+        og_config = og.Config(model_dir)
+        if config.threads:
+            options = {"intra_op_num_threads": config.threads}
+            og_config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.og = og
+        self.model = og.Model(og_config)
+        genai_config = json.loads((Path(model_dir) / "genai_config.json").read_text())
+        self.ids = prompts(config, genai_config["model"]["vocab_size"])[0]
+        self.new_tokens = config.new_tokens
+        self._timed(2)
+
+    def _timed(self, new_tokens: int) -> dict:
+        params = self.og.GeneratorParams(self.model)
+        total = len(self.ids) + new_tokens
+        params.set_search_options(do_sample=False, max_length=total, min_length=total)
+        start = time.perf_counter()
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(self.ids)
+        stamps = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            stamps.append(time.perf_counter())
+        return _timings(start, stamps)
+
+    def single(self) -> dict:
+        return self._timed(self.new_tokens)
+
+
+RUNNERS = {
+    "qwen-deploy": QwenDeployRunner,
+    "transformers": TransformersRunner,
+    "onnxruntime-genai": GenaiRunner,
+}
+
+
+def _serve(engine: str, source: str, config: BenchConfig, conn) -> None:
+    """Child process: load one engine, then answer (method, args) calls until ("stop", ())."""
+    try:
+        runner = RUNNERS[engine](source, config)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", None))
+    while True:
+        method, args = conn.recv()
+        if method == "stop":
+            conn.send(("ok", _peak_rss_mb()))
+            return
+        try:
+            conn.send(("ok", getattr(runner, method)(*args)))
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
+
+
+class EngineProcess:
+    """One engine loaded in a fresh spawned process (its own peak RSS and thread pools)."""
+
+    def __init__(self, engine: str, source: str, config: BenchConfig):
+        context = multiprocessing.get_context("spawn")
+        self.engine = engine
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(engine, source, config, child))
+        self.process.start()
+        child.close()
+        self._receive()
+
+    def _receive(self):
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            self.process.join()
+            status, value = "error", f"the process died (exit code {self.process.exitcode})"
+        if status == "error":
+            self.process.kill()
+            raise QwenDeployError(f"{self.engine} benchmark failed:\n{value}")
+        return value
+
+    def call(self, method: str, *args):
+        self.conn.send((method, args))
+        return self._receive()
+
+    def close(self) -> float:
+        """Stop the process; returns its peak RSS in MB."""
+        rss = self.call("stop")
+        self.process.join()
+        return rss
+
+
+# -- the whole comparison ----------------------------------------------------------------------
+
+
+def weight_bytes_per_token(artifact: str | Path) -> int:
+    """Bytes of initializers a decode step reads: everything but the embedding table."""
+    import onnx
+
+    manifest = Manifest.load(artifact)
+    model = onnx.load(str(Path(artifact) / manifest.model_file), load_external_data=False)
+    gathered = {
+        n.input[0] for n in model.graph.node if n.op_type == "Gather" and "input_ids" in n.input
+    }
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.name not in gathered:
+            count = int(np.prod(tensor.dims, dtype=np.int64))
+            total += count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return total
+
+
+def measured_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
+    """Bandwidth now: a float32 matrix-vector product over 1 GiB, larger than CPU caches."""
+    matrix = np.ones(size_mb << 18, np.float32).reshape(-1, 1024)  # size_mb MiB of float32
+    vector = np.ones((1024,), np.float32)
+    matrix @ vector
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matrix @ vector
+        times.append(time.perf_counter() - start)
+    return matrix.nbytes / statistics.median(times) / 1e9
+
+
+def genai_model(checkpoint: Path, folder: Path, log: Callable[[str], None]) -> str | None:
+    """onnxruntime-genai's own fp32 CPU export of `checkpoint` in `folder` (reused if present).
+
+    Returns the reason it is unavailable, or None.
+    """
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return "onnxruntime-genai is not installed (pip install 'qwen-deploy[bench]')"
+    if (folder / "genai_config.json").is_file():
+        return None
+    log(f"building the onnxruntime-genai model of {checkpoint} (fp32, cpu) in {folder}")
+    with tempfile.TemporaryDirectory(prefix="qd-genai-cache-") as cache:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "onnxruntime_genai.models.builder",
+                "-i",
+                str(checkpoint),
+                "-o",
+                str(folder),
+                "-p",
+                "fp32",
+                "-e",
+                "cpu",
+                "-c",
+                cache,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    if proc.returncode != 0 or not (folder / "genai_config.json").is_file():
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"its model builder failed: {last}"
+    return None
+
+
+def run_bench(
+    artifact: str | Path,
+    reference: str | Path | None = None,
+    config: BenchConfig | None = None,
+    genai_dir: str | Path | None = None,
+    peers: Iterable[str] = ("transformers", "onnxruntime-genai"),
+    log: Callable[[str], None] = lambda _: None,
+) -> dict:
+    """Measure the artifact and its peers; returns the report (see module docstring)."""
+    config = config or BenchConfig()
+    config.check()
+    manifest = Manifest.load(artifact)
+    source = Path(reference) if reference else Path(manifest.source.get("path", ""))
+    engines: dict[str, EngineResult] = {"qwen-deploy": EngineResult()}
+    sources = {"qwen-deploy": str(artifact)}
+    if "transformers" in peers:
+        if reference is None:
+            engines["transformers"] = EngineResult(skipped="no --reference checkpoint given")
+        else:
+            engines["transformers"], sources["transformers"] = EngineResult(), str(reference)
+    bandwidth_before = measured_bandwidth_gbs(config.bandwidth_probe_mb)
+    with tempfile.TemporaryDirectory(prefix="qd-genai-") as tmp:
+        if "onnxruntime-genai" in peers:
+            folder = Path(genai_dir) if genai_dir else Path(tmp) / "model"
+            reason = _genai_source(source, folder, log)
+            engines["onnxruntime-genai"] = EngineResult(skipped=reason)
+            if reason:
+                log(f"skipping onnxruntime-genai: {reason}")
+            else:
+                sources["onnxruntime-genai"] = str(folder)
+        _measure(engines, sources, config, log)
+    bytes_per_token = weight_bytes_per_token(artifact)
+    bandwidth = statistics.mean(
+        [bandwidth_before, measured_bandwidth_gbs(config.bandwidth_probe_mb)]
+    )
+    ours = engines["qwen-deploy"]
+    ratios = {}
+    for peer in ("onnxruntime-genai", "transformers"):
+        if peer in engines and engines[peer].decode_tok_s:
+            ratios[f"decode_vs_{peer}"] = ours.decode_tok_s / engines[peer].decode_tok_s
+            ratios[f"ttft_vs_{peer}"] = engines[peer].ttft_s / ours.ttft_s  # > 1: we are faster
+    for batch, numbers in ours.batches.items():
+        ratios[f"aggregate_decode_b{batch}_vs_b1"] = (
+            numbers["aggregate_decode_tok_s"] / ours.decode_tok_s
+        )
+        ratios[f"aggregate_b{batch}_vs_b1"] = numbers["aggregate_tok_s"] / ours.decode_tok_s
+    return {
+        "artifact": str(artifact),
+        "config": asdict(config),
+        "weight_bytes_per_token": bytes_per_token,
+        "roofline_tok_s": {
+            f"at_{ASSUMED_BANDWIDTH_GBS:g}_gbs": ASSUMED_BANDWIDTH_GBS * 1e9 / bytes_per_token,
+            "at_measured_gemv_bandwidth": bandwidth * 1e9 / bytes_per_token,
+        },
+        "measured_gemv_bandwidth_gbs": bandwidth,
+        "engines": {name: asdict(result) for name, result in engines.items()},
+        "ratios": ratios,
+    }
+
+
+def _genai_source(source: Path, folder: Path, log: Callable[[str], None]) -> str | None:
+    """Why onnxruntime-genai cannot run (None when its model is ready in `folder`)."""
+    if not (source / "config.json").is_file():
+        return f"source checkpoint {source} not found; pass --reference"
+    return genai_model(source, folder, log)
+
+
+def _measure(
+    engines: dict[str, EngineResult],
+    sources: dict[str, str],
+    config: BenchConfig,
+    log: Callable[[str], None],
+) -> None:
+    """Load every engine, then take turns (repeat by repeat) so load changes hit all alike."""
+    processes = {}
+    try:
+        for name, source in sources.items():
+            log(f"loading {name} from {source}")
+            try:
+                processes[name] = EngineProcess(name, source, config)
+            except QwenDeployError as e:
+                if name == "qwen-deploy":
+                    raise
+                engines[name].skipped = f"failed: {str(e).strip().splitlines()[-1]}"
+                log(f"skipping {name}: {engines[name].skipped}")
+        measured = list(processes)
+        for repeat in range(config.repeats):
+            log(f"repeat {repeat + 1}/{config.repeats}")
+            for name, process in processes.items():
+                engines[name].runs.setdefault("1", []).append(process.call("single"))
+            for batch in config.batches:
+                run = processes["qwen-deploy"].call("batch", batch)
+                engines["qwen-deploy"].runs.setdefault(str(batch), []).append(run)
+        for name, process in list(processes.items()):
+            engines[name].peak_rss_mb = process.close()
+            del processes[name]
+    finally:
+        for process in processes.values():
+            process.process.kill()
+    for name in measured:
+        result = engines[name]
+        result.ttft_s, result.decode_tok_s = _summary(result.runs["1"]).values()
+        result.batches = {b: _summary(r) for b, r in result.runs.items() if b != "1"}
+
+
+def format_report(report: dict) -> str:
+    """A plain-text table of the medians and the ratios."""
+    config = report["config"]
+    lines = [
+        f"prompt {config['prompt_len']} tokens, {config['new_tokens']} new tokens, "
+        f"median of {config['repeats']} (greedy)",
+        f"{'engine':20s} {'TTFT s':>8s} {'decode tok/s':>13s} {'peak RSS MB':>12s}",
+    ]
+    for name, engine in report["engines"].items():
+        if engine["skipped"]:
+            lines.append(f"{name:20s} skipped: {engine['skipped']}")
+            continue
+        lines.append(
+            f"{name:20s} {engine['ttft_s']:8.3f} {engine['decode_tok_s']:13.2f} "
+            f"{engine['peak_rss_mb']:12.0f}"
+        )
+    ours = report["engines"]["qwen-deploy"]
+    for batch, numbers in ours["batches"].items():
+        lines.append(
+            f"qwen-deploy batch {batch}: aggregate {numbers['aggregate_tok_s']:.2f} tok/s "
+            f"(decode phase {numbers['aggregate_decode_tok_s']:.2f} tok/s, "
+            f"TTFT {numbers['ttft_s']:.3f} s)"
+        )
+    roof = report["roofline_tok_s"]
+    lines.append(
+        f"roofline: {report['weight_bytes_per_token'] / 1e9:.2f} GB of weights per token"
+        f" -> {next(iter(roof.values())):.1f} tok/s at {ASSUMED_BANDWIDTH_GBS:g} GB/s, "
+        f"{roof['at_measured_gemv_bandwidth']:.1f} tok/s at the "
+        f"{report['measured_gemv_bandwidth_gbs']:.1f} GB/s measured now"
+    )
+    lines += [f"{name}: {value:.2f}x" for name, value in report["ratios"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""Generation on one artifact: prompt ids from text or chat messages, prefill, then decode.
+
+The backend keeps the KV cache between steps; a batch is left-padded (position ids count only
+real tokens), so each row gets the same tokens it would get alone. The manifest's
+max_position_embeddings bounds prompt + output: a prompt that leaves no room is refused, and
+max_tokens is clipped so the output ends with finish_reason "length" at the limit.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import QwenDeployError
+from ..manifest import Manifest
+from .backend import Backend
+from .chat_template import ChatTemplate
+from .reasoning import prompt_opens_think
+from .sampling import SamplingParams
+from .sequence import PROMPT_TAIL, SequenceState, StreamDelta
+from .tokenizer import Tokenizer
+
+
+class ContextLengthError(QwenDeployError):
+    """A prompt leaves no room to generate within the model's context length."""
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str
+    content: str
+    reasoning_content: str | None
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Generator:
+    """An artifact loaded on a backend, with its tokenizer, chat template and sampling defaults."""
+
+    def __init__(
+        self,
+        artifact: str | Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        backend: Backend | None = None,
+    ):
+        self.folder = Path(artifact)
+        self.manifest = Manifest.load(self.folder)
+        self.tokenizer = Tokenizer.from_artifact(self.folder)
+        self.chat_template = (
+            ChatTemplate.from_artifact(self.folder) if self.manifest.chat_template else None
+        )
+        if backend is None:
+            from .onnxruntime_backend import OnnxRuntimeBackend
+
+            backend = OnnxRuntimeBackend(self.folder, provider=provider, threads=threads)
+        self.backend = backend
+        eos = self.manifest.eos_token_ids
+        pad = self.manifest.pad_token_id
+        self.pad_id = pad if pad is not None else (eos[0] if eos else 0)
+        self.max_context = self.manifest.model.max_position_embeddings
+        self._sized_caches = "capacity" in inspect.signature(backend.new_cache).parameters
+
+    # -- prompts -------------------------------------------------------------------------------
+    def prompt_ids(
+        self,
+        prompt: str | list[int] | None = None,
+        messages: list[dict] | None = None,
+        tools: list[dict] | None = None,
+        **template_kwargs,
+    ) -> list[int]:
+        """Token ids of a raw prompt (text or ids) or of chat messages through the chat template."""
+        if (prompt is None) == (messages is None):
+            raise QwenDeployError("give either a prompt or chat messages, not both or neither.")
+        if messages is not None:
+            if self.chat_template is None:
+                raise QwenDeployError(
+                    f"{self.folder} has no chat template (e.g. a base model): send a raw prompt "
+                    "instead of chat messages (`--raw` on the command line)."
+                )
+            text = self.chat_template.render(
+                messages, tools=tools, add_generation_prompt=True, **template_kwargs
+            )
+            ids = self.tokenizer.encode(text)
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = self.manifest.model.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise QwenDeployError(f"prompt token ids {bad[:5]} are outside [0, {vocab}).")
+        if not ids:
+            raise QwenDeployError("the prompt is empty; send at least one token.")
+        return ids
+
+    def reasoning_for(self, prompt_ids: list[int]) -> bool:
+        """Whether to split <think> blocks out of this prompt's output.
+
+        On for every chat-template model: the parser only acts on a think block that opens the
+        output (or that the prompt opened), so models that do not think are unaffected.
+        """
+        return self.chat_template is not None or self._opens_think(prompt_ids)
+
+    def _opens_think(self, prompt_ids: list[int]) -> bool:
+        return prompt_opens_think(self.tokenizer.decode(prompt_ids[-PROMPT_TAIL:]))
+
+    def sampling_params(self, params: SamplingParams | None = None, **overrides) -> SamplingParams:
+        """`params` (or the artifact's defaults) with `overrides` applied and validated."""
+        if params is None:
+            return SamplingParams.from_defaults(self.manifest, **overrides)
+        return params.replace(**overrides) if overrides else params
+
+    def check_context(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Refuse a prompt that fills the context; clip max_tokens to the room that is left."""
+        room = self.max_context - len(prompt_ids)
+        if room < 1:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt_ids)} tokens but this model's context length "
+                f"(max_position_embeddings) is {self.max_context}, which must also hold at least "
+                "one generated token: shorten the prompt or the conversation."
+            )
+        if params.max_tokens is None or params.max_tokens > room:
+            return params.replace(max_tokens=room)
+        return params
+
+    # -- generation ----------------------------------------------------------------------------
+    def stream(
+        self,
+        prompt: str | list[int] | None = None,
+        messages: list[dict] | None = None,
+        params: SamplingParams | None = None,
+        **overrides,
+    ) -> Iterator[StreamDelta]:
+        """Yield one StreamDelta per generated token; the last one has a finish_reason."""
+        state = self._state(prompt, messages, params, overrides)
+        for deltas in self.run([state]):
+            yield deltas[0]
+
+    def generate(
+        self,
+        prompt: str | list[int] | None = None,
+        messages: list[dict] | None = None,
+        params: SamplingParams | None = None,
+        **overrides,
+    ) -> GenerationResult:
+        """The whole completion of one prompt."""
+        state = self._state(prompt, messages, params, overrides)
+        for _ in self.run([state]):
+            pass
+        return _result(state)
+
+    def generate_batch(
+        self, prompts: list[list[int]], params: list[SamplingParams]
+    ) -> list[GenerationResult]:
+        """Complete several token-id prompts together in one left-padded batch."""
+        states = self.states(prompts, params)
+        for _ in self.run(states):
+            pass
+        return [_result(s) for s in states]
+
+    def states(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[SequenceState]:
+        """One checked SequenceState per token-id prompt (context limit applied)."""
+        if len(prompts) != len(params) or not prompts:
+            raise QwenDeployError(
+                f"a batch needs one SamplingParams per prompt (got {len(prompts)} prompts and "
+                f"{len(params)} params)."
+            )
+        states = []
+        for ids, p in zip(prompts, params, strict=True):
+            ids = self.prompt_ids(prompt=list(ids))
+            states.append(
+                SequenceState(
+                    ids, self.check_context(ids, p), self.tokenizer, self.reasoning_for(ids)
+                )
+            )
+        return states
+
+    def _state(self, prompt, messages, params, overrides) -> SequenceState:
+        ids = self.prompt_ids(prompt=prompt, messages=messages)
+        params = self.check_context(ids, self.sampling_params(params, **overrides))
+        # chat output may think; a raw prompt only when it opened a think block itself
+        reasoning = self.reasoning_for(ids) if messages is not None else self._opens_think(ids)
+        return SequenceState(ids, params, self.tokenizer, reasoning)
+
+    def run(self, states: list[SequenceState]) -> Iterator[list[StreamDelta | None]]:
+        """Prefill all rows, then decode one token per row per step until every row finished.
+
+        Yields each step's deltas (None for rows that had already finished). Finished rows keep
+        a pad token in the batch until the last row ends; their outputs are ignored.
+        """
+        lengths = [len(s.prompt_ids) for s in states]
+        width = max(lengths)
+        ids = np.full((len(states), width), self.pad_id, np.int64)
+        mask = np.zeros((len(states), width), np.int64)
+        for row, state in enumerate(states):
+            ids[row, width - lengths[row] :] = state.prompt_ids
+            mask[row, width - lengths[row] :] = 1
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        cache = self._new_cache(states, width)
+        logits = self.backend.forward(ids, mask, positions, cache)[:, -1]
+        while True:
+            step, next_ids = [], np.full((len(states), 1), self.pad_id, np.int64)
+            for row, state in enumerate(states):
+                if state.finished:
+                    step.append(None)
+                    continue
+                token = state.sampler(logits[row])
+                next_ids[row, 0] = token
+                step.append(state.append(token))
+            yield step
+            if all(s.finished for s in states):
+                return
+            mask = np.concatenate([mask, np.ones((len(states), 1), np.int64)], axis=1)
+            positions = positions[:, -1:] + 1
+            logits = self.backend.forward(next_ids, mask, positions, cache)[:, -1]
+
+    def _new_cache(self, states: list[SequenceState], width: int):
+        """A cache sized for the whole run where the backend preallocates (bound, in place)."""
+        if not self._sized_caches:
+            return self.backend.new_cache(len(states))
+        longest = max(s.params.max_tokens or self.max_context for s in states)
+        return self.backend.new_cache(len(states), capacity=min(width + longest, self.max_context))
+
+
+def _result(state: SequenceState) -> GenerationResult:
+    return GenerationResult(
+        token_ids=list(state.completion_ids),
+        text=state.text,
+        content=state.content,
+        reasoning_content=state.reasoning_content if state.saw_reasoning else None,
+        finish_reason=state.finish_reason,
+        prompt_tokens=len(state.prompt_ids),
+        completion_tokens=len(state.completion_ids),
+    )

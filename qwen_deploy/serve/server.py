@@ -1,0 +1,445 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching engine.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or SSE with `stream: true`
+ending in `data: [DONE]`), GET /v1/models, GET /health. Streams send one chunk per generated token,
+so a client can count tokens; with `stream_options.include_usage` a last chunk carries usage.
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import re
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import QwenDeployError
+from .engine import BatchEngine, EngineStream
+from .generator import ContextLengthError
+from .openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    error_body,
+)
+from .sampling import SamplingParams
+
+API_KEY_ENV = "QWEN_DEPLOY_API_KEY"
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type_, param, code)
+
+
+def _param_of(error: QwenDeployError) -> str | None:
+    """The sampling parameter a SamplingParams error names (its message starts `name=`)."""
+    match = re.match(r"(\w+)(=| must)", str(error))
+    return (
+        match.group(1) if match and match.group(1) in SamplingParams.__dataclass_fields__ else None
+    )
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _EngineSSE(StreamingResponse):
+    """An SSE response that cancels its engine request however the response ends."""
+
+    def __init__(self, content: AsyncIterator[str], stream: EngineStream):
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+        self.engine_stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.engine_stream.cancel()  # no-op when it finished; frees the slot otherwise
+
+
+class OpenAIServer:
+    """The request handling: validation, prompt building, engine submission, response shapes."""
+
+    def __init__(self, engine: BatchEngine, model_name: str):
+        self.engine = engine
+        self.generator = engine.generator
+        self.model_name = model_name
+        self.created = int(time.time())
+
+    # -- validation ----------------------------------------------------------------------------
+    def check_common(self, body: SamplingFields) -> None:
+        if body.model != self.model_name:
+            raise OpenAIError(
+                404,
+                f"The model `{body.model}` does not exist; this server serves `{self.model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
+        if body.n not in (None, 1):
+            raise OpenAIError(
+                400,
+                f"n={body.n} is not supported: this server returns one choice "
+                "per request (n=1); send several requests instead.",
+                param="n",
+            )
+        if body.logprobs:
+            raise OpenAIError(400, "logprobs are not supported by this server.", param="logprobs")
+
+    def sampling_params(self, body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+        overrides = body.sampling_overrides()
+        overrides["max_tokens"] = max_tokens
+        try:
+            return SamplingParams.from_defaults(self.generator.manifest, **overrides)
+        except QwenDeployError as e:
+            raise OpenAIError(400, str(e), param=_param_of(e)) from e
+
+    async def submit(
+        self, prompt_ids: list[int], params: SamplingParams, reasoning: bool, param: str
+    ) -> EngineStream:
+        try:
+            return await self.engine.submit(prompt_ids, params, reasoning)
+        except ContextLengthError as e:
+            raise OpenAIError(400, str(e), param=param, code="context_length_exceeded") from e
+        except QwenDeployError as e:
+            raise OpenAIError(400, str(e), param=param) from e
+
+    # -- endpoints -----------------------------------------------------------------------------
+    async def chat(self, body: ChatCompletionRequest, request: Request):
+        self.check_common(body)
+        limit = body.max_completion_tokens
+        params = self.sampling_params(body, body.max_tokens if limit is None else limit)
+        try:
+            messages = [m.for_template() for m in body.messages]
+            prompt_ids = self.generator.prompt_ids(
+                messages=messages, tools=body.tools, **(body.chat_template_kwargs or {})
+            )
+        except (ValueError, TypeError, QwenDeployError) as e:
+            raise OpenAIError(400, str(e), param="messages") from e
+        reasoning = self.generator.reasoning_for(prompt_ids)
+        stream = await self.submit(prompt_ids, params, reasoning, "messages")
+        meta = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": self.model_name,
+        }
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _EngineSSE(self._chat_events(stream, meta, include_usage), stream)
+        deltas = await _collect(stream, request)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(d.content for d in deltas),
+        }
+        if stream.state.saw_reasoning:
+            message["reasoning_content"] = "".join(d.reasoning_content for d in deltas)
+        return {
+            **meta,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": deltas[-1].finish_reason if deltas else None,
+                }
+            ],
+            "usage": _usage(stream, len(deltas)),
+        }
+
+    async def _chat_events(
+        self, stream: EngineStream, meta: dict, include_usage: bool
+    ) -> AsyncIterator[str]:
+        head = {**meta, "object": "chat.completion.chunk"}
+        count = 0
+        try:
+            async for d in stream:
+                delta: dict[str, Any] = {"role": "assistant"} if count == 0 else {}
+                if d.reasoning_content:
+                    delta["reasoning_content"] = d.reasoning_content
+                if d.content or not d.reasoning_content:
+                    delta["content"] = d.content
+                count += 1
+                yield _sse(
+                    {
+                        **head,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "delta": delta,
+                                "logprobs": None,
+                                "finish_reason": d.finish_reason,
+                            }
+                        ],
+                    }
+                )
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": _usage(stream, count)})
+            yield _sse("[DONE]")
+        except QwenDeployError as e:
+            yield _sse(error_body(str(e), "server_error"))
+        finally:
+            stream.cancel()
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        self.check_common(body)
+        if body.best_of not in (None, 1):
+            raise OpenAIError(
+                400, "best_of must be 1 (or omitted) on this server.", param="best_of"
+            )
+        if body.echo or body.suffix:
+            name = "echo" if body.echo else "suffix"
+            raise OpenAIError(400, f"{name} is not supported by this server.", param=name)
+        params = self.sampling_params(body, body.max_tokens)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise OpenAIError(
+                    400,
+                    f"got {len(prompt)} prompts; this server takes one prompt per request.",
+                    param="prompt",
+                )
+            prompt = prompt[0]
+        try:
+            prompt_ids = self.generator.prompt_ids(prompt=prompt)
+        except QwenDeployError as e:
+            raise OpenAIError(400, str(e), param="prompt") from e
+        stream = await self.submit(prompt_ids, params, False, "prompt")
+        meta = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "object": "text_completion",
+        }
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _EngineSSE(self._completion_events(stream, meta, include_usage), stream)
+        deltas = await _collect(stream, request)
+        return {
+            **meta,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": "".join(d.text for d in deltas),
+                    "logprobs": None,
+                    "finish_reason": deltas[-1].finish_reason if deltas else None,
+                }
+            ],
+            "usage": _usage(stream, len(deltas)),
+        }
+
+    async def _completion_events(
+        self, stream: EngineStream, meta: dict, include_usage: bool
+    ) -> AsyncIterator[str]:
+        count = 0
+        try:
+            async for d in stream:
+                count += 1
+                yield _sse(
+                    {
+                        **meta,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "text": d.text,
+                                "logprobs": None,
+                                "finish_reason": d.finish_reason,
+                            }
+                        ],
+                    }
+                )
+            if include_usage:
+                yield _sse({**meta, "choices": [], "usage": _usage(stream, count)})
+            yield _sse("[DONE]")
+        except QwenDeployError as e:
+            yield _sse(error_body(str(e), "server_error"))
+        finally:
+            stream.cancel()
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict:
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "qwen-deploy",
+        }
+
+
+def _usage(stream: EngineStream, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": stream.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": stream.prompt_tokens + completion_tokens,
+    }
+
+
+async def _collect(stream: EngineStream, request: Request) -> list:
+    """All deltas of a non-streaming request; a client that disconnects cancels it."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stream.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return [d async for d in stream]
+    except QwenDeployError as e:
+        raise OpenAIError(500, str(e), "server_error") from e
+    finally:
+        watcher.cancel()
+        stream.cancel()
+
+
+def _api_key_check(api_key: str | None) -> Callable[[Request], None]:
+    def check(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), api_key.encode()
+        ):
+            raise OpenAIError(
+                401,
+                "Incorrect or missing API key; send it as 'Authorization: Bearer KEY'.",
+                code="invalid_api_key",
+            )
+
+    return check
+
+
+def create_app(engine: BatchEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops the engine's worker thread."""
+    server = OpenAIServer(engine, model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        yield
+        engine.close()
+
+    app = FastAPI(title="qwen-deploy", lifespan=lifespan)
+    app.state.server = server
+    auth = [Depends(_api_key_check(api_key))]
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, e: OpenAIError) -> JSONResponse:
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error')})."
+            return JSONResponse(error_body(message), status_code=400)
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(
+            error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500
+        )
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok",
+            "model": model_name,
+            "active": engine.active,
+            "max_batch": engine.max_batch,
+        }
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict:
+        return server.models()
+
+    @app.get("/v1/models/{model_id}", dependencies=auth)
+    async def model(model_id: str) -> dict:
+        if model_id != model_name:
+            raise OpenAIError(
+                404,
+                f"The model `{model_id}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
+        return server.model_card()
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(body: ChatCompletionRequest, request: Request):
+        return await server.chat(body, request)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request):
+        return await server.completions(body, request)
+
+    return app
+
+
+def serve(
+    artifact: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    provider: str = "cpu",
+    threads: int | None = None,
+) -> None:
+    """Load the artifact and serve it until interrupted."""
+    import uvicorn
+
+    from .generator import Generator
+
+    generator = Generator(artifact, provider=provider, threads=threads)
+    engine = BatchEngine(generator, max_batch=max_batch)
+    name = model_name or Path(artifact).resolve().name
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(
+            f"warning: serving on {host} without an API key; anyone who can reach this port "
+            f"can use the model (set --api-key or {API_KEY_ENV}).",
+            file=sys.stderr,
+        )
+    print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch})", file=sys.stderr)
+    uvicorn.run(
+        create_app(engine, name, api_key),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )
