@@ -23,6 +23,9 @@ demo: setup
 	$(BIN)/qwen-deploy random-checkpoint $(DEMO)/checkpoint --force
 	$(BIN)/qwen-deploy export $(DEMO)/checkpoint -o $(DEMO)/artifact --force
 	$(BIN)/qwen-deploy parity $(DEMO)/artifact --reference $(DEMO)/checkpoint --steps 8
+	@echo "--- streamed chat with the demo artifact (random weights: the words are noise) ---"
+	printf 'What is a convertible bond?\n' | \
+		$(BIN)/qwen-deploy chat $(DEMO)/artifact --max-tokens 48 --seed 1
 
 lint: setup
 	$(BIN)/ruff check qwen_deploy tests benchmarks

@@ -31,10 +31,19 @@ def main() -> None:
 
 @main.command("random-checkpoint")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--shape", type=click.Choice(["tiny", "0.5b", "fin-r1"]), default="tiny",
-              show_default=True, help="Architecture numbers to use.")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32",
-              show_default=True)
+@click.option(
+    "--shape",
+    type=click.Choice(["tiny", "0.5b", "fin-r1"]),
+    default="tiny",
+    show_default=True,
+    help="Architecture numbers to use.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def random_checkpoint(out: Path, shape: str, dtype: str, seed: int, force: bool) -> None:
@@ -44,43 +53,79 @@ def random_checkpoint(out: Path, shape: str, dtype: str, seed: int, force: bool)
 
     layers, hidden, heads, kv, inter = SHAPES[shape]
     with staged_output(out, force) as tmp:
-        make_random_checkpoint(tmp, layers=layers, hidden=hidden, heads=heads, kv_heads=kv,
-                               intermediate=inter, dtype=dtype, seed=seed,
-                               init_std=0.02 if shape != "tiny" else 0.2)
+        make_random_checkpoint(
+            tmp,
+            layers=layers,
+            hidden=hidden,
+            heads=heads,
+            kv_heads=kv,
+            intermediate=inter,
+            dtype=dtype,
+            seed=seed,
+            init_std=0.02 if shape != "tiny" else 0.2,
+        )
     click.echo(f"wrote random {shape} Qwen2 checkpoint to {out}", err=True)
 
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
-              help="Artifact folder to create.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Artifact folder to create.",
+)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--attention", type=click.Choice(["onnx", "gqa", "decomposed"]), default="onnx",
-              show_default=True, help="onnx: standard Attention op (TensorRT fused attention); "
-              "gqa: onnxruntime GroupQueryAttention; decomposed: MatMul/Softmax/MatMul.")
+@click.option(
+    "--attention",
+    type=click.Choice(["onnx", "gqa", "decomposed"]),
+    default="onnx",
+    show_default=True,
+    help="onnx: standard Attention op (TensorRT fused attention); "
+    "gqa: onnxruntime GroupQueryAttention; decomposed: MatMul/Softmax/MatMul.",
+)
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def export(checkpoint: Path, out: Path, precision: str, attention: str, force: bool,
-           quiet: bool) -> None:
+def export(
+    checkpoint: Path, out: Path, precision: str, attention: str, force: bool, quiet: bool
+) -> None:
     """Export a Hugging Face Qwen2 CHECKPOINT folder to an ONNX artifact with KV cache."""
     from .export import export_checkpoint
 
-    manifest = export_checkpoint(checkpoint, out, precision=precision, attention=attention,
-                                 force=force, progress=not quiet)
+    manifest = export_checkpoint(
+        checkpoint, out, precision=precision, attention=attention, force=force, progress=not quiet
+    )
     m = manifest.model
-    click.echo(f"exported {m.num_layers}-layer Qwen2 ({precision}, attention={attention}) to {out}",
-               err=True)
+    click.echo(
+        f"exported {m.num_layers}-layer Qwen2 ({precision}, attention={attention}) to {out}",
+        err=True,
+    )
 
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--reference", type=click.Path(path_type=Path), required=True,
-              help="The Hugging Face checkpoint folder the artifact was exported from.")
-@click.option("--prompts", type=click.Path(path_type=Path), default=None,
-              help=".txt (one user message per line) or .jsonl ({'messages': [...]} or "
-              "{'text': ...}); default: the packaged finance/reasoning set.")
-@click.option("--steps", type=click.IntRange(0, 1024), default=8, show_default=True,
-              help="Decode steps after each prefill.")
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="The Hugging Face checkpoint folder the artifact was exported from.",
+)
+@click.option(
+    "--prompts",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=".txt (one user message per line) or .jsonl ({'messages': [...]} or "
+    "{'text': ...}); default: the packaged finance/reasoning set.",
+)
+@click.option(
+    "--steps",
+    type=click.IntRange(0, 1024),
+    default=8,
+    show_default=True,
+    help="Decode steps after each prefill.",
+)
 @click.option("--no-batch", is_flag=True, help="Skip the left-padded batch case.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--preset", default=None, help="Tolerance preset (default: from the manifest).")
@@ -88,22 +133,50 @@ def export(checkpoint: Path, out: Path, precision: str, attention: str, force: b
 @click.option("--min-cosine", type=float, default=None, help="Override: minimum cosine.")
 @click.option("--min-top1", type=float, default=None, help="Override: minimum top-1 agreement.")
 @click.option("--max-kl", type=float, default=None, help="Override: maximum KL divergence.")
-@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None,
-              help="Write the JSON report here ('-' for stdout).")
-@click.option("--markdown", "md_out", type=click.Path(path_type=Path), default=None,
-              help="Write a markdown report here.")
+@click.option(
+    "--json",
+    "json_out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the JSON report here ('-' for stdout).",
+)
+@click.option(
+    "--markdown",
+    "md_out",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write a markdown report here.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def parity(artifact: Path, reference: Path, prompts: Path | None, steps: int, no_batch: bool,
-           provider: str, preset: str | None, max_abs: float | None, min_cosine: float | None,
-           min_top1: float | None, max_kl: float | None, json_out: Path | None,
-           md_out: Path | None, quiet: bool) -> None:
+def parity(
+    artifact: Path,
+    reference: Path,
+    prompts: Path | None,
+    steps: int,
+    no_batch: bool,
+    provider: str,
+    preset: str | None,
+    max_abs: float | None,
+    min_cosine: float | None,
+    min_top1: float | None,
+    max_kl: float | None,
+    json_out: Path | None,
+    md_out: Path | None,
+    quiet: bool,
+) -> None:
     """Compare ARTIFACT's logits with transformers on the source checkpoint; exit 1 on failure."""
     from .parity.report import markdown, table
     from .parity.runner import run_parity
 
     report = run_parity(
-        artifact, reference, prompts, steps=steps, batch=not no_batch, provider=provider,
-        preset=preset, progress=not quiet,
+        artifact,
+        reference,
+        prompts,
+        steps=steps,
+        batch=not no_batch,
+        provider=provider,
+        preset=preset,
+        progress=not quiet,
         overrides={"max_abs": max_abs, "cosine": min_cosine, "top1": min_top1, "kl": max_kl},
     )
     text = json.dumps(report.to_dict(), indent=2)
@@ -136,36 +209,81 @@ def inspect(artifact: Path, as_json: bool) -> None:
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
-              help="Quantized artifact folder to create.")
-@click.option("--mode", type=click.Choice(["int8-weight", "int8-smoothquant"]), required=True,
-              help="int8-weight: INT8 weights, onnxruntime's fastest CPU form; int8-smoothquant: "
-              "W8A8 Q/DQ graph for TensorRT (also runs on onnxruntime).")
-@click.option("--calibration", type=click.Path(path_type=Path), default=None,
-              help="SmoothQuant calibration prompts: .txt (one per line) or .jsonl ({'text': ...} "
-              "or {'messages': [...]}); default: the packaged finance/reasoning set.")
-@click.option("--alpha", type=float, default=0.5, show_default=True,
-              help="SmoothQuant migration strength in [0, 1].")
-@click.option("--samples", type=int, default=128, show_default=True,
-              help="Calibration prompts to use (at most).")
-@click.option("--quality-prompts", type=click.Path(path_type=Path), default=None,
-              help="Held-out prompts for the quality report (.txt or .jsonl, as for parity); "
-              "default: the packaged parity set.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Quantized artifact folder to create.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["int8-weight", "int8-smoothquant"]),
+    required=True,
+    help="int8-weight: INT8 weights, onnxruntime's fastest CPU form; int8-smoothquant: "
+    "W8A8 Q/DQ graph for TensorRT (also runs on onnxruntime).",
+)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="SmoothQuant calibration prompts: .txt (one per line) or .jsonl ({'text': ...} "
+    "or {'messages': [...]}); default: the packaged finance/reasoning set.",
+)
+@click.option(
+    "--alpha",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="SmoothQuant migration strength in [0, 1].",
+)
+@click.option(
+    "--samples",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Calibration prompts to use (at most).",
+)
+@click.option(
+    "--quality-prompts",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Held-out prompts for the quality report (.txt or .jsonl, as for parity); "
+    "default: the packaged parity set.",
+)
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the quality report as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def quantize(artifact: Path, out: Path, mode: str, calibration: Path | None, alpha: float,
-             samples: int, quality_prompts: Path | None, force: bool, as_json: bool,
-             quiet: bool) -> None:
+def quantize(
+    artifact: Path,
+    out: Path,
+    mode: str,
+    calibration: Path | None,
+    alpha: float,
+    samples: int,
+    quality_prompts: Path | None,
+    force: bool,
+    as_json: bool,
+    quiet: bool,
+) -> None:
     """Quantize an fp32/fp16 ARTIFACT to INT8 and report the quality cost against it.
 
     Both modes calibrate (SmoothQuant smoothing: the INT8 kernels quantize activations too)."""
-    from .optimize import quantize_artifact
     from .optimize.quality import format_report
+    from .optimize.quantize import quantize_artifact
 
-    manifest = quantize_artifact(artifact, out, mode, calibration=calibration, alpha=alpha,
-                                 samples=samples, quality_prompts=quality_prompts, force=force,
-                                 progress=not quiet)
+    manifest = quantize_artifact(
+        artifact,
+        out,
+        mode,
+        calibration=calibration,
+        alpha=alpha,
+        samples=samples,
+        quality_prompts=quality_prompts,
+        force=force,
+        progress=not quiet,
+    )
     if as_json:
         click.echo(json.dumps(manifest.quality, indent=2))
     else:
@@ -175,8 +293,12 @@ def quantize(artifact: Path, out: Path, mode: str, calibration: Path | None, alp
 
 @main.command("check-trt")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--trt-version", default="10.15", show_default=True,
-              help="TensorRT version to check against (>= 10.14).")
+@click.option(
+    "--trt-version",
+    default="10.15",
+    show_default=True,
+    help="TensorRT version to check against (>= 10.14).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 def check_trt(model: Path, trt_version: str, as_json: bool) -> None:
     """Will TensorRT's ONNX parser import MODEL (artifact folder or .onnx)? Exit 1 on errors."""
@@ -190,38 +312,91 @@ def check_trt(model: Path, trt_version: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
-              help="Engine artifact folder to create.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Engine artifact folder to create.",
+)
 @click.option("--max-batch", type=int, default=8, show_default=True)
-@click.option("--max-input-len", type=int, default=2048, show_default=True,
-              help="Longest prompt (tokens) one prefill step takes.")
-@click.option("--max-seq-len", type=int, default=4096, show_default=True,
-              help="Longest context: prompt + generated tokens.")
+@click.option(
+    "--max-input-len",
+    type=int,
+    default=2048,
+    show_default=True,
+    help="Longest prompt (tokens) one prefill step takes.",
+)
+@click.option(
+    "--max-seq-len",
+    type=int,
+    default=4096,
+    show_default=True,
+    help="Longest context: prompt + generated tokens.",
+)
 @click.option("--opt-batch", type=int, default=None, help="Batch TensorRT tunes for [1].")
-@click.option("--opt-input-len", type=int, default=None,
-              help="Prompt length TensorRT tunes for [min(512, max-input-len)].")
-@click.option("--workspace-gb", type=float, default=None,
-              help="Builder workspace limit in GiB [TensorRT's default: the GPU's memory].")
-@click.option("--timing-cache", type=click.Path(path_type=Path), default=None,
-              help="Timing cache file: read if present, updated after the build.")
-@click.option("--plugin-lib", "plugin_libs", type=click.Path(path_type=Path), multiple=True,
-              help="TensorRT plugin library to load before parsing (repeatable).")
+@click.option(
+    "--opt-input-len",
+    type=int,
+    default=None,
+    help="Prompt length TensorRT tunes for [min(512, max-input-len)].",
+)
+@click.option(
+    "--workspace-gb",
+    type=float,
+    default=None,
+    help="Builder workspace limit in GiB [TensorRT's default: the GPU's memory].",
+)
+@click.option(
+    "--timing-cache",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Timing cache file: read if present, updated after the build.",
+)
+@click.option(
+    "--plugin-lib",
+    "plugin_libs",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="TensorRT plugin library to load before parsing (repeatable).",
+)
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def build(artifact: Path, out: Path, max_batch: int, max_input_len: int, max_seq_len: int,
-          opt_batch: int | None, opt_input_len: int | None, workspace_gb: float | None,
-          timing_cache: Path | None, plugin_libs: tuple[Path, ...], force: bool,
-          quiet: bool) -> None:
+def build(
+    artifact: Path,
+    out: Path,
+    max_batch: int,
+    max_input_len: int,
+    max_seq_len: int,
+    opt_batch: int | None,
+    opt_input_len: int | None,
+    workspace_gb: float | None,
+    timing_cache: Path | None,
+    plugin_libs: tuple[Path, ...],
+    force: bool,
+    quiet: bool,
+) -> None:
     """Build a TensorRT engine artifact from an fp16 or Q/DQ INT8 ONNX ARTIFACT."""
     from .optimize.tensorrt_build import BuildOptions, build_engine
 
-    options = BuildOptions(max_batch, max_input_len, max_seq_len, opt_batch, opt_input_len,
-                           workspace_gb, timing_cache, tuple(plugin_libs))
+    options = BuildOptions(
+        max_batch,
+        max_input_len,
+        max_seq_len,
+        opt_batch,
+        opt_input_len,
+        workspace_gb,
+        timing_cache,
+        tuple(plugin_libs),
+    )
     manifest = build_engine(artifact, out, options, force=force, progress=not quiet)
     e = manifest.engine
-    click.echo(f"built TensorRT {e['tensorrt_version']} engine for {e['device']['name']} "
-               f"(sm {e['device']['compute_capability']}) in {e['build_seconds']} s: {out}",
-               err=True)
+    click.echo(
+        f"built TensorRT {e['tensorrt_version']} engine for {e['device']['name']} "
+        f"(sm {e['device']['compute_capability']}) in {e['build_seconds']} s: {out}",
+        err=True,
+    )
 
 
 def _sampling_options(command):
@@ -237,8 +412,9 @@ def _sampling_options(command):
         click.option("--seed", type=int, help="Makes sampling reproducible."),
         click.option("--max-tokens", type=int, default=256, show_default=True),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
-        click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu",
-                     show_default=True),
+        click.option(
+            "--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True
+        ),
         click.option("--threads", type=int, help="onnxruntime intra-op threads."),
         click.option("--system", help="System message."),
     ]
@@ -263,8 +439,16 @@ def _generator_and_params(artifact: Path, provider: str, threads: int | None, sa
 @_sampling_options
 @click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
-def generate(artifact: Path, prompt: str, provider: str, threads: int | None, system: str | None,
-             raw: bool, as_json: bool, **sampling) -> None:
+def generate(
+    artifact: Path,
+    prompt: str,
+    provider: str,
+    threads: int | None,
+    system: str | None,
+    raw: bool,
+    as_json: bool,
+    **sampling,
+) -> None:
     """Complete PROMPT with ARTIFACT, streaming the answer (reasoning goes to stderr)."""
     import dataclasses
 
@@ -288,8 +472,9 @@ def generate(artifact: Path, prompt: str, provider: str, threads: int | None, sy
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @_sampling_options
-def chat(artifact: Path, provider: str, threads: int | None, system: str | None,
-         **sampling) -> None:
+def chat(
+    artifact: Path, provider: str, threads: int | None, system: str | None, **sampling
+) -> None:
     """Interactive multi-turn chat with ARTIFACT (/exit or end of input quits, /reset clears)."""
     from .serve.chat import COMMANDS, chat_loop
 
@@ -323,78 +508,177 @@ def chat(artifact: Path, provider: str, threads: int | None, system: str | None,
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--host", default="127.0.0.1", show_default=True,
-              help="Interface to listen on (0.0.0.0 exposes the server to the network).")
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on (0.0.0.0 exposes the server to the network).",
+)
 @click.option("--port", type=int, default=8000, show_default=True)
 @click.option("--model-name", help="Model id clients send (default: the artifact folder's name).")
-@click.option("--api-key", envvar="QWEN_DEPLOY_API_KEY",
-              help="Require 'Authorization: Bearer KEY' (or set QWEN_DEPLOY_API_KEY).")
-@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Requests decoded together; more wait in a queue.")
+@click.option(
+    "--api-key",
+    envvar="QWEN_DEPLOY_API_KEY",
+    help="Require 'Authorization: Bearer KEY' (or set QWEN_DEPLOY_API_KEY).",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Requests decoded together; more wait in a queue.",
+)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, help="onnxruntime intra-op threads.")
-def serve(artifact: Path, host: str, port: int, model_name: str | None, api_key: str | None,
-          max_batch: int, provider: str, threads: int | None) -> None:
+def serve(
+    artifact: Path,
+    host: str,
+    port: int,
+    model_name: str | None,
+    api_key: str | None,
+    max_batch: int,
+    provider: str,
+    threads: int | None,
+) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API with continuous batching."""
     from .serve.server import serve as run_server
 
-    run_server(artifact, host=host, port=port, model_name=model_name, api_key=api_key,
-               max_batch=max_batch, provider=provider, threads=threads)
+    run_server(
+        artifact,
+        host=host,
+        port=port,
+        model_name=model_name,
+        api_key=api_key,
+        max_batch=max_batch,
+        provider=provider,
+        threads=threads,
+    )
 
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True,
-              help="Model repository folder to create.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Model repository folder to create.",
+)
 @click.option("--name", help="Text model name; the graph is NAME_decoder [artifact folder name].")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
-              show_default=True, help="tensorrt needs an engine artifact from `build`.")
-@click.option("--max-batch", type=int, default=8, show_default=True,
-              help="The decoder's max_batch_size (0 = no batching).")
-@click.option("--instances", type=int, default=1, show_default=True,
-              help="Model instances of each model.")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]),
-              help="Where the models run [cpu; cuda for tensorrt].")
-@click.option("--python-env", type=click.Path(path_type=Path),
-              help="Virtual env for the Python-backend model (EXECUTION_ENV_PATH).")
+@click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+    help="tensorrt needs an engine artifact from `build`.",
+)
+@click.option(
+    "--max-batch",
+    type=int,
+    default=8,
+    show_default=True,
+    help="The decoder's max_batch_size (0 = no batching).",
+)
+@click.option(
+    "--instances", type=int, default=1, show_default=True, help="Model instances of each model."
+)
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda"]),
+    help="Where the models run [cpu; cuda for tensorrt].",
+)
+@click.option(
+    "--python-env",
+    type=click.Path(path_type=Path),
+    help="Virtual env for the Python-backend model (EXECUTION_ENV_PATH).",
+)
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written as JSON.")
-def triton(artifact: Path, out: Path, name: str | None, backend: str, max_batch: int,
-           instances: int, provider: str | None, python_env: Path | None, force: bool,
-           as_json: bool) -> None:
+def triton(
+    artifact: Path,
+    out: Path,
+    name: str | None,
+    backend: str,
+    max_batch: int,
+    instances: int,
+    provider: str | None,
+    python_env: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
     """Write a Triton Inference Server model repository for ARTIFACT."""
     from .serve.triton_repo import write_repository
 
-    repo = write_repository(artifact, out, name=name, backend=backend, max_batch=max_batch,
-                            instances=instances, provider=provider, python_env=python_env,
-                            force=force)
+    repo = write_repository(
+        artifact,
+        out,
+        name=name,
+        backend=backend,
+        max_batch=max_batch,
+        instances=instances,
+        provider=provider,
+        python_env=python_env,
+        force=force,
+    )
     if as_json:
-        click.echo(json.dumps({"path": str(repo.path), "generate_model": repo.generate_model,
-                               "decoder_model": repo.decoder_model, "backend": repo.backend,
-                               "plugins": repo.plugins}))
-    click.echo(f"wrote Triton repository {out}: models {repo.generate_model} (python, "
-               f"decoupled) and {repo.decoder_model} ({backend}); see {out}/README.md", err=True)
+        click.echo(
+            json.dumps(
+                {
+                    "path": str(repo.path),
+                    "generate_model": repo.generate_model,
+                    "decoder_model": repo.decoder_model,
+                    "backend": repo.backend,
+                    "plugins": repo.plugins,
+                }
+            )
+        )
+    click.echo(
+        f"wrote Triton repository {out}: models {repo.generate_model} (python, "
+        f"decoupled) and {repo.decoder_model} ({backend}); see {out}/README.md",
+        err=True,
+    )
 
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--reference", type=click.Path(path_type=Path),
-              help="Source checkpoint: adds transformers eager generate as a baseline.")
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    help="Source checkpoint: adds transformers eager generate as a baseline.",
+)
 @click.option("--prompt-len", type=int, default=128, show_default=True)
 @click.option("--new-tokens", type=int, default=64, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--threads", type=int, help="Intra-op threads for every engine [their default].")
-@click.option("--genai-dir", type=click.Path(path_type=Path),
-              help="Keep (or reuse) onnxruntime-genai's export here [a temp folder].")
+@click.option(
+    "--genai-dir",
+    type=click.Path(path_type=Path),
+    help="Keep (or reuse) onnxruntime-genai's export here [a temp folder].",
+)
 @click.option("--no-genai", is_flag=True, help="Skip the onnxruntime-genai baseline.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
-def bench(artifact: Path, reference: Path | None, prompt_len: int, new_tokens: int, repeats: int,
-          threads: int | None, genai_dir: Path | None, no_genai: bool, as_json: bool) -> None:
+def bench(
+    artifact: Path,
+    reference: Path | None,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    threads: int | None,
+    genai_dir: Path | None,
+    no_genai: bool,
+    as_json: bool,
+) -> None:
     """Time to first token, decode tokens/s (batch 1, 4, 8), peak RSS of ARTIFACT vs its peers."""
     from .bench import BenchConfig, format_report, run_bench
 
     peers = ("transformers",) if no_genai else ("transformers", "onnxruntime-genai")
-    report = run_bench(artifact, reference,
-                       BenchConfig(prompt_len, new_tokens, repeats, threads=threads),
-                       genai_dir=genai_dir, peers=peers, log=lambda m: click.echo(m, err=True))
+    report = run_bench(
+        artifact,
+        reference,
+        BenchConfig(prompt_len, new_tokens, repeats, threads=threads),
+        genai_dir=genai_dir,
+        peers=peers,
+        log=lambda m: click.echo(m, err=True),
+    )
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

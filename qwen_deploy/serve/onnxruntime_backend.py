@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from ..errors import QwenDeployError
 from ..manifest import Manifest
+from .fp32_compute import fp32_compute_copy
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 NUMPY_DTYPES = {"float": np.float32, "float16": np.float16}
@@ -69,13 +70,16 @@ class OnnxRuntimeBackend:
             # steal the time slices the working ones need (decode measured 2-4x slower with it
             # under load, no faster without load).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        model_path = self.folder / self.manifest.model_file
+        if provider == "cpu" and self.manifest.precision == "fp16":
+            model_path, self._widened = fp32_compute_copy(model_path)
         self.session = ort.InferenceSession(
-            str(self.folder / self.manifest.model_file), options, providers=[PROVIDERS[provider]]
+            str(model_path), options, providers=[PROVIDERS[provider]]
         )
         self.provider = provider
         self.device = "cuda" if provider == "cuda" else "cpu"
-        kv_input = next(t for t in self.manifest.inputs if t.name.startswith("past_key_values."))
-        self.kv_dtype = NUMPY_DTYPES[kv_input.dtype]
+        kv_input = next(i for i in self.session.get_inputs() if i.name.startswith("past_key"))
+        self.kv_dtype = NUMPY_DTYPES[kv_input.type.removeprefix("tensor(").removesuffix(")")]
         spec = self.manifest.model
         self._past_names = [
             n for i in range(spec.num_layers) for n in self.manifest.kv_names(i)[:2]
