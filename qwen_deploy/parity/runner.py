@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..errors import QwenDeployError
 from ..manifest import Manifest
 from ..serve.onnxruntime_backend import OnnxRuntimeBackend
+from ..serve.padding import left_pad
 from .metrics import compare_logits
 from .presets import PRESETS, Tolerance, preset_for
 from .prompts import load_prompts
@@ -91,17 +92,6 @@ class ParityReport:
         }
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    width = max(len(r) for r in rows)
-    ids = np.full((len(rows), width), pad_id, np.int64)
-    mask = np.zeros((len(rows), width), np.int64)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r) :] = r
-        mask[b, width - len(r) :] = 1
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    return ids, mask, positions
-
-
 def _run_case(
     name: str,
     rows: list[list[int]],
@@ -110,7 +100,7 @@ def _run_case(
     backend: OnnxRuntimeBackend,
     pad_id: int,
 ) -> list[StepResult]:
-    ids, mask, positions = _left_pad(rows, pad_id)
+    ids, mask, positions = left_pad(rows, pad_id)
     ref.reset()
     cache = backend.new_cache(len(rows))
     ref_logits = ref.forward(ids, mask, positions)

@@ -24,6 +24,7 @@ import numpy as np
 from ..errors import QwenDeployError
 from .generator import ContextLengthError, Generator
 from .onnxruntime_backend import OrtKVCache
+from .padding import left_pad
 from .sampling import SamplingParams
 from .sequence import SequenceState, StreamDelta
 
@@ -268,14 +269,8 @@ class BatchEngine:
             self._prefill_group(group)
 
     def _prefill_group(self, group: list[EngineRequest]) -> None:
-        lengths = [len(r.prompt_ids) for r in group]
-        width = max(lengths)
-        ids = np.full((len(group), width), self.pad_id, np.int64)
-        mask = np.zeros((len(group), width), np.int64)
-        for row, request in enumerate(group):
-            ids[row, width - lengths[row] :] = request.prompt_ids
-            mask[row, width - lengths[row] :] = 1
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+        ids, mask, positions = left_pad([r.prompt_ids for r in group], self.pad_id)
+        width = ids.shape[1]
         cache = self.backend.new_cache(len(group))
         if len(group) == 1 and width > self.prefill_tokens:
             logits = self._chunked_prefill(ids, cache)

@@ -19,6 +19,7 @@ from ..errors import QwenDeployError
 from ..manifest import Manifest
 from .backend import Backend
 from .chat_template import ChatTemplate
+from .padding import left_pad
 from .reasoning import prompt_opens_think
 from .sampling import SamplingParams
 from .sequence import PROMPT_TAIL, SequenceState, StreamDelta
@@ -195,14 +196,8 @@ class Generator:
         Yields each step's deltas (None for rows that had already finished). Finished rows keep
         a pad token in the batch until the last row ends; their outputs are ignored.
         """
-        lengths = [len(s.prompt_ids) for s in states]
-        width = max(lengths)
-        ids = np.full((len(states), width), self.pad_id, np.int64)
-        mask = np.zeros((len(states), width), np.int64)
-        for row, state in enumerate(states):
-            ids[row, width - lengths[row] :] = state.prompt_ids
-            mask[row, width - lengths[row] :] = 1
-        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        ids, mask, positions = left_pad([s.prompt_ids for s in states], self.pad_id)
+        width = ids.shape[1]
         cache = self._new_cache(states, width)
         logits = self.backend.forward(ids, mask, positions, cache)[:, -1]
         while True:
