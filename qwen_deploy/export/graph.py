@@ -140,7 +140,8 @@ class DecoderGraph:
             if g.dtype == np.float32
             else g.op("Cast", [x], hint + "/CastUp", to=TensorProto.FLOAT)
         )
-        sq = g.op("Mul", [xf, xf], hint + "/Square")
+        # Pow (not Mul): the pattern onnxruntime fuses into SimplifiedLayerNormalization
+        sq = g.op("Pow", [xf, g.const(np.float32(2.0), "two")], hint + "/Square")
         mean = g.op("ReduceMean", [sq, g.const([-1], "axes", np.int64)], hint + "/Mean", keepdims=1)
         eps = g.const(np.float32(self.spec.rms_norm_eps), "eps")
         rms = g.op("Sqrt", [g.op("Add", [mean, eps], hint + "/AddEps")], hint + "/Sqrt")
