@@ -17,9 +17,8 @@ import onnxruntime as ort
 from ..errors import QwenDeployError
 from ..manifest import Manifest
 from .device_cache import DeviceKVCache, check_step
+from .onnxruntime_backend import NUMPY_DTYPES, PROVIDERS, require_provider, session_options
 
-PROVIDERS = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-NUMPY_DTYPES = {"float": np.float32, "float16": np.float16}
 DEFAULT_MAX_SEQ_LEN = 4096
 
 
@@ -36,15 +35,7 @@ class OnnxRuntimeIOBindingBackend:
     ):
         self.folder = Path(artifact)
         self.manifest = Manifest.load(self.folder)
-        if device not in PROVIDERS:
-            raise QwenDeployError(f"device {device!r} is not one of {', '.join(PROVIDERS)}.")
-        available = ort.get_available_providers()
-        if PROVIDERS[device] not in available:
-            raise QwenDeployError(
-                f"onnxruntime here has no {PROVIDERS[device]} (available: {available}); "
-                "install onnxruntime-gpu (pip install 'qwen-deploy[gpu]') on a machine with an "
-                "NVIDIA GPU."
-            )
+        require_provider(device)
         if device == "cuda" and hasattr(ort, "preload_dlls"):
             ort.preload_dlls()  # CUDA/cuDNN from the nvidia-* wheels, when installed that way
         spec = self.manifest.model
@@ -54,10 +45,7 @@ class OnnxRuntimeIOBindingBackend:
                 f"max_seq_len {self.max_seq_len} must be between 1 and the model's "
                 f"max_position_embeddings ({spec.max_position_embeddings})."
             )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
+        options = session_options(threads)
         provider = (
             (PROVIDERS[device], {"device_id": device_id}) if device == "cuda" else PROVIDERS[device]
         )

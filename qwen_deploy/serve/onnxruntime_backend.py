@@ -27,6 +27,29 @@ NUMPY_DTYPES = {"float": np.float32, "float16": np.float16}
 GROW_STEP = 256  # bound in-place caches grow to a multiple of this many positions
 
 
+def require_provider(provider: str) -> str:
+    """onnxruntime's name for 'cpu' / 'cuda', or a clear error when this install lacks it."""
+    if provider not in PROVIDERS:
+        raise QwenDeployError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}.")
+    available = ort.get_available_providers()
+    if PROVIDERS[provider] not in available:
+        raise QwenDeployError(
+            f"onnxruntime here has no {PROVIDERS[provider]} (available: {available}); "
+            "install onnxruntime-gpu (pip install 'qwen-deploy[gpu]') on a machine with an "
+            "NVIDIA GPU."
+        )
+    return PROVIDERS[provider]
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    """Full graph optimization (fusions) and the requested intra-op thread count."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
 @dataclass
 class OrtKVCache:
     """past_key_values per layer ([batch, kv_heads, length, head_dim]) and the cached length.
@@ -53,18 +76,8 @@ class OnnxRuntimeBackend:
     ):
         self.folder = Path(artifact)
         self.manifest = Manifest.load(self.folder)
-        if provider not in PROVIDERS:
-            raise QwenDeployError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}.")
-        available = ort.get_available_providers()
-        if PROVIDERS[provider] not in available:
-            raise QwenDeployError(
-                f"onnxruntime here has no {PROVIDERS[provider]} (available: {available}); "
-                "install onnxruntime-gpu for --provider cuda."
-            )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
+        require_provider(provider)
+        options = session_options(threads)
         if not spinning:
             # Idle workers sleep instead of spinning. Spinning (onnxruntime's default) wins on
             # dedicated cores (0.5B decode 13.6 vs 8 tok/s on an idle 2-core machine), but on
