@@ -35,8 +35,30 @@ from .openai_schema import (
     error_body,
 )
 from .sampling import SamplingParams
+from .sequence import StreamDelta
 
 API_KEY_ENV = "QWEN_DEPLOY_API_KEY"
+
+
+async def _events(
+    stream: EngineStream,
+    head: dict,
+    include_usage: bool,
+    choice: Callable[[StreamDelta, int], dict],
+) -> AsyncIterator[str]:
+    """SSE chunks, one per generated token, then the optional usage chunk and [DONE]."""
+    count = 0
+    try:
+        async for d in stream:
+            yield _sse({**head, "choices": [choice(d, count)]})
+            count += 1
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(stream, count)})
+        yield _sse("[DONE]")
+    except QwenDeployError as e:
+        yield _sse(error_body(str(e), "server_error"))
+    finally:
+        stream.cancel()
 
 
 class OpenAIError(Exception):
@@ -149,7 +171,9 @@ class OpenAIServer:
         }
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _EngineSSE(self._chat_events(stream, meta, include_usage), stream)
+            head = {**meta, "object": "chat.completion.chunk"}
+            events = _events(stream, head, include_usage, self._chat_choice)
+            return _EngineSSE(events, stream)
         deltas = await _collect(stream, request)
         message: dict[str, Any] = {
             "role": "assistant",
@@ -171,39 +195,14 @@ class OpenAIServer:
             "usage": _usage(stream, len(deltas)),
         }
 
-    async def _chat_events(
-        self, stream: EngineStream, meta: dict, include_usage: bool
-    ) -> AsyncIterator[str]:
-        head = {**meta, "object": "chat.completion.chunk"}
-        count = 0
-        try:
-            async for d in stream:
-                delta: dict[str, Any] = {"role": "assistant"} if count == 0 else {}
-                if d.reasoning_content:
-                    delta["reasoning_content"] = d.reasoning_content
-                if d.content or not d.reasoning_content:
-                    delta["content"] = d.content
-                count += 1
-                yield _sse(
-                    {
-                        **head,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "delta": delta,
-                                "logprobs": None,
-                                "finish_reason": d.finish_reason,
-                            }
-                        ],
-                    }
-                )
-            if include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(stream, count)})
-            yield _sse("[DONE]")
-        except QwenDeployError as e:
-            yield _sse(error_body(str(e), "server_error"))
-        finally:
-            stream.cancel()
+    @staticmethod
+    def _chat_choice(d: StreamDelta, index: int) -> dict:
+        delta: dict[str, Any] = {"role": "assistant"} if index == 0 else {}
+        if d.reasoning_content:
+            delta["reasoning_content"] = d.reasoning_content
+        if d.content or not d.reasoning_content:
+            delta["content"] = d.content
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": d.finish_reason}
 
     async def completions(self, body: CompletionRequest, request: Request):
         self.check_common(body)
@@ -237,7 +236,8 @@ class OpenAIServer:
         }
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _EngineSSE(self._completion_events(stream, meta, include_usage), stream)
+            events = _events(stream, meta, include_usage, self._completion_choice)
+            return _EngineSSE(events, stream)
         deltas = await _collect(stream, request)
         return {
             **meta,
@@ -252,33 +252,9 @@ class OpenAIServer:
             "usage": _usage(stream, len(deltas)),
         }
 
-    async def _completion_events(
-        self, stream: EngineStream, meta: dict, include_usage: bool
-    ) -> AsyncIterator[str]:
-        count = 0
-        try:
-            async for d in stream:
-                count += 1
-                yield _sse(
-                    {
-                        **meta,
-                        "choices": [
-                            {
-                                "index": 0,
-                                "text": d.text,
-                                "logprobs": None,
-                                "finish_reason": d.finish_reason,
-                            }
-                        ],
-                    }
-                )
-            if include_usage:
-                yield _sse({**meta, "choices": [], "usage": _usage(stream, count)})
-            yield _sse("[DONE]")
-        except QwenDeployError as e:
-            yield _sse(error_body(str(e), "server_error"))
-        finally:
-            stream.cancel()
+    @staticmethod
+    def _completion_choice(d: StreamDelta, index: int) -> dict:
+        return {"index": 0, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}
