@@ -163,12 +163,13 @@ class DecoderGraph:
         return self.g.op("Reshape", [y, shape], hint + "/Reshape")
 
     # -- shared per-graph tensors --------------------------------------------------------------
-    def _mask(self) -> tuple[str, str]:
+    def _mask(self) -> tuple[str, str, str]:
         """Boolean [B,1,S,T] 'may attend': causal AND not padding, OR the diagonal.
 
         Allowing the diagonal keeps fully padded query rows (left padding) finite: their outputs
         are ignored, but NaN there would leak into valid rows through 0 * NaN in the next layer.
-        Returns (bool mask, padding-only bool mask [B,1,S,T] without the causal part).
+        Returns (bool mask, padding-only bool mask [B,1,S,T] without the causal part, the total
+        sequence length T as an int64 scalar).
         """
         g = self.g
         total = g.op(
@@ -193,7 +194,7 @@ class DecoderGraph:
         pad = g.op("Unsqueeze", [pad, g.const([1, 2], "axes", np.int64)], "mask/Pad4D")
         allowed = g.op("Or", [g.op("And", [causal, pad], "mask/And"), diag], "mask/Allowed")
         pad_only = g.op("Or", [pad, diag], "mask/PadOrDiag")
-        return allowed, pad_only
+        return allowed, pad_only, total
 
     def _additive(self, allowed: str, hint: str) -> str:
         """Boolean mask -> additive float mask (0 or the dtype's most negative finite value)."""
@@ -275,7 +276,7 @@ class DecoderGraph:
                     ctx["bias"],
                 ],
                 p + "/GQA",
-                outputs=[self.g._name(p + "/GQA/out"), present_k, present_v],
+                outputs=[p + "/GQA/out", present_k, present_v],
                 domain=MS_DOMAIN,
                 num_heads=s.num_heads,
                 kv_num_heads=s.num_kv_heads,
@@ -326,13 +327,8 @@ class DecoderGraph:
             probs = g.op("Cast", [probs], p + "/CastDown", to=g.elem)
         return g.op("MatMul", [probs, v], p + "/PV")
 
-    def _gqa_inputs(self, pad_only: str) -> dict:
+    def _gqa_inputs(self, pad_only: str, total: str) -> dict:
         g = self.g
-        total = g.op(
-            "Gather",
-            [g.op("Shape", ["attention_mask"], "gqa/ShapeT"), g.const(1, "one", np.int64)],
-            "gqa/T",
-        )
         batch = g.op("Shape", ["attention_mask"], "gqa/ShapeB", start=0, end=1)
         total32 = g.op("Cast", [total], "gqa/Total32", to=TensorProto.INT32)
         last = g.op("Sub", [total32, g.const(1, "one", np.int32)], "gqa/Last")
@@ -350,11 +346,11 @@ class DecoderGraph:
     # -- the whole decoder ---------------------------------------------------------------------
     def build(self, progress: Callable[[str], None] = lambda _: None) -> onnx.ModelProto:
         g, s = self.g, self.spec
-        allowed, pad_only = self._mask()
+        allowed, pad_only, total = self._mask()
         cos_cache, sin_cache = self._rope_tables()
         ctx: dict = {"cos": cos_cache, "sin": sin_cache}
         if self.attention == "gqa":
-            ctx.update(self._gqa_inputs(pad_only))
+            ctx.update(self._gqa_inputs(pad_only, total))
         else:
             ctx["cos"], ctx["sin"] = self._rope_gathered(cos_cache, sin_cache)
             if self.attention == "onnx":
