@@ -17,6 +17,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 ATTENTION_FORMS = ("onnx", "gqa", "decomposed")
+LOGITS_TO_KEEP = "logits_to_keep"
+"""Optional scalar graph input: logits for the last k positions only (0, its default: all)."""
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Manifest:
     tokenizer_files: list[str]
     data_files: list[str] = field(default_factory=list)
     kv_cache: dict = field(default_factory=dict)
+    optional_inputs: list[dict] = field(default_factory=list)
     quantization: dict | None = None
     quality: dict | None = None
     engine: dict | None = None

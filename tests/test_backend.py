@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
@@ -73,3 +76,68 @@ def test_unknown_or_missing_provider_is_a_clear_error(tiny_artifact):
         pytest.skip("this onnxruntime has CUDA: the missing-provider message cannot be shown")
     with pytest.raises(QwenDeployError, match="install onnxruntime-gpu"):
         OnnxRuntimeBackend(tiny_artifact, provider="cuda")
+
+
+@pytest.mark.parametrize("attention", ["onnx", "gqa", "decomposed"])
+def test_graph_logits_to_keep_slices_the_last_positions_and_defaults_to_all(artifact, attention):
+    """The contract as any onnxruntime consumer sees it: an input it may feed or leave out."""
+    folder = artifact(attention=attention)
+    session = ort.InferenceSession(str(folder / "model.onnx"))
+    assert [i.name for i in session.get_overridable_initializers()] == ["logits_to_keep"]
+    ids, mask, positions = left_padded(6, pad=2)
+    spec = OnnxRuntimeBackend(folder).manifest.model
+    empty = np.zeros((2, spec.num_kv_heads, 0, spec.head_dim), np.float32)
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    for i in range(spec.num_layers):
+        feeds |= {f"past_key_values.{i}.key": empty, f"past_key_values.{i}.value": empty}
+    default = session.run(["logits"], feeds)[0]
+    assert default.shape == (2, 6, spec.vocab_size)
+    for keep, rows in ((0, 6), (1, 1), (4, 4), (9, 6)):
+        kept = session.run(["logits"], {**feeds, "logits_to_keep": np.array(keep, np.int64)})[0]
+        assert kept.shape == (2, rows, spec.vocab_size)
+        np.testing.assert_array_equal(kept, default[:, 6 - rows :])
+
+
+@pytest.mark.parametrize("capacity", [None, 12], ids=["host", "bound"])
+def test_last_only_returns_the_last_position_of_a_full_step(backend, capacity):
+    ids, mask, positions = left_padded(7, pad=3)
+    full_cache, last_cache = backend.new_cache(2, capacity), backend.new_cache(2, capacity)
+    full = backend.forward(ids, mask, positions, full_cache)
+    last = backend.forward(ids, mask, positions, last_cache, last_only=True)
+    assert last.shape == (2, 1, full.shape[2])
+    np.testing.assert_array_equal(last, full[:, -1:])
+    step = (ids[:, :1], np.ones((2, 8), np.int64) * mask[:, -1:], positions[:, -1:] + 1)
+    np.testing.assert_array_equal(
+        backend.forward(*step, last_cache, last_only=True), backend.forward(*step, full_cache)
+    )
+
+
+def test_artifact_without_logits_to_keep_still_loads_and_slices(artifact, tmp_path):
+    """Artifacts exported before the input existed: same logits, last_only sliced on the host."""
+    folder = artifact(attention="gqa")
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    graph = model.graph
+    slice_node = next(n for n in graph.node if n.op_type == "Slice" and n.name.startswith("keep"))
+    for node in graph.node:  # bypass the Slice: the final norm reads the hidden states directly
+        node.input[:] = [
+            slice_node.input[0] if i == slice_node.output[0] else i for i in node.input
+        ]
+    keep = [n for n in graph.node if n.name.startswith("keep/")]
+    for node in keep:
+        graph.node.remove(node)
+    graph.initializer.remove(next(t for t in graph.initializer if t.name == "logits_to_keep"))
+    graph.input.remove(next(i for i in graph.input if i.name == "logits_to_keep"))
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    onnx.save_model(model, str(old / "model.onnx"))
+    old_backend, new_backend = OnnxRuntimeBackend(old), OnnxRuntimeBackend(folder)
+    ids, mask, positions = left_padded(5, pad=1)
+    for capacity in (None, 8):
+        old_last = old_backend.forward(
+            ids, mask, positions, old_backend.new_cache(2, capacity), last_only=True
+        )
+        new_last = new_backend.forward(
+            ids, mask, positions, new_backend.new_cache(2, capacity), last_only=True
+        )
+        assert old_last.shape == new_last.shape == (2, 1, new_last.shape[2])
+        np.testing.assert_allclose(old_last, new_last, atol=1e-6)

@@ -57,9 +57,9 @@ def test_joining_at_different_steps_equals_unbatched_greedy(generator):
     calls = []
     forward = generator.backend.forward
 
-    def recording(ids, mask, positions, cache):
+    def recording(ids, mask, positions, cache, **options):
         calls.append((ids.shape, cache.length))
-        return forward(ids, mask, positions, cache)
+        return forward(ids, mask, positions, cache, **options)
 
     # max_batch 4: the 30-token prompt joins at step 2 and is prefilled in chunks of 16 (budget);
     # at step 5 two newcomers share one prefill and the last waits for a free slot
@@ -147,10 +147,10 @@ def test_a_model_failure_ends_the_batch_and_the_engine_recovers(generator):
     prompt = generator.prompt_ids(prompt=TEXTS[2])
     forward = generator.backend.forward
 
-    def failing(ids, mask, positions, cache):
+    def failing(ids, mask, positions, cache, **options):
         if cache.length > len(prompt) + 1:  # the third decode step, after three tokens
             raise RuntimeError("device lost")
-        return forward(ids, mask, positions, cache)
+        return forward(ids, mask, positions, cache, **options)
 
     first: list = []
     generator.backend.forward = failing

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -89,9 +91,17 @@ def test_graph_contract_names_and_dims(tiny_artifact):
     assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
     assert inputs["position_ids"] == ["batch_size", "sequence_length"]
     assert inputs["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
-    assert outputs["logits"] == ["batch_size", "sequence_length", 151936]
+    assert inputs["logits_to_keep"] == []  # optional: an initializer holds its default, 0
+    default = next(t for t in model.graph.initializer if t.name == "logits_to_keep")
+    assert onnx.numpy_helper.to_array(default) == 0
+    assert outputs["logits"] == ["batch_size", "logits_length", 151936]
     assert outputs["present.0.key"] == ["batch_size", 2, "total_sequence_length", 16]
-    assert len(inputs) == 3 + 2 * 2 and len(outputs) == 1 + 2 * 2
+    assert len(inputs) == 3 + 2 * 2 + 1 and len(outputs) == 1 + 2 * 2
+    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
+    assert manifest["optional_inputs"] == [
+        {"name": "logits_to_keep", "dtype": "int64", "shape": [], "default": 0}
+    ]
+    assert "logits_to_keep" not in [t["name"] for t in manifest["inputs"]]
 
 
 def test_weights_stream_to_external_data(tiny_artifact):

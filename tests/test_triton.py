@@ -183,8 +183,9 @@ def test_tensorrt_repository(tiny_artifact, tmp_path):
 def _graph_tensors(model_path: Path, batched: bool) -> dict[str, dict]:
     """name -> {data_type, dims} as Triton should declare it, read from the ONNX graph itself."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
+    defaults = {t.name for t in graph.initializer}  # optional inputs (logits_to_keep): not declared
     tensors = {}
-    for value in [*graph.input, *graph.output]:
+    for value in [*_required(graph.input, defaults), *graph.output]:
         t = value.type.tensor_type
         dims = [str(d.dim_value) if d.HasField("dim_value") else "-1" for d in t.shape.dim]
         tensors[value.name] = {
@@ -192,6 +193,10 @@ def _graph_tensors(model_path: Path, batched: bool) -> dict[str, dict]:
             "dims": dims[1:] if batched else dims,
         }
     return tensors
+
+
+def _required(inputs, defaults: set[str]) -> list:
+    return [i for i in inputs if i.name not in defaults]
 
 
 @needs_triton
@@ -219,8 +224,9 @@ def test_configs_parse_as_triton_model_config(artifact, tmp_path, precision, max
             for t in [*config["input"], *config["output"]]
         }
         assert declared == expected
+        graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
         assert [t["name"] for t in config["input"]] == [
-            i.name for i in onnx.load(str(art / "model.onnx"), load_external_data=False).graph.input
+            i.name for i in _required(graph.input, {t.name for t in graph.initializer})
         ]
         assert ("dynamic_batching" in config) == (max_batch > 0)
     assert decoder["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]

@@ -16,7 +16,7 @@ from .. import __version__
 from ..artifact import check_output, staged_output
 from ..checkpoint import Checkpoint, ModelSpec
 from ..errors import QwenDeployError
-from ..manifest import ATTENTION_FORMS, PRECISIONS, Manifest, TensorSpec
+from ..manifest import ATTENTION_FORMS, LOGITS_TO_KEEP, PRECISIONS, Manifest, TensorSpec
 from .graph import OPSET, DecoderGraph, graph_io
 from .weights import ExternalData
 
@@ -88,6 +88,7 @@ def build_manifest(
         data_files=data_files,
         inputs=inputs,
         outputs=outputs,
+        optional_inputs=[{"name": LOGITS_TO_KEEP, "dtype": "int64", "shape": [], "default": 0}],
         source={
             "path": str(ckpt.path.resolve()),
             "fingerprint": ckpt.fingerprint(),

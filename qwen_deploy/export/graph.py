@@ -16,15 +16,17 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..checkpoint import ModelSpec
+from ..manifest import LOGITS_TO_KEEP
 
 OPSET = 23
 MS_DOMAIN = "com.microsoft"
 
-BATCH, SEQ, PAST, TOTAL = (
+BATCH, SEQ, PAST, TOTAL, LOGITS_LEN = (
     "batch_size",
     "sequence_length",
     "past_sequence_length",
     "total_sequence_length",
+    "logits_length",
 )
 
 WeightSource = Callable[[str, str], TensorProto]
@@ -89,7 +91,10 @@ def _value_info(name: str, elem: int, shape: list) -> onnx.ValueInfoProto:
 
 
 def graph_io(spec: ModelSpec, dtype: np.dtype) -> tuple[list, list]:
-    """Inputs and outputs of the decoder graph: (name, onnx elem type, shape) triples."""
+    """Required inputs and outputs of the decoder graph: (name, onnx elem type, shape) triples.
+
+    The optional `logits_to_keep` input (an overridable initializer) is not among them.
+    """
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     kv, d = spec.num_kv_heads, spec.head_dim
     inputs = [
@@ -97,7 +102,7 @@ def graph_io(spec: ModelSpec, dtype: np.dtype) -> tuple[list, list]:
         ("attention_mask", TensorProto.INT64, [BATCH, TOTAL]),
         ("position_ids", TensorProto.INT64, [BATCH, SEQ]),
     ]
-    outputs = [("logits", elem, [BATCH, SEQ, spec.vocab_size])]
+    outputs = [("logits", elem, [BATCH, LOGITS_LEN, spec.vocab_size])]
     for i in range(spec.num_layers):
         for part in ("key", "value"):
             inputs.append((f"past_key_values.{i}.{part}", elem, [BATCH, kv, PAST, d]))
@@ -343,6 +348,21 @@ class DecoderGraph:
             "bias": self._additive(pad_only, "gqa/Bias"),
         }
 
+    def _keep_last(self, x: str) -> str:
+        """x[:, -logits_to_keep:] (all positions for 0): a prefill computes the LM head only where
+        the caller reads logits. `logits_to_keep` is a graph input with a default initializer, so
+        callers that never feed it (and TensorRT, which imports it as a constant) get every
+        position."""
+        g = self.g
+        g.add_initializer(numpy_helper.from_array(np.array(0, np.int64), LOGITS_TO_KEEP))
+        start = g.op(
+            "Unsqueeze",
+            [g.op("Neg", [LOGITS_TO_KEEP], "keep/Neg"), g.const([0], "axes", np.int64)],
+            "keep/Start",
+        )
+        end = g.const([np.iinfo(np.int64).max], "end", np.int64)
+        return g.op("Slice", [x, start, end, g.const([1], "axes", np.int64)], "keep/Slice")
+
     # -- the whole decoder ---------------------------------------------------------------------
     def build(self, progress: Callable[[str], None] = lambda _: None) -> onnx.ModelProto:
         g, s = self.g, self.spec
@@ -376,7 +396,7 @@ class DecoderGraph:
             down = self._linear(g.op("Mul", [act, up], p + "/mlp/Mul"), p + ".mlp.down_proj")
             x = g.op("Add", [x, down], p + "/Residual2")
         progress("lm_head")
-        h = self._rms_norm(x, "model.norm.weight")
+        h = self._rms_norm(self._keep_last(x), "model.norm.weight")
         head = "lm_head" if not s.tie_word_embeddings else "model.embed_tokens"
         weight = self.weight("lm_head.weight", head + ".weight", True)
         g.op("MatMul", [h, g.add_initializer(weight)], "lm_head/MatMul", outputs=["logits"])
@@ -385,7 +405,8 @@ class DecoderGraph:
         graph = helper.make_graph(
             g.nodes,
             "qwen2_decoder",
-            [_value_info(*t) for t in inputs],
+            [_value_info(*t) for t in inputs]
+            + [_value_info(LOGITS_TO_KEEP, TensorProto.INT64, [])],
             [_value_info(*t) for t in outputs],
             initializer=g.initializers,
         )

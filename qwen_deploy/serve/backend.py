@@ -29,8 +29,11 @@ class Backend(Protocol):
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
         cache: KVCache,
+        last_only: bool = False,
     ) -> np.ndarray:
         """Run one step; returns float32 logits [batch, seq, vocab] and extends `cache` in place.
 
-        attention_mask covers cache + new tokens ([batch, cache.length + seq]).
+        attention_mask covers cache + new tokens ([batch, cache.length + seq]). With `last_only`
+        the logits are [batch, 1, vocab] (the last position), which spares a prefill the LM head
+        over every prompt position where the graph allows it.
         """

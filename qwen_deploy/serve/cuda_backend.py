@@ -15,9 +15,16 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import QwenDeployError
-from ..manifest import Manifest
+from ..manifest import LOGITS_TO_KEEP, Manifest
 from .device_cache import DeviceKVCache, check_step
-from .onnxruntime_backend import NUMPY_DTYPES, PROVIDERS, require_provider, session_options
+from .onnxruntime_backend import (
+    NUMPY_DTYPES,
+    PROVIDERS,
+    logits_to_keep,
+    require_provider,
+    session_options,
+    takes_logits_to_keep,
+)
 
 DEFAULT_MAX_SEQ_LEN = 4096
 
@@ -63,6 +70,7 @@ class OnnxRuntimeIOBindingBackend:
             )
         ]
         self.binding = self.session.io_binding()
+        self._keeps_last = takes_logits_to_keep(self.session)
 
     def new_cache(self, batch: int) -> DeviceKVCache:
         """Two full-capacity buffers per cache tensor, allocated once on the device."""
@@ -98,6 +106,8 @@ class OnnxRuntimeIOBindingBackend:
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("position_ids", pos)
+        if self._keeps_last:
+            io.bind_ortvalue_input(LOGITS_TO_KEEP, logits_to_keep(last_only))
         io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
         past_shape = [batch, spec.num_kv_heads, cache.length, spec.head_dim]
         present_shape = [batch, spec.num_kv_heads, cache.length + seq, spec.head_dim]

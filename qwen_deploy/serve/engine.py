@@ -104,7 +104,7 @@ class BatchEngine:
         max_context: int | None = None,
     ):
         """max_context: tokens per sequence (prompt + output), at most the model's positions;
-        prefill_tokens: padded tokens per prefill call (bounds the [batch, seq, vocab] logits).
+        prefill_tokens: padded tokens per prefill call (bounds its activation memory).
         """
         limit = generator.manifest.model.max_position_embeddings
         if max_batch < 1:
@@ -275,7 +275,7 @@ class BatchEngine:
         if len(group) == 1 and width > self.prefill_tokens:
             logits = self._chunked_prefill(ids, cache)
         else:
-            logits = self.backend.forward(ids, mask, positions, cache)[:, -1, :]
+            logits = self.backend.forward(ids, mask, positions, cache, last_only=True)[:, -1, :]
         for row, request in enumerate(group):
             self._sample(request, logits[row])
         self._merge(group, cache, mask)
@@ -291,6 +291,7 @@ class BatchEngine:
                 np.ones((1, end), np.int64),
                 np.arange(start, end, dtype=np.int64)[None],
                 cache,
+                last_only=True,
             )
         return logits[:, -1, :]
 
@@ -324,7 +325,7 @@ class BatchEngine:
         ids = np.array([[r.pending] for r in self._running], np.int64)
         positions = self._mask.sum(axis=1, keepdims=True)
         self._mask = np.concatenate([self._mask, np.ones((len(ids), 1), np.int64)], axis=1)
-        logits = self.backend.forward(ids, self._mask, positions, self._cache)
+        logits = self.backend.forward(ids, self._mask, positions, self._cache, last_only=True)
         for row, request in enumerate(self._running):
             if not request.cancelled:
                 self._sample(request, logits[row, -1])

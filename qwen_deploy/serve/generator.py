@@ -199,7 +199,7 @@ class Generator:
         ids, mask, positions = left_pad([s.prompt_ids for s in states], self.pad_id)
         width = ids.shape[1]
         cache = self._new_cache(states, width)
-        logits = self.backend.forward(ids, mask, positions, cache)[:, -1]
+        logits = self.backend.forward(ids, mask, positions, cache, last_only=True)[:, -1]
         while True:
             step, next_ids = [], np.full((len(states), 1), self.pad_id, np.int64)
             for row, state in enumerate(states):
@@ -214,7 +214,7 @@ class Generator:
                 return
             mask = np.concatenate([mask, np.ones((len(states), 1), np.int64)], axis=1)
             positions = positions[:, -1:] + 1
-            logits = self.backend.forward(next_ids, mask, positions, cache)[:, -1]
+            logits = self.backend.forward(next_ids, mask, positions, cache, last_only=True)[:, -1]
 
     def _new_cache(self, states: list[SequenceState], width: int):
         """A cache sized for the whole run where the backend preallocates (bound, in place)."""

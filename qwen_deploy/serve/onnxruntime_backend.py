@@ -19,8 +19,9 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import QwenDeployError
-from ..manifest import Manifest
+from ..manifest import LOGITS_TO_KEEP, Manifest
 from .fp32_compute import fp32_compute_copy
+from .huge_pages import collapse_resident_memory
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 NUMPY_DTYPES = {"float": np.float32, "float16": np.float16}
@@ -41,9 +42,26 @@ def require_provider(provider: str) -> str:
     return PROVIDERS[provider]
 
 
+def takes_logits_to_keep(session: ort.InferenceSession) -> bool:
+    """Whether the graph has the optional `logits_to_keep` input (older artifacts do not)."""
+    return any(i.name == LOGITS_TO_KEEP for i in session.get_overridable_initializers())
+
+
+def logits_to_keep(last_only: bool) -> ort.OrtValue:
+    """The `logits_to_keep` feed, 1 (the last position) or 0 (every position), as an OrtValue:
+    IO binding takes an input that has a default initializer only in that form."""
+    return ort.OrtValue.ortvalue_from_numpy(KEEP_LAST if last_only else KEEP_ALL)
+
+
+KEEP_LAST, KEEP_ALL = np.array(1, np.int64), np.array(0, np.int64)
+
+
 def session_options(threads: int | None) -> ort.SessionOptions:
     """Full graph optimization (fusions) and the requested intra-op thread count."""
     options = ort.SessionOptions()
+    # errors only: at load onnxruntime warns that `logits_to_keep` is an initializer among the
+    # graph inputs, which is the point of it (a default that callers may override)
+    options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
@@ -73,6 +91,7 @@ class OnnxRuntimeBackend:
         provider: str = "cpu",
         threads: int | None = None,
         spinning: bool = True,
+        huge_pages: bool = True,
     ):
         self.folder = Path(artifact)
         self.manifest = Manifest.load(self.folder)
@@ -90,6 +109,9 @@ class OnnxRuntimeBackend:
         self.session = ort.InferenceSession(
             str(model_path), options, providers=[PROVIDERS[provider]]
         )
+        self._keeps_last = takes_logits_to_keep(self.session)
+        if provider == "cpu" and huge_pages:
+            collapse_resident_memory()  # the weights just loaded: fewer TLB misses per token
         self.provider = provider
         self.device = "cuda" if provider == "cuda" else "cpu"
         kv_input = next(i for i in self.session.get_inputs() if i.name.startswith("past_key"))
@@ -122,30 +144,47 @@ class OnnxRuntimeBackend:
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
         cache: OrtKVCache,
+        last_only: bool = False,
     ) -> np.ndarray:
-        """Run one step; returns float32 logits [batch, seq, vocab] and extends `cache`."""
+        """Run one step and extend `cache`; float32 logits [batch, seq, vocab], or
+        [batch, 1, vocab] with `last_only` (the LM head then runs on the last position only)."""
         feeds = {
             "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
             "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
             "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),
         }
-        if cache.values is not None:
-            return self._forward_bound(feeds, cache)
+        keep = logits_to_keep(last_only) if self._keeps_last else None
+        logits = (
+            self._forward_bound(feeds, keep, cache)
+            if cache.values is not None
+            else self._forward_host(feeds, keep, cache)
+        )
+        return logits[:, -1:] if last_only else logits
+
+    def _forward_host(
+        self, feeds: dict[str, np.ndarray], keep: ort.OrtValue | None, cache: OrtKVCache
+    ) -> np.ndarray:
+        if keep is not None:
+            feeds[LOGITS_TO_KEEP] = keep.numpy()
         outputs = dict(
             zip(self._output_names, self.session.run(None, {**feeds, **cache.arrays}), strict=True)
         )
         for past in self._past_names:
             cache.arrays[past] = outputs[_present(past)]
-        cache.length += input_ids.shape[1]
+        cache.length += feeds["input_ids"].shape[1]
         return outputs["logits"].astype(np.float32, copy=False)
 
-    def _forward_bound(self, feeds: dict[str, np.ndarray], cache: OrtKVCache) -> np.ndarray:
+    def _forward_bound(
+        self, feeds: dict[str, np.ndarray], keep: ort.OrtValue | None, cache: OrtKVCache
+    ) -> np.ndarray:
         seq = feeds["input_ids"].shape[1]
         if self.in_place and cache.length + seq > cache.capacity:
             self._grow(cache, cache.length + seq)
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
+        if keep is not None:
+            binding.bind_ortvalue_input(LOGITS_TO_KEEP, keep)
         binding.bind_output("logits", self.device)
         for past in self._past_names:
             binding.bind_ortvalue_input(past, cache.values[past])
