@@ -134,6 +134,9 @@ class Generator {
       : manifest_(manifest), session_(nullptr) {
     Ort::SessionOptions so;
     so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
+    // errors only: onnxruntime warns at load that logits_to_keep (an input with a default
+    // initializer) is among the graph inputs, which is intended
+    so.SetLogSeverityLevel(ORT_LOGGING_LEVEL_ERROR);
     if (opt.threads > 0) so.SetIntraOpNumThreads(opt.threads);
     const std::string model = opt.artifact + "/" + manifest.model_file;
     session_ = Ort::Session(env_, model.c_str(), so);
@@ -148,6 +151,15 @@ class Generator {
       }
     }
     check_names();
+    // Optional input (docs/artifact.md): logits for the last position only, so the prefill runs
+    // the LM head once instead of once per prompt token. Older artifacts lack it.
+    Ort::AllocatorWithDefaultOptions alloc;
+    for (size_t i = 0; i < session_.GetOverridableInitializerCount(); ++i) {
+      if (session_.GetOverridableInitializerNameAllocated(i, alloc).get() ==
+          std::string("logits_to_keep")) {
+        input_names_.push_back("logits_to_keep");
+      }
+    }
   }
 
   std::vector<int64_t> generate(const std::vector<int64_t>& prompt, int max_new_tokens,
@@ -170,6 +182,9 @@ class Generator {
       inputs.push_back(int64_tensor(mask, mask_shape));
       inputs.push_back(int64_tensor(positions, ids_shape));
       for (auto& v : past) inputs.push_back(std::move(v));
+      if (inputs.size() < input_names_.size()) {  // logits_to_keep = 1: a scalar
+        inputs.push_back(Ort::Value::CreateTensor<int64_t>(memory_, &keep_last_, 1, nullptr, 0));
+      }
 
       std::vector<const char*> in_names, out_names;
       for (const auto& n : input_names_) in_names.push_back(n.c_str());
@@ -231,7 +246,7 @@ class Generator {
   // past_key_values.* with past_sequence_length 0: [1, kv_heads, 0, head_dim], the graph's dtype.
   std::vector<Ort::Value> empty_cache() {
     std::vector<Ort::Value> cache;
-    for (size_t i = 3; i < input_names_.size(); ++i) {
+    for (size_t i = 3; i < 3 + 2 * static_cast<size_t>(manifest_.num_layers); ++i) {
       auto type = session_.GetInputTypeInfo(graph_inputs_.at(input_names_[i]));
       auto info = type.GetTensorTypeAndShapeInfo();
       std::vector<int64_t> shape = info.GetShape();  // [batch, kv_heads, past, head_dim]
@@ -243,6 +258,7 @@ class Generator {
     return cache;
   }
 
+  int64_t keep_last_ = 1;
   Manifest manifest_;
   Ort::Env env_{ORT_LOGGING_LEVEL_WARNING, "qwen_generate"};
   Ort::Session session_;
