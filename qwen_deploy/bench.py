@@ -440,14 +440,17 @@ def format_report(report: dict) -> str:
     lines = [
         f"prompt {config['prompt_len']} tokens, {config['new_tokens']} new tokens, "
         f"median of {config['repeats']} (greedy)",
-        f"{'engine':20s} {'TTFT s':>8s} {'decode tok/s':>13s} {'peak RSS MB':>12s}",
+        f"{'engine':20s} {'TTFT s':>8s} {'decode tok/s':>13s} {'of roofline':>12s} "
+        f"{'peak RSS MB':>12s}",
     ]
+    roof = report["roofline_tok_s"]
     for name, engine in report["engines"].items():
         if engine["skipped"]:
             lines.append(f"{name:20s} skipped: {engine['skipped']}")
             continue
+        share = engine["decode_tok_s"] / roof["at_measured_gemv_bandwidth"]
         lines.append(
-            f"{name:20s} {engine['ttft_s']:8.3f} {engine['decode_tok_s']:13.2f} "
+            f"{name:20s} {engine['ttft_s']:8.3f} {engine['decode_tok_s']:13.2f} {share:12.0%} "
             f"{engine['peak_rss_mb']:12.0f}"
         )
     ours = report["engines"]["qwen-deploy"]
@@ -457,7 +460,6 @@ def format_report(report: dict) -> str:
             f"(decode phase {numbers['aggregate_decode_tok_s']:.2f} tok/s, "
             f"TTFT {numbers['ttft_s']:.3f} s)"
         )
-    roof = report["roofline_tok_s"]
     lines.append(
         f"roofline: {report['weight_bytes_per_token'] / 1e9:.2f} GB of weights per token"
         f" -> {next(iter(roof.values())):.1f} tok/s at {ASSUMED_BANDWIDTH_GBS:g} GB/s, "
