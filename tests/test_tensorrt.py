@@ -25,6 +25,7 @@ from qwen_deploy.optimize.tensorrt_build import (
 from qwen_deploy.parity.metrics import compare_logits
 from qwen_deploy.parity.presets import PRESETS
 from qwen_deploy.serve.cuda_driver import CudaDriver, DeviceInfo
+from qwen_deploy.serve.generator import open_backend
 from qwen_deploy.serve.onnxruntime_backend import OnnxRuntimeBackend
 from qwen_deploy.serve.tensorrt_backend import (
     TensorRTBackend,
@@ -189,6 +190,18 @@ def test_build_checks_options_and_output_before_tensorrt(tiny_artifact, tmp_path
 def test_backend_refuses_onnx_artifacts(tiny_artifact):
     with pytest.raises(QwenDeployError, match="not a TensorRT engine artifact"):
         TensorRTBackend(tiny_artifact)
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
+def test_generator_opens_engine_artifacts_with_tensorrt(manifest, tmp_path):
+    """generate / chat / Triton on an engine artifact go to TensorRT, not to onnxruntime."""
+    folder = tmp_path / "engine"
+    folder.mkdir()
+    (folder / PLAN_FILE).write_bytes(b"plan")
+    engine = {"format": "tensorrt", "plan": PLAN_FILE}
+    replace(manifest, model_file=PLAN_FILE, data_files=[], engine=engine).save(folder)
+    with pytest.raises(QwenDeployError, match="TensorRT is not installed here"):
+        open_backend(folder)
 
 
 @pytest.mark.skipif(HAS_DRIVER, reason="an NVIDIA driver is installed here")

@@ -118,7 +118,9 @@ class BatchEngine:
             generator.backend.new_cache(1), OrtKVCache
         ):
             raise QwenDeployError(
-                "continuous batching needs the onnxruntime backend's concat-style KV cache."
+                "continuous batching (`serve`) needs the onnxruntime backend's concat-style KV "
+                "cache: serve the ONNX artifact, or put a TensorRT engine behind Triton "
+                "(`qwen-deploy triton`)."
             )
         self.generator = generator
         self.backend = generator.backend

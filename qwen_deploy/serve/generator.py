@@ -41,6 +41,20 @@ class GenerationResult:
     completion_tokens: int
 
 
+def open_backend(
+    artifact: Path, provider: str = "cpu", threads: int | None = None, device_id: int = 0
+) -> Backend:
+    """The backend an artifact runs on: TensorRT for an engine artifact (`qwen-deploy build`;
+    an NVIDIA GPU, whatever `provider` says), onnxruntime on `provider` for an ONNX one."""
+    if Manifest.load(artifact).engine:
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(artifact, device=device_id)
+    from .onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(artifact, provider=provider, threads=threads)
+
+
 class Generator:
     """An artifact loaded on a backend, with its tokenizer, chat template and sampling defaults."""
 
@@ -57,16 +71,12 @@ class Generator:
         self.chat_template = (
             ChatTemplate.from_artifact(self.folder) if self.manifest.chat_template else None
         )
-        if backend is None:
-            from .onnxruntime_backend import OnnxRuntimeBackend
-
-            backend = OnnxRuntimeBackend(self.folder, provider=provider, threads=threads)
-        self.backend = backend
+        self.backend = backend or open_backend(self.folder, provider, threads)
         eos = self.manifest.eos_token_ids
         pad = self.manifest.pad_token_id
         self.pad_id = pad if pad is not None else (eos[0] if eos else 0)
         self.max_context = self.manifest.model.max_position_embeddings
-        self._sized_caches = "capacity" in inspect.signature(backend.new_cache).parameters
+        self._sized_caches = "capacity" in inspect.signature(self.backend.new_cache).parameters
 
     # -- prompts -------------------------------------------------------------------------------
     def prompt_ids(

@@ -21,8 +21,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qwen_deploy.errors import QwenDeployError
-from qwen_deploy.manifest import Manifest
-from qwen_deploy.serve.generator import Generator
+from qwen_deploy.serve.generator import Generator, open_backend
 
 TEMPLATE_KEYS = ("tools", "chat_template_kwargs")
 
@@ -82,12 +81,8 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         folder = Path(args["model_repository"]) / params.get("artifact", "")
         provider = params.get("provider", "cpu")
-        backend = None
-        if Manifest.load(folder).engine:
-            from qwen_deploy.serve.tensorrt_backend import TensorRTBackend
-
-            backend = TensorRTBackend(folder, device=int(args.get("model_instance_device_id", 0)))
-        self.generator = Generator(folder, provider=provider, backend=backend)
+        device_id = int(args.get("model_instance_device_id", 0))
+        self.generator = Generator(folder, backend=open_backend(folder, provider, None, device_id))
 
     def execute(self, requests):
         for request in requests:
