@@ -1,10 +1,13 @@
 """Continuous batching: one worker thread runs the model, requests join and leave between steps.
 
-The KV cache is the concat-style one of the onnxruntime backend: per layer a numpy array
-[batch, kv_heads, length, head_dim], left-padded, with an attention mask marking real positions.
-A step (1) drops finished and cancelled rows by slicing and trims all-padding left columns,
+The running batch's KV cache is the onnxruntime backend's bound cache: per layer a tensor
+[batch, kv_heads, length, head_dim] on the provider's device, left-padded, with an attention mask
+marking real positions; with the gqa form decode steps extend one preallocated buffer in place, so
+a step copies no cache (batch 8 at 1024-token prompts on 0.5B: 52 vs 44 tok/s through host
+arrays). A step (1) drops finished and cancelled rows and trims all-padding left columns,
 (2) prefills newcomers without past (several at once, left-padded, within a token budget) and
-merges them into the running batch by left-padding the shorter cache to the common length, and
+merges them into the running batch by left-padding the shorter cache to the common length (both
+rebuild the cache through host arrays: a copy per join or leave, not per token), and
 (3) decodes one token (seq=1) for every running row. Prefill never runs a batch>1 chunk with past,
 which onnxruntime's GroupQueryAttention does not support.
 """
@@ -29,6 +32,7 @@ from .sampling import SamplingParams
 from .sequence import SequenceState, StreamDelta
 
 Emit = Callable[[StreamDelta | BaseException], None]
+BOUND_HEADROOM = 256  # positions a rebuilt running cache can grow before it is moved
 _CANCELLED = object()
 
 
@@ -303,18 +307,17 @@ class BatchEngine:
         if rows:
             arrays = {k: v[rows] for k, v in cache.arrays.items()}
             mask = mask[rows]
-            if not self._running:
-                self._cache, self._mask = OrtKVCache(arrays, mask.shape[1]), mask
-            else:
+            if self._running:
                 length = max(self._mask.shape[1], mask.shape[1])
-                self._cache.arrays = {
+                running = self.backend.cache_arrays(self._cache)
+                arrays = {
                     k: np.concatenate([_left_pad(v, length, 2), _left_pad(arrays[k], length, 2)])
-                    for k, v in self._cache.arrays.items()
+                    for k, v in running.items()
                 }
-                self._mask = np.concatenate(
+                mask = np.concatenate(
                     [_left_pad(self._mask, length, 1), _left_pad(mask, length, 1)]
                 )
-                self._cache.length = length
+            self._cache, self._mask = self._bound(arrays, mask.shape[1]), mask
         with self._cond:
             for request in group:
                 self._prefilling.remove(request)
@@ -358,10 +361,14 @@ class BatchEngine:
         mask = self._mask[keep]
         first = int(np.argmax(mask.any(axis=0)))
         self._mask = np.ascontiguousarray(mask[:, first:])
-        self._cache.arrays = {
-            k: np.ascontiguousarray(v[keep, :, first:]) for k, v in self._cache.arrays.items()
-        }
-        self._cache.length = self._mask.shape[1]
+        arrays = self.backend.cache_arrays(self._cache)
+        trimmed = {k: v[keep, :, first:] for k, v in arrays.items()}
+        self._cache = self._bound(trimmed, self._mask.shape[1])
+
+    def _bound(self, arrays: dict[str, np.ndarray], length: int) -> OrtKVCache:
+        """The running batch's cache, bound to the backend: decode steps extend it in place
+        (gqa) or chain onnxruntime's outputs (concat forms), never through host arrays."""
+        return self.backend.bound_cache(arrays, length, length + BOUND_HEADROOM)
 
     def _count_cancelled(self, request: EngineRequest) -> None:
         if not request.state.finished:

@@ -207,13 +207,32 @@ class OnnxRuntimeBackend:
 
     def _grow(self, cache: OrtKVCache, needed: int) -> None:
         """Move an in-place cache to larger buffers (amortized: at least doubling)."""
-        size = _round_up(max(needed, 2 * cache.capacity))
-        for past, value in cache.values.items():
-            old = value.numpy()
-            grown = np.zeros((*old.shape[:2], size, old.shape[3]), old.dtype)
-            grown[:, :, : cache.length] = old[:, :, : cache.length]
-            cache.values[past] = self._device_value(grown)
-        cache.capacity = size
+        arrays = self.cache_arrays(cache)
+        grown = self.bound_cache(arrays, cache.length, max(needed, 2 * cache.capacity))
+        cache.values, cache.capacity = grown.values, grown.capacity
+
+    def cache_arrays(self, cache: OrtKVCache) -> dict[str, np.ndarray]:
+        """Host copies of a cache's tensors, [batch, kv_heads, length, head_dim] each."""
+        if cache.values is None:
+            return dict(cache.arrays)
+        return {name: v.numpy()[:, :, : cache.length] for name, v in cache.values.items()}
+
+    def bound_cache(
+        self, arrays: dict[str, np.ndarray], length: int, capacity: int = 0
+    ) -> OrtKVCache:
+        """A bound cache holding `arrays` ([batch, kv_heads, length, head_dim] each); in place
+        (gqa) with room for at least `capacity` positions. The batching engine rebuilds its
+        cache this way when rows join or leave, so decode steps themselves copy no cache."""
+        size = _round_up(max(capacity, length + 1)) if self.in_place else 0
+        values = {}
+        for name, array in arrays.items():
+            if self.in_place:
+                buffer = np.zeros((*array.shape[:2], size, array.shape[3]), self.kv_dtype)
+                buffer[:, :, :length] = array[:, :, :length]
+            else:
+                buffer = np.ascontiguousarray(array, self.kv_dtype)
+            values[name] = self._device_value(buffer)
+        return OrtKVCache({}, length, values, size)
 
     def _device_zeros(self, shape: tuple[int, ...]) -> ort.OrtValue:
         return self._device_value(np.zeros(shape, self.kv_dtype))
