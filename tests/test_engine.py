@@ -189,3 +189,22 @@ def test_async_submit_on_the_worker_thread(generator):
     finally:
         engine.close()
     assert engine.active == 0
+
+
+def test_decode_steps_keep_the_cache_on_the_backend(generator):
+    """Between joins and leaves a decode step feeds the bound cache back (gqa: the same buffers,
+    written in place) instead of moving the whole cache through host arrays."""
+    engine = BatchEngine(generator, max_batch=2)
+    params = _params(generator, temperature=0, max_tokens=6, stop_token_ids=[])
+    for text in TEXTS[:2]:
+        engine.add(generator.prompt_ids(prompt=text), params, lambda _: None)
+    engine.step()  # prefill + first decode
+    cache = engine._cache
+    assert cache.values and not cache.arrays
+    buffers = {name: value.data_ptr() for name, value in cache.values.items()}
+    length = cache.length
+    engine.step()
+    assert engine._cache.length == length + 1
+    if generator.backend.in_place:
+        assert engine._cache is cache
+        assert {name: v.data_ptr() for name, v in cache.values.items()} == buffers
