@@ -15,11 +15,12 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import QwenDeployError
-from ..manifest import LOGITS_TO_KEEP, Manifest
+from ..manifest import Manifest
 from .device_cache import DeviceKVCache, check_step
 from .onnxruntime_backend import (
     NUMPY_DTYPES,
     PROVIDERS,
+    bind_logits_to_keep,
     logits_to_keep,
     require_provider,
     session_options,
@@ -107,7 +108,7 @@ class OnnxRuntimeIOBindingBackend:
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("position_ids", pos)
         if self._keeps_last:
-            io.bind_ortvalue_input(LOGITS_TO_KEEP, logits_to_keep(last_only))
+            bind_logits_to_keep(io, logits_to_keep(last_only))
         io.bind_output("logits", "cpu")  # bound first: get_outputs() follows binding order
         past_shape = [batch, spec.num_kv_heads, cache.length, spec.head_dim]
         present_shape = [batch, spec.num_kv_heads, cache.length + seq, spec.head_dim]

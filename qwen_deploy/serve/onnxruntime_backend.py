@@ -47,13 +47,18 @@ def takes_logits_to_keep(session: ort.InferenceSession) -> bool:
     return any(i.name == LOGITS_TO_KEEP for i in session.get_overridable_initializers())
 
 
-def logits_to_keep(last_only: bool) -> ort.OrtValue:
-    """The `logits_to_keep` feed, 1 (the last position) or 0 (every position), as an OrtValue:
-    IO binding takes an input that has a default initializer only in that form."""
-    return ort.OrtValue.ortvalue_from_numpy(KEEP_LAST if last_only else KEEP_ALL)
+def logits_to_keep(last_only: bool) -> np.ndarray:
+    """The `logits_to_keep` feed: 1 (the last position) or 0 (every position). Module-lifetime
+    arrays: an IO binding points at their memory until the run."""
+    return _KEEP[last_only]
 
 
-KEEP_LAST, KEEP_ALL = np.array(1, np.int64), np.array(0, np.int64)
+_KEEP = {True: np.array(1, np.int64), False: np.array(0, np.int64)}
+
+
+def bind_logits_to_keep(binding: ort.IOBinding, keep: np.ndarray) -> None:
+    """IO binding takes an input that has a default initializer only as an OrtValue."""
+    binding.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(keep))
 
 
 def session_options(threads: int | None) -> ort.SessionOptions:
@@ -162,10 +167,10 @@ class OnnxRuntimeBackend:
         return logits[:, -1:] if last_only else logits
 
     def _forward_host(
-        self, feeds: dict[str, np.ndarray], keep: ort.OrtValue | None, cache: OrtKVCache
+        self, feeds: dict[str, np.ndarray], keep: np.ndarray | None, cache: OrtKVCache
     ) -> np.ndarray:
         if keep is not None:
-            feeds[LOGITS_TO_KEEP] = keep.numpy()
+            feeds[LOGITS_TO_KEEP] = keep
         outputs = dict(
             zip(self._output_names, self.session.run(None, {**feeds, **cache.arrays}), strict=True)
         )
@@ -175,7 +180,7 @@ class OnnxRuntimeBackend:
         return outputs["logits"].astype(np.float32, copy=False)
 
     def _forward_bound(
-        self, feeds: dict[str, np.ndarray], keep: ort.OrtValue | None, cache: OrtKVCache
+        self, feeds: dict[str, np.ndarray], keep: np.ndarray | None, cache: OrtKVCache
     ) -> np.ndarray:
         seq = feeds["input_ids"].shape[1]
         if self.in_place and cache.length + seq > cache.capacity:
@@ -184,7 +189,7 @@ class OnnxRuntimeBackend:
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         if keep is not None:
-            binding.bind_ortvalue_input(LOGITS_TO_KEEP, keep)
+            bind_logits_to_keep(binding, keep)
         binding.bind_output("logits", self.device)
         for past in self._past_names:
             binding.bind_ortvalue_input(past, cache.values[past])
