@@ -281,6 +281,31 @@ def test_random_prompts_batch_rows_match_their_solo_runs(tiny_generator):
     assert [r.token_ids for r in batch] == [r.token_ids for r in solo]
 
 
+@pytest.mark.parametrize("attention", ["onnx", "gqa"])
+def test_finished_rows_leave_the_batch_and_the_rest_keep_their_tokens(artifact, attention):
+    gen = Generator(artifact(attention=attention))
+    rng = np.random.default_rng(1)
+    # the longest prompt ends first: its padding-free columns go, the others' left padding too
+    prompts = [[int(t) for t in rng.integers(0, 150000, n)] for n in (12, 3, 7)]
+    params = [SamplingParams(temperature=0, max_tokens=n, stop_token_ids=[]) for n in (2, 9, 5)]
+    solo = [gen.generate(p, params=q).token_ids for p, q in zip(prompts, params, strict=True)]
+    batch_sizes = []
+    forward = gen.backend.forward
+
+    def recording(ids, *args, **options):
+        batch_sizes.append(ids.shape[0])
+        return forward(ids, *args, **options)
+
+    gen.backend.forward = recording
+    try:
+        batch = gen.generate_batch(prompts, params)
+    finally:
+        gen.backend.forward = forward
+    assert [r.token_ids for r in batch] == solo
+    assert [len(t) for t in solo] == [2, 9, 5]
+    assert batch_sizes == [3, 3] + [2] * 3 + [1] * 4  # prefill, then one decode step per token
+
+
 def test_a_template_that_opens_think_makes_the_output_reasoning(tiny_artifact, tmp_path):
     opens = "{% if add_generation_prompt %}<think>\n{% endif %}"
     folder = edited_artifact(

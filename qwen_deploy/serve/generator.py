@@ -203,28 +203,41 @@ class Generator:
     def run(self, states: list[SequenceState]) -> Iterator[list[StreamDelta | None]]:
         """Prefill all rows, then decode one token per row per step until every row finished.
 
-        Yields each step's deltas (None for rows that had already finished). Finished rows keep
-        a pad token in the batch until the last row ends; their outputs are ignored.
+        Yields each step's deltas (None for rows that had already finished). Finished rows leave
+        the batch where the backend can rebuild its cache (onnxruntime); elsewhere they keep a pad
+        token in it until the last row ends, their outputs ignored.
         """
         ids, mask, positions = left_pad([s.prompt_ids for s in states], self.pad_id)
         width = ids.shape[1]
         cache = self._new_cache(states, width)
         logits = self.backend.forward(ids, mask, positions, cache, last_only=True)[:, -1]
+        rows = list(range(len(states)))  # the state behind each batch row
         while True:
-            step, next_ids = [], np.full((len(states), 1), self.pad_id, np.int64)
-            for row, state in enumerate(states):
-                if state.finished:
-                    step.append(None)
-                    continue
-                token = state.sampler(logits[row])
-                next_ids[row, 0] = token
-                step.append(state.append(token))
+            step: list[StreamDelta | None] = [None] * len(states)
+            next_ids = np.full((len(rows), 1), self.pad_id, np.int64)
+            for row, index in enumerate(rows):
+                state = states[index]
+                if not state.finished:
+                    next_ids[row, 0] = token = state.sampler(logits[row])
+                    step[index] = state.append(token)
             yield step
-            if all(s.finished for s in states):
+            live = [row for row, index in enumerate(rows) if not states[index].finished]
+            if not live:
                 return
-            mask = np.concatenate([mask, np.ones((len(states), 1), np.int64)], axis=1)
+            if len(live) < len(rows) and hasattr(self.backend, "bound_cache"):
+                cache, mask = self._drop_rows(cache, mask, live)
+                rows, next_ids, positions = [rows[r] for r in live], next_ids[live], positions[live]
+            mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
             positions = positions[:, -1:] + 1
             logits = self.backend.forward(next_ids, mask, positions, cache, last_only=True)[:, -1]
+
+    def _drop_rows(self, cache, mask: np.ndarray, live: list[int]):
+        """The cache and mask of the `live` rows only, without columns that are all padding."""
+        mask = mask[live]
+        first = int(np.argmax(mask.any(axis=0)))
+        arrays = {k: v[live, :, first:] for k, v in self.backend.cache_arrays(cache).items()}
+        length = cache.length - first
+        return self.backend.bound_cache(arrays, length, cache.capacity), mask[:, first:]
 
     def _new_cache(self, states: list[SequenceState], width: int):
         """A cache sized for the whole run where the backend preallocates (bound, in place)."""
