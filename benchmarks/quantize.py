@@ -34,10 +34,10 @@ from _common import folder_bytes, median, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qwen_deploy.manifest import Manifest
-from qwen_deploy.optimize.int8_weight import quantize_blocks
+from qwen_deploy.optimize.int8_weight import matmul_nbits
 from qwen_deploy.optimize.linears import find_linears
 from qwen_deploy.optimize.rewrite import MS_DOMAIN, GraphRewrite
-from qwen_deploy.optimize.smoothquant import quantize_per_channel
+from qwen_deploy.optimize.smoothquant import dequantized_weight, quantize_per_channel
 from qwen_deploy.optimize.store import SourceTensors, TensorWriter, load_graph
 
 CLI = [str(Path(sys.executable).with_name("qwen-deploy"))]
@@ -73,51 +73,20 @@ def build_candidate(
     rw = GraphRewrite(model, SourceTensors(source, model), writer)
     for lin in find_linears(model.graph):
         weight = np.asarray(rw.source.array(lin.weight), np.float32)
-        k, n = weight.shape
-        name = lin.weight.removesuffix(".weight")
         if form == "nbits":
-            codes, scales = quantize_blocks(weight, block)
-            inputs = [
-                lin.input,
-                rw.initializer(name + ".q", codes),
-                rw.initializer(name + ".s", scales),
-            ]
-            if lin.bias:
-                inputs += ["", "", lin.bias]
-                rw.replace(lin.bias_add, [])
-            rw.replace(
-                lin.matmul,
-                [
-                    rw.node(
-                        "MatMulNBits",
-                        inputs,
-                        name,
-                        outputs=[lin.output],
-                        domain=MS_DOMAIN,
-                        K=k,
-                        N=n,
-                        bits=8,
-                        block_size=block,
-                        accuracy_level=level,
-                    )
-                ],
+            node = matmul_nbits(rw, lin, lin.input, weight, np.float32, block, level)
+            rw.replace(lin.matmul, [node])
+        elif form == "dq":
+            dq = dequantized_weight(rw, lin, weight)
+            matmul = onnx.helper.make_node(
+                "MatMul", [lin.input, dq.output[0]], list(lin.matmul.output)
             )
-            continue
-        codes, scales = quantize_per_channel(weight)
-        q, s = rw.initializer(name + ".q", codes), rw.initializer(name + ".s", scales)
-        zero = rw.initializer(name + ".z", np.zeros(n, np.int8))
-        if form == "dq":
-            dq = rw.node("DequantizeLinear", [q, s, zero], name + "/dq", axis=1)
-            rw.replace(
-                lin.matmul,
-                [
-                    dq,
-                    onnx.helper.make_node(
-                        "MatMul", [lin.input, dq.output[0]], list(lin.matmul.output)
-                    ),
-                ],
-            )
+            rw.replace(lin.matmul, [dq, matmul])
         else:
+            name = lin.weight.removesuffix(".weight")
+            codes, scales = quantize_per_channel(weight)
+            q, s = rw.initializer(name + ".q", codes), rw.initializer(name + ".s", scales)
+            zero = rw.initializer(name + ".z", np.zeros(weight.shape[1], np.int8))
             inputs = [lin.input, q, s, zero, *([lin.bias] if lin.bias else [])]
             if lin.bias:
                 rw.replace(lin.bias_add, [])

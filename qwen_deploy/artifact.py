@@ -10,6 +10,15 @@ from pathlib import Path
 
 from .errors import QwenDeployError
 
+SIDE_FILES = ("generation_config.json", "config.json")
+
+
+def copy_side_files(source: Path, out: Path, tokenizer_files: list[str]) -> None:
+    """Tokenizer files, generation_config.json, config.json: each artifact stays self-contained."""
+    for name in [*tokenizer_files, *SIDE_FILES]:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+
 
 def check_output(out: Path, force: bool) -> None:
     """Refuse to overwrite an existing output unless forced (checked before any work starts)."""

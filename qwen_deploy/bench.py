@@ -135,14 +135,13 @@ class QwenDeployRunner:
 class TransformersRunner:
     def __init__(self, checkpoint: str, config: BenchConfig):
         import torch
-        from transformers import AutoModelForCausalLM
+
+        from .parity.reference import TorchReference
 
         if config.threads:
             torch.set_num_threads(config.threads)
         self.torch = torch
-        self.model = AutoModelForCausalLM.from_pretrained(
-            checkpoint, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
+        self.model = TorchReference(checkpoint).model  # float32, eager attention
         self.ids = torch.tensor(prompts(config, self.model.config.vocab_size)[:1])
         self.new_tokens = config.new_tokens
         self._timed(2)

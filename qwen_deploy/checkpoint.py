@@ -56,6 +56,11 @@ class ModelSpec:
     def from_dict(cls, data: dict) -> ModelSpec:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
+    @property
+    def lm_head_name(self) -> str:
+        """The checkpoint tensor the LM head reads (the embedding table when tied)."""
+        return "model.embed_tokens.weight" if self.tie_word_embeddings else "lm_head.weight"
+
     def inv_freq(self) -> np.ndarray:
         """RoPE inverse frequencies in float32, computed as transformers does."""
         exponents = np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32)
@@ -247,12 +252,6 @@ class Checkpoint:
     def tensor(self, name: str) -> np.ndarray:
         """A read-only memory map of one tensor in its stored dtype."""
         return memmap(self.tensors[name])
-
-    @property
-    def lm_head_name(self) -> str:
-        if self.spec.tie_word_embeddings:
-            return "model.embed_tokens.weight"
-        return "lm_head.weight"
 
     @cached_property
     def source_dtype(self) -> str:

@@ -7,9 +7,11 @@ in docs/artifact.md; bump FORMAT_VERSION on any incompatible change.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import __version__
 from .checkpoint import ModelSpec
 from .errors import ArtifactError
 
@@ -19,6 +21,12 @@ PRECISIONS = ("fp32", "fp16")
 ATTENTION_FORMS = ("onnx", "gqa", "decomposed")
 LOGITS_TO_KEEP = "logits_to_keep"
 """Optional scalar graph input: logits for the last k positions only (0, its default: all)."""
+
+
+def producer_record(**stage) -> dict:
+    """manifest.producer: this qwen-deploy version, the time, and what the stage adds."""
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {"name": "qwen-deploy", "version": __version__, "created": created, **stage}
 
 
 @dataclass
@@ -93,6 +101,23 @@ class Manifest:
             return cls.from_dict(json.loads(path.read_text()))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ArtifactError(f"{path} is malformed ({e}); re-export the artifact.") from e
+
+    @property
+    def pad_id(self) -> int:
+        """The id for left-padding slots: pad_token_id, else the first EOS id, else 0; an id
+        outside the vocabulary becomes 0 (padded positions are masked, any valid id works)."""
+        pad = self.pad_token_id
+        if pad is None:
+            pad = self.eos_token_ids[0] if self.eos_token_ids else 0
+        return pad if 0 <= pad < self.model.vocab_size else 0
+
+    def kv_pairs(self) -> list[tuple[str, str]]:
+        """(past, present) tensor names of every layer's key and value, in layer order."""
+        return [
+            (past, present)
+            for i in range(self.model.num_layers)
+            for past, present in zip(self.kv_names(i)[:2], self.kv_names(i)[2:], strict=True)
+        ]
 
     def kv_names(self, layer: int) -> tuple[str, str, str, str]:
         """(past key, past value, present key, present value) tensor names of one layer."""

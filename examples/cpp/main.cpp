@@ -160,6 +160,8 @@ class Generator {
         input_names_.push_back("logits_to_keep");
       }
     }
+    for (const auto& n : input_names_) in_names_.push_back(n.c_str());  // fixed from here on
+    for (const auto& n : output_names_) out_names_.push_back(n.c_str());
   }
 
   std::vector<int64_t> generate(const std::vector<int64_t>& prompt, int max_new_tokens,
@@ -186,12 +188,9 @@ class Generator {
         inputs.push_back(Ort::Value::CreateTensor<int64_t>(memory_, &keep_last_, 1, nullptr, 0));
       }
 
-      std::vector<const char*> in_names, out_names;
-      for (const auto& n : input_names_) in_names.push_back(n.c_str());
-      for (const auto& n : output_names_) out_names.push_back(n.c_str());
       std::vector<Ort::Value> outputs =
-          session_.Run(Ort::RunOptions{nullptr}, in_names.data(), inputs.data(), inputs.size(),
-                       out_names.data(), out_names.size());
+          session_.Run(Ort::RunOptions{nullptr}, in_names_.data(), inputs.data(), inputs.size(),
+                       out_names_.data(), out_names_.size());
 
       const int64_t next = argmax_last(outputs[0]);
       generated.push_back(next);
@@ -265,6 +264,7 @@ class Generator {
   Ort::AllocatorWithDefaultOptions allocator_;
   Ort::MemoryInfo memory_ = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   std::vector<std::string> input_names_, output_names_;
+  std::vector<const char*> in_names_, out_names_;  // c_str() views of the two above
   std::map<std::string, size_t> graph_inputs_;  // graph input name -> its index in the session
 };
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,11 +10,17 @@ import onnx
 from onnx import TensorProto
 from tqdm import tqdm
 
-from .. import __version__
-from ..artifact import check_output, staged_output
+from ..artifact import check_output, copy_side_files, staged_output
 from ..checkpoint import Checkpoint, ModelSpec
 from ..errors import QwenDeployError
-from ..manifest import ATTENTION_FORMS, LOGITS_TO_KEEP, PRECISIONS, Manifest, TensorSpec
+from ..manifest import (
+    ATTENTION_FORMS,
+    LOGITS_TO_KEEP,
+    PRECISIONS,
+    Manifest,
+    TensorSpec,
+    producer_record,
+)
 from .graph import OPSET, DecoderGraph, graph_io
 from .weights import ExternalData
 
@@ -114,11 +118,7 @@ def build_manifest(
             "present": "present.{layer}.{key|value}",
             "update": "concat",
         },
-        producer={
-            "name": "qwen-deploy",
-            "version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
+        producer=producer_record(),
     )
 
 
@@ -169,13 +169,8 @@ def export_checkpoint(
             data.close()
             bar.close()
         onnx.save_model(model, tmp / MODEL_FILE)
-        copied = []
-        for file in ckpt.tokenizer_files():
-            shutil.copy2(file, tmp / file.name)
-            copied.append(file.name)
-        if (ckpt.path / "generation_config.json").is_file():
-            shutil.copy2(ckpt.path / "generation_config.json", tmp / "generation_config.json")
-        shutil.copy2(ckpt.path / "config.json", tmp / "config.json")
+        copied = [file.name for file in ckpt.tokenizer_files()]
+        copy_side_files(ckpt.path, tmp, copied)
         manifest = build_manifest(ckpt, precision, attention, [DATA_FILE], copied)
         manifest.save(tmp)
     return manifest

@@ -29,8 +29,8 @@ BATCH, SEQ, PAST, TOTAL, LOGITS_LEN = (
     "logits_length",
 )
 
-WeightSource = Callable[[str, str], TensorProto]
-"""(onnx initializer name, checkpoint tensor name) -> external-data TensorProto."""
+WeightSource = Callable[[str, str, bool], TensorProto]
+"""(onnx initializer name, checkpoint tensor name, transpose) -> external-data TensorProto."""
 
 
 def rope_cache(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +118,7 @@ class DecoderGraph:
         spec: ModelSpec,
         dtype: np.dtype,
         attention: str,
-        weight: Callable[[str, str, bool], TensorProto],
+        weight: WeightSource,
     ):
         self.spec = spec
         self.g = GraphBuilder(dtype)
@@ -177,18 +177,10 @@ class DecoderGraph:
         sequence length T as an int64 scalar).
         """
         g = self.g
-        total = g.op(
-            "Gather",
-            [g.op("Shape", ["attention_mask"], "mask/ShapeT"), g.const(1, "one", np.int64)],
-            "mask/T",
-        )
-        seq = g.op(
-            "Gather",
-            [g.op("Shape", ["input_ids"], "mask/ShapeS"), g.const(1, "one", np.int64)],
-            "mask/S",
-        )
-        past = g.op("Sub", [total, seq], "mask/Past")
         one = g.const(1, "one", np.int64)
+        total = g.op("Gather", [g.op("Shape", ["attention_mask"], "mask/ShapeT"), one], "mask/T")
+        seq = g.op("Gather", [g.op("Shape", ["input_ids"], "mask/ShapeS"), one], "mask/S")
+        past = g.op("Sub", [total, seq], "mask/Past")
         q_pos = g.op("Range", [past, total, one], "mask/QPos")
         k_pos = g.op("Range", [g.const(0, "zero", np.int64), total, one], "mask/KPos")
         q_col = g.op("Unsqueeze", [q_pos, g.const([1], "axes", np.int64)], "mask/QCol")
@@ -397,8 +389,7 @@ class DecoderGraph:
             x = g.op("Add", [x, down], p + "/Residual2")
         progress("lm_head")
         h = self._rms_norm(self._keep_last(x), "model.norm.weight")
-        head = "lm_head" if not s.tie_word_embeddings else "model.embed_tokens"
-        weight = self.weight("lm_head.weight", head + ".weight", True)
+        weight = self.weight("lm_head.weight", s.lm_head_name, True)
         g.op("MatMul", [h, g.add_initializer(weight)], "lm_head/MatMul", outputs=["logits"])
 
         inputs, outputs = graph_io(s, g.dtype)

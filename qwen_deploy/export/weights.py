@@ -29,7 +29,6 @@ class ExternalData:
     def __init__(self, folder: Path, file_name: str):
         self.file_name = file_name
         self._f = (folder / file_name).open("wb")
-        self.nbytes = 0
 
     def close(self) -> None:
         self._f.close()
@@ -43,7 +42,6 @@ class ExternalData:
         self, name: str, dtype: np.dtype, shape: tuple[int, ...], offset: int
     ) -> TensorProto:
         length = self._f.tell() - offset
-        self.nbytes += length
         tensor = TensorProto()
         tensor.name = name
         tensor.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))

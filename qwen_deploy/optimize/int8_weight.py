@@ -21,9 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 from onnx import helper
 
-from .linears import EMBEDDING
+from .linears import EMBEDDING, Linear
 from .rewrite import MS_DOMAIN, GraphRewrite
 from .smoothing import Smoother
 
@@ -67,6 +68,41 @@ def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scales
 
 
+def matmul_nbits(
+    rw: GraphRewrite,
+    lin: Linear,
+    x: str,
+    weight: np.ndarray,
+    scale_dtype: np.dtype = np.float32,
+    block: int = BLOCK_SIZE,
+    accuracy_level: int = ACCURACY_LEVEL,
+) -> onnx.NodeProto:
+    """An 8-bit MatMulNBits node computing `lin` on `x` from its [K, N] `weight`, the bias folded
+    in (its Add is removed); the caller puts the node where lin.matmul was."""
+    k, n = weight.shape
+    codes, scales = quantize_blocks(weight, block)
+    inputs = [
+        x,
+        rw.initializer(lin.weight + ".int8", codes),
+        rw.initializer(lin.weight + ".scale", scales.astype(scale_dtype)),
+    ]
+    if lin.bias:
+        inputs += ["", "", lin.bias]
+        rw.replace(lin.bias_add, [])
+    return rw.node(
+        "MatMulNBits",
+        inputs,
+        lin.weight.removesuffix(".weight") + "/MatMulNBits",
+        outputs=[lin.output],
+        domain=MS_DOMAIN,
+        K=k,
+        N=n,
+        bits=8,
+        block_size=block,
+        accuracy_level=accuracy_level,
+    )
+
+
 def quantize_weight_only(smoother: Smoother, step: Callable[[str], None] = lambda _: None) -> dict:
     """Rewrite every linear layer (after `smoother.apply`) and the embedding; returns the scheme."""
     rw = smoother.rw
@@ -74,29 +110,7 @@ def quantize_weight_only(smoother: Smoother, step: Callable[[str], None] = lambd
         nodes, x = smoother.smoothed_input(group)
         for i, lin in enumerate(group.linears):
             step(lin.weight)
-            weight = smoother.weight(lin, group)
-            k, n = weight.shape
-            codes, scales = quantize_blocks(weight, BLOCK_SIZE)
-            inputs = [
-                x,
-                rw.initializer(lin.weight + ".int8", codes),
-                rw.initializer(lin.weight + ".scale", scales.astype(smoother.dtype)),
-            ]
-            if lin.bias:
-                inputs += ["", "", lin.bias]
-                rw.replace(lin.bias_add, [])
-            matmul = rw.node(
-                "MatMulNBits",
-                inputs,
-                lin.weight.removesuffix(".weight") + "/MatMulNBits",
-                outputs=[lin.output],
-                domain=MS_DOMAIN,
-                K=k,
-                N=n,
-                bits=8,
-                block_size=BLOCK_SIZE,
-                accuracy_level=ACCURACY_LEVEL,
-            )
+            matmul = matmul_nbits(rw, lin, x, smoother.weight(lin, group), smoother.dtype)
             rw.replace(lin.matmul, [*(nodes if i == 0 else []), matmul])
     embedded = _quantize_embedding(rw, smoother.dtype)
     return {

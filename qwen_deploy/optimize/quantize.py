@@ -6,18 +6,15 @@ output) is checked before any work starts; the output folder appears only when c
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 from tqdm import tqdm
 
-from .. import __version__
-from ..artifact import check_output, staged_output
+from ..artifact import check_output, copy_side_files, staged_output
 from ..errors import ArtifactError, QwenDeployError
-from ..manifest import Manifest
+from ..manifest import Manifest, producer_record
 from ..parity.prompts import load_prompts
 from .calibration import collect_absmax, load_calibration
 from .int8_weight import quantize_weight_only
@@ -48,13 +45,6 @@ def _check_source(source: Path) -> Manifest:
     return manifest
 
 
-def _copy_side_files(source: Path, manifest: Manifest, out: Path) -> None:
-    """Tokenizer files, generation_config.json, config.json: the artifact stays self-contained."""
-    for name in [*manifest.tokenizer_files, "generation_config.json", "config.json"]:
-        if (source / name).is_file():
-            shutil.copy2(source / name, out / name)
-
-
 def quantize_artifact(
     source: str | Path,
     out: str | Path,
@@ -78,8 +68,6 @@ def quantize_artifact(
         raise QwenDeployError(
             f"--alpha must be within [0, 1] (0.5 is the usual choice), got {alpha}."
         )
-    if samples < 1:
-        raise QwenDeployError(f"--samples must be at least 1, got {samples}.")
     prompts, origin = load_calibration(calibration, samples)
     held_out = load_prompts(quality_prompts) if quality_prompts is not None else None
     if out.resolve() == source.resolve():
@@ -100,16 +88,10 @@ def quantize_artifact(
         finally:
             writer.close()
         onnx.save_model(model, str(tmp / manifest.model_file))
-        _copy_side_files(source, manifest, tmp)
+        copy_side_files(source, tmp, manifest.tokenizer_files)
         manifest.data_files = [DATA_FILE]
         manifest.quantization = {"mode": mode, **details}
-        manifest.producer = {
-            "name": "qwen-deploy",
-            "version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "stage": "quantize",
-            "from": str(source.resolve()),
-        }
+        manifest.producer = producer_record(stage="quantize", **{"from": str(source.resolve())})
         manifest.save(tmp)  # the quality run loads the new artifact through its manifest
         manifest.quality = quality_report(source, tmp, mode, held_out, progress=progress)
         manifest.save(tmp)

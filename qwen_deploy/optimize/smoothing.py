@@ -13,7 +13,6 @@ kernel dynamically per block (its fast INT8 path). 1/s goes where it costs nothi
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,13 +82,10 @@ class Smoother:
         """The tensors calibration must measure: each group's input."""
         return [g.input for g in self.groups]
 
-    def apply(
-        self, act_max: dict[str, np.ndarray], step: Callable[[str], None] = lambda _: None
-    ) -> None:
+    def apply(self, act_max: dict[str, np.ndarray]) -> None:
         """Choose s for every group from calibration's absmax and fold 1/s (norm weights now)."""
         self.act_max = act_max
         for group in self.groups:
-            step(group.hint)
             self._plan(group)
 
     def _sibling(self, lin: Linear, role: str) -> Linear | None:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from .linears import Linear
+from .rewrite import GraphRewrite
 from .smoothing import Smoother
 
 ROW_CHUNK = 1024
@@ -41,14 +42,16 @@ def quantize_per_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scales.astype(np.float32)
 
 
-def _dequantized_weight(smoother: Smoother, lin: Linear, weight: np.ndarray) -> onnx.NodeProto:
-    rw = smoother.rw
+def dequantized_weight(
+    rw: GraphRewrite, lin: Linear, weight: np.ndarray, scale_dtype: np.dtype = np.float32
+) -> onnx.NodeProto:
+    """DequantizeLinear of `lin`'s [K, N] weight in symmetric per-output-channel INT8."""
     codes, scales = quantize_per_channel(weight)
     return rw.node(
         "DequantizeLinear",
         [
             rw.initializer(lin.weight + ".int8", codes),
-            rw.initializer(lin.weight + ".scale", scales.astype(smoother.dtype)),
+            rw.initializer(lin.weight + ".scale", scales.astype(scale_dtype)),
             rw.initializer(lin.weight + ".zero", np.zeros(scales.shape, np.int8)),
         ],
         lin.weight.removesuffix(".weight") + "/DequantizeWeight",
@@ -74,7 +77,7 @@ def quantize_smoothquant(smoother: Smoother, step: Callable[[str], None] = lambd
             name = lin.weight.removesuffix(".weight")
             q = rw.node("QuantizeLinear", [x, scale, zero], name + "/QuantizeInput")
             dq = rw.node("DequantizeLinear", [q.output[0], scale, zero], name + "/DequantizeInput")
-            weight = _dequantized_weight(smoother, lin, smoother.weight(lin, group))
+            weight = dequantized_weight(rw, lin, smoother.weight(lin, group), smoother.dtype)
             matmul = onnx.helper.make_node(
                 "MatMul",
                 [dq.output[0], weight.output[0]],

@@ -37,9 +37,6 @@ class SourceTensors:
         self.folder = Path(folder)
         self.protos = {t.name: t for t in model.graph.initializer}
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.protos
-
     def array(self, name: str) -> np.ndarray:
         tensor = self.protos[name]
         if tensor.data_location != TensorProto.EXTERNAL:
@@ -59,7 +56,6 @@ class TensorWriter:
     """New initializers: large ones appended to the new data file, tiny ones kept inline."""
 
     def __init__(self, folder: Path, file_name: str):
-        self.file_name = file_name
         self._data = ExternalData(Path(folder), file_name)
 
     def tensor(self, name: str, array: np.ndarray) -> TensorProto:

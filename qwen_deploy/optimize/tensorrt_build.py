@@ -21,11 +21,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .. import __version__
-from ..artifact import check_output, staged_output
+from ..artifact import check_output, copy_side_files, staged_output
 from ..errors import QwenDeployError
-from ..manifest import Manifest
-from .check_trt import MIN_TRT, check_path
+from ..manifest import Manifest, producer_record
+from .check_trt import MIN_TRT, check_path, parse_version
 
 PLAN_FILE = "model.plan"
 PLUGIN_DIR = "plugins"
@@ -153,11 +152,7 @@ def engine_manifest(source: Manifest, engine: dict) -> Manifest:
         model_file=PLAN_FILE,
         data_files=[],
         engine=engine,
-        producer={
-            "name": "qwen-deploy",
-            "version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
+        producer=producer_record(),
     )
 
 
@@ -203,7 +198,7 @@ def import_tensorrt():
         import tensorrt as trt
     except ImportError:
         raise QwenDeployError(f"TensorRT is not installed here: {INSTALL_HINT}") from None
-    if tuple(int(p) for p in trt.__version__.split(".")[:2]) < MIN_TRT:
+    if parse_version(trt.__version__) < MIN_TRT:
         raise QwenDeployError(
             f"TensorRT {trt.__version__} is too old: qwen-deploy needs >= "
             f"{MIN_TRT[0]}.{MIN_TRT[1]} (ONNX Attention import, strongly typed networks); "
@@ -276,14 +271,6 @@ def _save_timing_cache(config, path: Path) -> None:
     tmp.replace(path)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_engine(
     artifact: str | Path,
     out: str | Path,
@@ -345,16 +332,15 @@ def build_engine(
     if options.timing_cache is not None:
         _save_timing_cache(config, options.timing_cache)
     with staged_output(out, force) as tmp:
-        (tmp / PLAN_FILE).write_bytes(bytes(plan))
+        plan_bytes = memoryview(plan)  # TensorRT's host memory, not copied
+        (tmp / PLAN_FILE).write_bytes(plan_bytes)
         plugin_files = []
         if options.plugin_libs:
             (tmp / PLUGIN_DIR).mkdir()
         for lib in options.plugin_libs:
             shutil.copy2(lib, tmp / PLUGIN_DIR / Path(lib).name)
             plugin_files.append(f"{PLUGIN_DIR}/{Path(lib).name}")
-        for name in [*source.tokenizer_files, "generation_config.json", "config.json"]:
-            if (artifact / name).is_file():
-                shutil.copy2(artifact / name, tmp / name)
+        copy_side_files(artifact, tmp, source.tokenizer_files)
         engine = engine_record(
             trt.__version__,
             device.to_dict(),
@@ -364,7 +350,7 @@ def build_engine(
             source,
             time.time() - start,
         )
-        engine["plan_sha256"] = _sha256(tmp / PLAN_FILE)
+        engine["plan_sha256"] = hashlib.sha256(plan_bytes).hexdigest()
         manifest = engine_manifest(source, engine)
         manifest.save(tmp)
     return manifest

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..errors import QwenDeployError
 from ..manifest import Manifest
 from ..serve.chat_template import ChatTemplate
-from ..serve.tokenizer import Tokenizer, load_special_tokens
+from ..serve.tokenizer import Tokenizer
 
 
 def prompt_ids(folder: str | Path, prompts: list[dict], max_tokens: int) -> list[list[int]]:
@@ -21,7 +21,7 @@ def prompt_ids(folder: str | Path, prompts: list[dict], max_tokens: int) -> list
     manifest = Manifest.load(folder)
     tokenizer = Tokenizer.from_artifact(folder)
     template = (
-        ChatTemplate(manifest.chat_template, load_special_tokens(folder))
+        ChatTemplate(manifest.chat_template, tokenizer.special_tokens)
         if manifest.chat_template
         else None
     )

@@ -34,3 +34,20 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
         "top1": float((ref.argmax(-1) == cand.argmax(-1)).mean()),
         "kl": float(max(kl.max(), 0.0)),
     }
+
+
+def merge_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
+    """compare_logits results of disjoint row sets (with their row counts) as one: the worst
+    max_abs, cosine and KL; mean_abs and top-1 weighted by rows."""
+    rows = np.array([n for _, n in parts], dtype=np.float64)
+
+    def weighted(key: str) -> float:
+        return float(np.average([m[key] for m, _ in parts], weights=rows))
+
+    return {
+        "max_abs": max(m["max_abs"] for m, _ in parts),
+        "mean_abs": weighted("mean_abs"),
+        "cosine": min(m["cosine"] for m, _ in parts),
+        "top1": weighted("top1"),
+        "kl": max(m["kl"] for m, _ in parts),
+    }

@@ -17,7 +17,7 @@ from ..errors import QwenDeployError
 from ..manifest import Manifest
 from ..serve.onnxruntime_backend import OnnxRuntimeBackend
 from ..serve.padding import left_pad
-from .metrics import compare_logits
+from .metrics import compare_logits, merge_metrics
 from .presets import PRESETS, Tolerance, preset_for
 from .prompts import load_prompts
 from .reference import TorchReference, chat_prompt_ids
@@ -43,17 +43,7 @@ class ParityReport:
     @property
     def summary(self) -> dict[str, float]:
         """Worst case over every step (top1 is the row-weighted mean agreement)."""
-        rows = np.array([s.rows for s in self.steps], dtype=np.float64)
-        top1 = np.array([s.metrics["top1"] for s in self.steps])
-        return {
-            "max_abs": max(s.metrics["max_abs"] for s in self.steps),
-            "mean_abs": float(
-                np.average([s.metrics["mean_abs"] for s in self.steps], weights=rows)
-            ),
-            "cosine": min(s.metrics["cosine"] for s in self.steps),
-            "top1": float((top1 * rows).sum() / rows.sum()),
-            "kl": max(s.metrics["kl"] for s in self.steps),
-        }
+        return merge_metrics([(s.metrics, s.rows) for s in self.steps])
 
     @property
     def failures(self) -> list[str]:
@@ -143,8 +133,7 @@ def run_parity(
     rows = token_rows or chat_prompt_ids(reference, load_prompts(prompts_file))
     backend = OnnxRuntimeBackend(artifact, provider=provider)
     ref = TorchReference(reference)
-    pad = manifest.pad_token_id or 0
-    pad = pad if pad < manifest.model.vocab_size else 0  # masked out anyway
+    pad = manifest.pad_id
     report = ParityReport(str(artifact), str(reference), manifest.precision, preset, tolerance)
     cases = [(f"prompt {i + 1}", [r]) for i, r in enumerate(rows)]
     if batch and len(rows) > 1:

@@ -1,9 +1,11 @@
 """onnxruntime on CUDA with IO binding: the KV cache never leaves the GPU.
 
-The plain onnxruntime backend feeds numpy arrays, so every decode step copies the whole KV cache
-host -> device and back. Here past/present are bound to preallocated device buffers
-(DeviceKVCache ping-pong) and only token ids go up and the logits come down; at decode that is the
-last position's logits [batch, 1, vocab] per step. Meant for fp16 artifacts. The same code runs
+Past/present are bound to two preallocated full-capacity device buffers per tensor
+(DeviceKVCache ping-pong, the layout the TensorRT backend shares), so even the concat attention
+forms allocate nothing per step; only token ids go up and the logits come down (the last
+position's [batch, 1, vocab] at decode). The Generator's own path, OnnxRuntimeBackend with a bound
+cache, keeps the cache on the device too (in place for gqa); this backend is what the GPU decode
+benchmark (benchmarks/gpu_decode.py) measures. Meant for fp16 artifacts. The same code runs
 with device="cpu" (CPU provider, CPU buffers), which is how it is tested without a GPU.
 """
 
@@ -63,13 +65,7 @@ class OnnxRuntimeIOBindingBackend:
         self.device, self.device_id = device, device_id
         kv_input = next(t for t in self.manifest.inputs if t.name.startswith("past_key_values."))
         self.kv_dtype = NUMPY_DTYPES[kv_input.dtype]
-        self._pairs = [
-            (past, present)
-            for i in range(spec.num_layers)
-            for past, present in zip(
-                self.manifest.kv_names(i)[:2], self.manifest.kv_names(i)[2:], strict=True
-            )
-        ]
+        self._pairs = self.manifest.kv_pairs()
         self.binding = self.session.io_binding()
         self._keeps_last = takes_logits_to_keep(self.session)
 

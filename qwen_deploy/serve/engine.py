@@ -118,9 +118,7 @@ class BatchEngine:
                 f"max_context must be in [2, {limit}] (the model's max_position_embeddings), "
                 f"got {max_context}."
             )
-        if not hasattr(generator.backend, "new_cache") or not isinstance(
-            generator.backend.new_cache(1), OrtKVCache
-        ):
+        if not hasattr(generator.backend, "bound_cache"):
             raise QwenDeployError(
                 "continuous batching (`serve`) needs the onnxruntime backend's concat-style KV "
                 "cache: serve the ONNX artifact, or put a TensorRT engine behind Triton "
@@ -317,7 +315,9 @@ class BatchEngine:
                 mask = np.concatenate(
                     [_left_pad(self._mask, length, 1), _left_pad(mask, length, 1)]
                 )
-            self._cache, self._mask = self._bound(arrays, mask.shape[1]), mask
+            width = mask.shape[1]
+            self._cache = self.backend.bound_cache(arrays, width, width + BOUND_HEADROOM)
+            self._mask = mask
         with self._cond:
             for request in group:
                 self._prefilling.remove(request)
@@ -358,17 +358,9 @@ class BatchEngine:
         if not keep:
             self._cache, self._mask = None, np.zeros((0, 0), np.int64)
             return
-        mask = self._mask[keep]
-        first = int(np.argmax(mask.any(axis=0)))
-        self._mask = np.ascontiguousarray(mask[:, first:])
-        arrays = self.backend.cache_arrays(self._cache)
-        trimmed = {k: v[keep, :, first:] for k, v in arrays.items()}
-        self._cache = self._bound(trimmed, self._mask.shape[1])
-
-    def _bound(self, arrays: dict[str, np.ndarray], length: int) -> OrtKVCache:
-        """The running batch's cache, bound to the backend: decode steps extend it in place
-        (gqa) or chain onnxruntime's outputs (concat forms), never through host arrays."""
-        return self.backend.bound_cache(arrays, length, length + BOUND_HEADROOM)
+        self._cache, self._mask = self.backend.keep_rows(
+            self._cache, self._mask, keep, self._mask.shape[1] + BOUND_HEADROOM
+        )
 
     def _count_cancelled(self, request: EngineRequest) -> None:
         if not request.state.finished:

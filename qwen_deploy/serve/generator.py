@@ -8,7 +8,6 @@ max_tokens is clipped so the output ends with finish_reason "length" at the limi
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,14 +68,15 @@ class Generator:
         self.manifest = Manifest.load(self.folder)
         self.tokenizer = Tokenizer.from_artifact(self.folder)
         self.chat_template = (
-            ChatTemplate.from_artifact(self.folder) if self.manifest.chat_template else None
+            ChatTemplate(self.manifest.chat_template, self.tokenizer.special_tokens)
+            if self.manifest.chat_template
+            else None
         )
         self.backend = backend or open_backend(self.folder, provider, threads)
-        eos = self.manifest.eos_token_ids
-        pad = self.manifest.pad_token_id
-        self.pad_id = pad if pad is not None else (eos[0] if eos else 0)
+        self.pad_id = self.manifest.pad_id
         self.max_context = self.manifest.model.max_position_embeddings
-        self._sized_caches = "capacity" in inspect.signature(self.backend.new_cache).parameters
+        # onnxruntime: caches sized for the run and bound to the device, rows can leave a batch
+        self._bound_caches = hasattr(self.backend, "bound_cache")
 
     # -- prompts -------------------------------------------------------------------------------
     def prompt_ids(
@@ -224,24 +224,16 @@ class Generator:
             live = [row for row, index in enumerate(rows) if not states[index].finished]
             if not live:
                 return
-            if len(live) < len(rows) and hasattr(self.backend, "bound_cache"):
-                cache, mask = self._drop_rows(cache, mask, live)
+            if len(live) < len(rows) and self._bound_caches:
+                cache, mask = self.backend.keep_rows(cache, mask, live, cache.capacity)
                 rows, next_ids, positions = [rows[r] for r in live], next_ids[live], positions[live]
             mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
             positions = positions[:, -1:] + 1
             logits = self.backend.forward(next_ids, mask, positions, cache, last_only=True)[:, -1]
 
-    def _drop_rows(self, cache, mask: np.ndarray, live: list[int]):
-        """The cache and mask of the `live` rows only, without columns that are all padding."""
-        mask = mask[live]
-        first = int(np.argmax(mask.any(axis=0)))
-        arrays = {k: v[live, :, first:] for k, v in self.backend.cache_arrays(cache).items()}
-        length = cache.length - first
-        return self.backend.bound_cache(arrays, length, cache.capacity), mask[:, first:]
-
     def _new_cache(self, states: list[SequenceState], width: int):
         """A cache sized for the whole run where the backend preallocates (bound, in place)."""
-        if not self._sized_caches:
+        if not self._bound_caches:
             return self.backend.new_cache(len(states))
         longest = max(s.params.max_tokens or self.max_context for s in states)
         return self.backend.new_cache(len(states), capacity=min(width + longest, self.max_context))

@@ -117,14 +117,11 @@ class OnnxRuntimeBackend:
         self._keeps_last = takes_logits_to_keep(self.session)
         if provider == "cpu" and huge_pages:
             collapse_resident_memory()  # the weights just loaded: fewer TLB misses per token
-        self.provider = provider
         self.device = "cuda" if provider == "cuda" else "cpu"
         kv_input = next(i for i in self.session.get_inputs() if i.name.startswith("past_key"))
         self.kv_dtype = NUMPY_DTYPES[kv_input.type.removeprefix("tensor(").removesuffix(")")]
-        spec = self.manifest.model
-        self._past_names = [
-            n for i in range(spec.num_layers) for n in self.manifest.kv_names(i)[:2]
-        ]
+        self._pairs = self.manifest.kv_pairs()
+        self._past_names = [past for past, _ in self._pairs]
         self._output_names = [o.name for o in self.session.get_outputs()]
         self.in_place = self.manifest.attention == "gqa"  # GroupQueryAttention shares past/present
 
@@ -174,8 +171,8 @@ class OnnxRuntimeBackend:
         outputs = dict(
             zip(self._output_names, self.session.run(None, {**feeds, **cache.arrays}), strict=True)
         )
-        for past in self._past_names:
-            cache.arrays[past] = outputs[_present(past)]
+        for past, present in self._pairs:
+            cache.arrays[past] = outputs[present]
         cache.length += feeds["input_ids"].shape[1]
         return outputs["logits"].astype(np.float32, copy=False)
 
@@ -191,24 +188,18 @@ class OnnxRuntimeBackend:
         if keep is not None:
             bind_logits_to_keep(binding, keep)
         binding.bind_output("logits", self.device)
-        for past in self._past_names:
+        for past, present in self._pairs:
             binding.bind_ortvalue_input(past, cache.values[past])
             if self.in_place:
-                binding.bind_ortvalue_output(_present(past), cache.values[past])
+                binding.bind_ortvalue_output(present, cache.values[past])
             else:
-                binding.bind_output(_present(past), self.device)
+                binding.bind_output(present, self.device)
         self.session.run_with_iobinding(binding)
-        outputs = dict(
-            zip(
-                ["logits", *(_present(p) for p in self._past_names)],
-                binding.get_outputs(),
-                strict=True,
-            )
-        )
+        logits, *presents = binding.get_outputs()  # in binding order
         if not self.in_place:
-            cache.values = {past: outputs[_present(past)] for past in self._past_names}
+            cache.values = dict(zip(self._past_names, presents, strict=True))
         cache.length += seq
-        return outputs["logits"].numpy().astype(np.float32, copy=False)
+        return logits.numpy().astype(np.float32, copy=False)
 
     def _grow(self, cache: OrtKVCache, needed: int) -> None:
         """Move an in-place cache to larger buffers (amortized: at least doubling)."""
@@ -221,6 +212,17 @@ class OnnxRuntimeBackend:
         if cache.values is None:
             return dict(cache.arrays)
         return {name: v.numpy()[:, :, : cache.length] for name, v in cache.values.items()}
+
+    def keep_rows(
+        self, cache: OrtKVCache, mask: np.ndarray, rows: list[int], capacity: int = 0
+    ) -> tuple[OrtKVCache, np.ndarray]:
+        """A bound cache and mask of `rows` only, without the left columns that are padding in
+        all of them (finished requests leave a batch this way)."""
+        mask = mask[rows]
+        first = int(np.argmax(mask.any(axis=0)))
+        arrays = {k: v[rows, :, first:] for k, v in self.cache_arrays(cache).items()}
+        mask = np.ascontiguousarray(mask[:, first:])
+        return self.bound_cache(arrays, mask.shape[1], capacity), mask
 
     def bound_cache(
         self, arrays: dict[str, np.ndarray], length: int, capacity: int = 0
@@ -245,10 +247,6 @@ class OnnxRuntimeBackend:
     def _device_value(self, array: np.ndarray) -> ort.OrtValue:
         """An OrtValue on the provider's device (on CPU it shares memory with `array`)."""
         return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
-
-
-def _present(past: str) -> str:
-    return past.replace("past_key_values.", "present.")
 
 
 def _round_up(n: int) -> int:

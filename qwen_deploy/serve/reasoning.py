@@ -19,10 +19,13 @@ def prompt_opens_think(prompt: str) -> bool:
     return prompt.rstrip().endswith(OPEN)
 
 
-def _partial_tag_len(text: str, tag: str) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
+def held_tail(text: str, tags: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of one of `tags`: text a
+    stream holds back until the next tokens show whether a tag (or stop string) follows."""
+    longest = max(len(t) for t in tags) - 1
+    for n in range(min(longest, len(text)), 0, -1):
+        tail = text[-n:]
+        if any(t.startswith(tail) for t in tags):
             return n
     return 0
 
@@ -59,7 +62,7 @@ class ReasoningParser:
         if self._state == "reasoning":
             end = self._pending.find(CLOSE)
             if end < 0:
-                hold = _partial_tag_len(self._pending, CLOSE)
+                hold = held_tail(self._pending, [CLOSE])
                 body = self._pending[: len(self._pending) - hold]
                 ready = body.rstrip("\n")  # trailing newlines may frame "</think>": hold them
                 self._pending = self._pending[len(ready) :]

@@ -200,7 +200,7 @@ class Sampler:
 
     def __init__(self, params: SamplingParams, prompt_ids: list[int]):
         self.params = params
-        self.prompt_ids = list(prompt_ids)
+        self._prompt_seen = np.unique(np.asarray(prompt_ids, np.int64))  # once, not per token
         self.generated: list[int] = []
         self.rng = np.random.default_rng(params.seed)
 
@@ -209,9 +209,8 @@ class Sampler:
         p = self.params
         x = np.array(logits, dtype=np.float32)  # a copy: callers' logits stay untouched
         if p.repetition_penalty != 1.0:
-            x = repetition_penalty(
-                x, np.asarray(self.prompt_ids + self.generated, np.int64), p.repetition_penalty
-            )
+            seen = np.concatenate([self._prompt_seen, np.asarray(self.generated, np.int64)])
+            x = repetition_penalty(x, seen, p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and self.generated:
             x = presence_frequency_penalty(
                 x, np.asarray(self.generated, np.int64), p.presence_penalty, p.frequency_penalty

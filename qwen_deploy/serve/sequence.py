@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .reasoning import ReasoningParser, prompt_opens_think
+from .reasoning import ReasoningParser, held_tail, prompt_opens_think
 from .sampling import Sampler, SamplingParams
 from .tokenizer import IncrementalDecoder, Tokenizer
 
@@ -26,16 +26,6 @@ class StreamDelta:
     content: str
     reasoning_content: str
     finish_reason: str | None  # "stop" | "length" | None
-
-
-def _held_tail(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
-    longest = max(len(s) for s in stops) - 1
-    for n in range(min(longest, len(text)), 0, -1):
-        tail = text[-n:]
-        if any(s.startswith(tail) for s in stops):
-            return n
-    return 0
 
 
 class SequenceState:
@@ -87,7 +77,7 @@ class SequenceState:
         if hits:
             reason, self._pending = "stop", self._pending[: min(hits)]
         if reason is None:
-            keep = _held_tail(self._pending, self.params.stop) if self.params.stop else 0
+            keep = held_tail(self._pending, self.params.stop) if self.params.stop else 0
             out, self._pending = (
                 self._pending[: len(self._pending) - keep],
                 self._pending[len(self._pending) - keep :],

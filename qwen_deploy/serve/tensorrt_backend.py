@@ -126,20 +126,14 @@ class TensorRTBackend:
         self.capacity = int(engine["limits"]["max_seq_len"])
         self.max_batch = int(engine["limits"]["max_batch"])
         self._profile: int | None = None
+        self._profile_for: dict[tuple[int, int, int], int] = {}  # (batch, seq, past) -> profile
         self.dtypes = {
             self.engine.get_tensor_name(i): np.dtype(
                 trt.nptype(self.engine.get_tensor_dtype(self.engine.get_tensor_name(i)))
             )
             for i in range(self.engine.num_io_tensors)
         }
-        spec = self.manifest.model
-        self._pairs = [
-            (past, present)
-            for i in range(spec.num_layers)
-            for past, present in zip(
-                self.manifest.kv_names(i)[:2], self.manifest.kv_names(i)[2:], strict=True
-            )
-        ]
+        self._pairs = self.manifest.kv_pairs()
         self._inputs = {
             name: DeviceBuffer(self.driver)
             for name in ("input_ids", "attention_mask", "position_ids")
@@ -183,13 +177,16 @@ class TensorRTBackend:
         spec = self.manifest.model
         batch, seq = ids.shape
         past_shape = (batch, spec.num_kv_heads, cache.length, spec.head_dim)
-        shapes = {
-            "input_ids": ids.shape,
-            "attention_mask": mask.shape,
-            "position_ids": pos.shape,
-            **{past: past_shape for past, _ in self._pairs},
-        }
-        profile = select_profile(self.profiles, shapes)
+        step = (batch, seq, cache.length)  # all the step's shapes follow from these
+        if step not in self._profile_for:
+            shapes = {
+                "input_ids": ids.shape,
+                "attention_mask": mask.shape,
+                "position_ids": pos.shape,
+                **{past: past_shape for past, _ in self._pairs},
+            }
+            self._profile_for[step] = select_profile(self.profiles, shapes)
+        profile = self._profile_for[step]
         ctx = self.context
         if profile != self._profile:
             ctx.set_optimization_profile_async(profile, self.stream)

@@ -95,11 +95,6 @@ class Tokenizer:
         _add_declared_tokens(tok, tokenizer_config(folder), special)
         return cls(tok, special)
 
-    @property
-    def vocab_size(self) -> int:
-        """Number of ids the tokenizer knows, added tokens included."""
-        return self._tok.get_vocab_size(with_added_tokens=True)
-
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
