@@ -53,7 +53,7 @@ def _padded_batch(rng: np.random.Generator, vocab: int):
 
 
 def _parity_run(reference, backend, vocab: int, steps: int) -> dict:
-    from qwen_deploy.parity.metrics import compare_logits
+    from qwen_deploy.parity.presets import PRESETS
 
     ids, mask, pos = _padded_batch(np.random.default_rng(0), vocab)
     reference.reset()
@@ -70,7 +70,7 @@ def _parity_run(reference, backend, vocab: int, steps: int) -> dict:
         ref, cand = reference.forward(token, mask, pos), backend.forward(token, mask, pos, cache)
         ref_rows.append(ref[:, -1])
         cand_rows.append(cand[:, -1])
-    return compare_logits(np.concatenate(ref_rows), np.concatenate(cand_rows))
+    return PRESETS["fp16"].measure(np.concatenate(ref_rows), np.concatenate(cand_rows))
 
 
 def stage_parity(work: Path, steps: int) -> dict:

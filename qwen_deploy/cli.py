@@ -67,6 +67,33 @@ def random_checkpoint(out: Path, shape: str, dtype: str, seed: int, force: bool)
     click.echo(f"wrote random {shape} Qwen2 checkpoint to {out}", err=True)
 
 
+@main.command("convert-gguf")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Hugging Face checkpoint folder to create.",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bf16"]),
+    default="float32",
+    show_default=True,
+    help="Dtype of the dequantized weights.",
+)
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def convert_gguf(model: Path, out: Path, dtype: str, force: bool, quiet: bool) -> None:
+    """Convert a Qwen2 GGUF MODEL file (llama.cpp) to a Hugging Face checkpoint folder."""
+    from .gguf_convert import convert_gguf as convert
+
+    convert(model, out, dtype=dtype, force=force, progress=not quiet)
+    click.echo(f"wrote {dtype} Hugging Face checkpoint of {model.name} to {out}", err=True)
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option(
@@ -129,7 +156,10 @@ def export(
 @click.option("--no-batch", is_flag=True, help="Skip the left-padded batch case.")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--preset", default=None, help="Tolerance preset (default: from the manifest).")
-@click.option("--max-abs", type=float, default=None, help="Override: max absolute logit error.")
+@click.option(
+    "--atol", type=float, default=None, help="Override: atol of |diff| <= atol + rtol*|ref|."
+)
+@click.option("--rtol", type=float, default=None, help="Override: relative part of that bound.")
 @click.option("--min-cosine", type=float, default=None, help="Override: minimum cosine.")
 @click.option("--min-top1", type=float, default=None, help="Override: minimum top-1 agreement.")
 @click.option("--max-kl", type=float, default=None, help="Override: maximum KL divergence.")
@@ -147,6 +177,14 @@ def export(
     default=None,
     help="Write a markdown report here.",
 )
+@click.option(
+    "--reference-dtype",
+    type=click.Choice(["float32", "float64"]),
+    default="float32",
+    show_default=True,
+    help="float64: judge against exact arithmetic and show transformers float32's own distance "
+    "to it (3x the memory of a float32 reference).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def parity(
     artifact: Path,
@@ -156,12 +194,14 @@ def parity(
     no_batch: bool,
     provider: str,
     preset: str | None,
-    max_abs: float | None,
+    atol: float | None,
+    rtol: float | None,
     min_cosine: float | None,
     min_top1: float | None,
     max_kl: float | None,
     json_out: Path | None,
     md_out: Path | None,
+    reference_dtype: str,
     quiet: bool,
 ) -> None:
     """Compare ARTIFACT's logits with transformers on the source checkpoint; exit 1 on failure."""
@@ -177,7 +217,14 @@ def parity(
         provider=provider,
         preset=preset,
         progress=not quiet,
-        overrides={"max_abs": max_abs, "cosine": min_cosine, "top1": min_top1, "kl": max_kl},
+        overrides={
+            "atol": atol,
+            "rtol": rtol,
+            "cosine": min_cosine,
+            "top1": min_top1,
+            "kl": max_kl,
+        },
+        reference_dtype=reference_dtype,
     )
     text = json.dumps(report.to_dict(), indent=2)
     if json_out and str(json_out) == "-":

@@ -11,3 +11,7 @@ class CheckpointError(QwenDeployError):
 
 class ArtifactError(QwenDeployError):
     """An artifact folder is missing, incomplete or inconsistent with its manifest."""
+
+
+class GGUFError(QwenDeployError):
+    """A GGUF file cannot be converted into a Hugging Face Qwen2 checkpoint."""

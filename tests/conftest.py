@@ -8,6 +8,7 @@ heads, the full Qwen vocabulary (so the real tokenizer's ids are valid), real to
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,49 @@ def artifact(checkpoint, tmp_path_factory):
         if key not in cache:
             out = tmp_path_factory.mktemp("artifact") / "a"
             export_checkpoint(checkpoint(**ckpt_kwargs), out, progress=False, **export_kwargs)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+# where `make real-model` puts Qwen2.5-Coder-0.5B-Instruct: model.gguf and its float32 conversion
+REAL_MODEL = Path(
+    os.environ.get(
+        "QWEN_DEPLOY_REAL_MODEL",
+        Path.home() / ".cache" / "qwen-deploy" / "qwen2.5-coder-0.5b-instruct",
+    )
+)
+
+
+@pytest.fixture(scope="session")
+def real_gguf() -> Path:
+    """The real model's GGUF file (Q4_K_M), as `make real-model` fetched it."""
+    path = REAL_MODEL / "model.gguf"
+    if not path.is_file():
+        pytest.skip(f"the real model is not fetched ({path} is missing): run `make real-model`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(real_gguf) -> Path:
+    """The real model converted to a float32 Hugging Face folder by `make real-model`."""
+    path = REAL_MODEL / "checkpoint"
+    if not (path / "config.json").is_file():
+        pytest.skip(f"the real model is not converted ({path} is missing): run `make real-model`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_artifact(real_checkpoint, tmp_path_factory):
+    """Factory: real_artifact(**export kwargs) -> the real model exported (cached per kwargs)."""
+    cache: dict[str, Path] = {}
+
+    def make(**export_kwargs) -> Path:
+        key = _key(export_kwargs)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("real_artifact") / "a"
+            export_checkpoint(real_checkpoint, out, progress=False, **export_kwargs)
             cache[key] = out
         return cache[key]
 

@@ -10,7 +10,6 @@ import onnxruntime as ort
 import pytest
 
 from qwen_deploy.errors import QwenDeployError
-from qwen_deploy.parity.metrics import compare_logits
 from qwen_deploy.parity.presets import PRESETS
 from qwen_deploy.serve.cuda_backend import OnnxRuntimeIOBindingBackend
 from qwen_deploy.serve.onnxruntime_backend import OnnxRuntimeBackend
@@ -148,4 +147,4 @@ def test_cuda_fp16_parity_with_cpu_fp32(artifact, attention):
     )
     ref = np.concatenate([r[:, -1] for r, _ in pairs])
     cand = np.concatenate([c[:, -1] for _, c in pairs])
-    assert not PRESETS["fp16"].failures(compare_logits(ref, cand))
+    assert not PRESETS["fp16"].failures(PRESETS["fp16"].measure(ref, cand))

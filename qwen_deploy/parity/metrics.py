@@ -11,12 +11,16 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+def compare_logits(
+    reference: np.ndarray, candidate: np.ndarray, atol: float | None = None, rtol: float = 0.0
+) -> dict[str, float]:
     """Metrics over rows of [..., vocab] logits.
 
     max_abs/mean_abs: absolute logit error; cosine: the smallest per-row cosine similarity;
     top1: fraction of rows whose argmax agrees; kl: the largest per-row KL(reference || candidate)
-    of the softmax distributions, in nats.
+    of the softmax distributions, in nats. With `atol`, also tol_ratio: the largest
+    |candidate - reference| / (atol + rtol * |reference|) over all logits, the combined bound of
+    numpy's allclose and torch.testing (<= 1: every logit within it).
     """
     ref = reference.reshape(-1, reference.shape[-1]).astype(np.float64)
     cand = candidate.reshape(-1, candidate.shape[-1]).astype(np.float64)
@@ -27,27 +31,33 @@ def compare_logits(reference: np.ndarray, candidate: np.ndarray) -> dict[str, fl
     cosine = (ref * cand).sum(-1) / np.maximum(norms, 1e-30)
     log_p, log_q = _log_softmax(ref), _log_softmax(cand)
     kl = (np.exp(log_p) * (log_p - log_q)).sum(-1)
-    return {
+    metrics = {
         "max_abs": float(diff.max()),
         "mean_abs": float(diff.mean()),
         "cosine": float(cosine.min()),
         "top1": float((ref.argmax(-1) == cand.argmax(-1)).mean()),
         "kl": float(max(kl.max(), 0.0)),
     }
+    if atol is not None:
+        metrics["tol_ratio"] = float((diff / (atol + rtol * np.abs(ref))).max())
+    return metrics
 
 
 def merge_metrics(parts: list[tuple[dict[str, float], int]]) -> dict[str, float]:
     """compare_logits results of disjoint row sets (with their row counts) as one: the worst
-    max_abs, cosine and KL; mean_abs and top-1 weighted by rows."""
+    max_abs, tol_ratio, cosine and KL; mean_abs and top-1 weighted by rows."""
     rows = np.array([n for _, n in parts], dtype=np.float64)
 
     def weighted(key: str) -> float:
         return float(np.average([m[key] for m, _ in parts], weights=rows))
 
-    return {
+    merged = {
         "max_abs": max(m["max_abs"] for m, _ in parts),
         "mean_abs": weighted("mean_abs"),
         "cosine": min(m["cosine"] for m, _ in parts),
         "top1": weighted("top1"),
         "kl": max(m["kl"] for m, _ in parts),
     }
+    if all("tol_ratio" in m for m, _ in parts):
+        merged["tol_ratio"] = max(m["tol_ratio"] for m, _ in parts)
+    return merged

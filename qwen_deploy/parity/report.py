@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from .runner import ParityReport
 
-COLUMNS = ("max_abs", "mean_abs", "cosine", "top1", "kl")
+COLUMNS = ("max_abs", "mean_abs", "tol_ratio", "cosine", "top1", "kl")
 
 
 def _fmt(metrics: dict[str, float]) -> list[str]:
+    ratio = metrics.get("tol_ratio")
     return [
         f"{metrics['max_abs']:.3e}",
         f"{metrics['mean_abs']:.3e}",
+        "-" if ratio is None else f"{ratio:.3f}",
         f"{metrics['cosine']:.7f}",
         f"{metrics['top1']:.3f}",
         f"{metrics['kl']:.3e}",
@@ -22,7 +24,14 @@ def _rows(report: ParityReport) -> list[list[str]]:
         [s.case, "prefill" if s.step == 0 else str(s.step), *_fmt(s.metrics)] for s in report.steps
     ]
     rows.append(["ALL", "", *_fmt(report.summary)])
+    if report.torch_fp32_summary:
+        rows.append(["ALL, transformers fp32", "", *_fmt(report.torch_fp32_summary)])
     return rows
+
+
+def _title(report: ParityReport) -> str:
+    judge = "transformers" + (" float64" if report.reference_dtype == "float64" else "")
+    return f"{report.artifact} ({report.precision}) vs {judge} on {report.reference}"
 
 
 def verdict(report: ParityReport) -> str:
@@ -44,7 +53,7 @@ def table(report: ParityReport) -> str:
     tol = ", ".join(f"{k} {v:g}" for k, v in report.tolerance.to_dict().items() if v is not None)
     return "\n".join(
         [
-            f"parity: {report.artifact} ({report.precision}) vs transformers on {report.reference}",
+            f"parity: {_title(report)}",
             f"tolerance: {tol}",
             line(header),
             line(["-" * w for w in widths]),
@@ -59,9 +68,9 @@ def markdown(report: ParityReport) -> str:
     body = ["| " + " | ".join(r) + " |" for r in _rows(report)]
     return "\n".join(
         [
-            f"# Parity: {report.artifact}",
+            f"# Parity: {_title(report)}",
             "",
-            f"Reference: transformers on `{report.reference}`; precision {report.precision}.",
+            f"Precision {report.precision}.",
             "",
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),

@@ -3,6 +3,9 @@
 Each case is a prefill of its prompt(s) then N decode steps that feed both sides the reference's
 greedy token, so the candidate is always judged on the reference's trajectory. The batch case
 mixes prompt lengths with left padding; only real (unpadded) positions are compared.
+
+With a float64 reference the verdict is against exact arithmetic, and transformers' own float32
+forward is measured against it too (`torch_fp32`), so a report shows who is off.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from ..errors import QwenDeployError
 from ..manifest import Manifest
 from ..serve.onnxruntime_backend import OnnxRuntimeBackend
 from ..serve.padding import left_pad
-from .metrics import compare_logits, merge_metrics
+from .metrics import merge_metrics
 from .presets import PRESETS, Tolerance, preset_for
 from .prompts import load_prompts
 from .reference import TorchReference, chat_prompt_ids
@@ -29,6 +32,7 @@ class StepResult:
     step: int  # 0 = prefill, 1.. = decode steps
     metrics: dict[str, float]
     rows: int  # compared logit rows (positions)
+    torch_fp32: dict[str, float] | None = None  # transformers float32 vs a float64 reference
 
 
 @dataclass
@@ -38,12 +42,20 @@ class ParityReport:
     precision: str
     preset: str
     tolerance: Tolerance
+    reference_dtype: str = "float32"
     steps: list[StepResult] = field(default_factory=list)
 
     @property
     def summary(self) -> dict[str, float]:
         """Worst case over every step (top1 is the row-weighted mean agreement)."""
         return merge_metrics([(s.metrics, s.rows) for s in self.steps])
+
+    @property
+    def torch_fp32_summary(self) -> dict[str, float] | None:
+        """transformers float32 against the float64 reference, when there is one."""
+        if self.reference_dtype != "float64":
+            return None
+        return merge_metrics([(s.torch_fp32, s.rows) for s in self.steps])
 
     @property
     def failures(self) -> list[str]:
@@ -59,6 +71,7 @@ class ParityReport:
             self.steps,
             key=lambda s: (
                 len(self.tolerance.failures(s.metrics)),
+                s.metrics.get("tol_ratio", 0.0),
                 s.metrics["max_abs"],
                 -s.metrics["cosine"],
             ),
@@ -66,9 +79,10 @@ class ParityReport:
 
     def to_dict(self) -> dict:
         worst = self.worst_step()
-        return {
+        data = {
             "artifact": self.artifact,
             "reference": self.reference,
+            "reference_dtype": self.reference_dtype,
             "precision": self.precision,
             "preset": self.preset,
             "tolerance": self.tolerance.to_dict(),
@@ -77,35 +91,57 @@ class ParityReport:
             "summary": self.summary,
             "worst": {"case": worst.case, "step": worst.step, **worst.metrics},
             "steps": [
-                {"case": s.case, "step": s.step, "rows": s.rows, **s.metrics} for s in self.steps
+                {"case": s.case, "step": s.step, "rows": s.rows, **s.metrics}
+                | ({"torch_fp32": s.torch_fp32} if s.torch_fp32 else {})
+                for s in self.steps
             ],
         }
+        if self.torch_fp32_summary:
+            data["torch_fp32_summary"] = self.torch_fp32_summary
+        return data
+
+
+@dataclass
+class _Sides:
+    """What one case runs: the judge, the candidate, and transformers float32 when the judge
+    is float64."""
+
+    reference: TorchReference
+    candidate: OnnxRuntimeBackend
+    tolerance: Tolerance
+    torch_fp32: TorchReference | None = None
 
 
 def _run_case(
-    name: str,
-    rows: list[list[int]],
-    steps: int,
-    ref: TorchReference,
-    backend: OnnxRuntimeBackend,
-    pad_id: int,
+    name: str, rows: list[list[int]], steps: int, sides: _Sides, pad_id: int
 ) -> list[StepResult]:
     ids, mask, positions = left_pad(rows, pad_id)
-    ref.reset()
-    cache = backend.new_cache(len(rows))
-    ref_logits = ref.forward(ids, mask, positions)
-    cand_logits = backend.forward(ids, mask, positions, cache)
-    valid = mask.astype(bool)
-    results = [
-        StepResult(name, 0, compare_logits(ref_logits[valid], cand_logits[valid]), int(valid.sum()))
-    ]
-    for step in range(1, steps + 1):
-        next_ids = ref_logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+    shadow = sides.torch_fp32
+    sides.reference.reset()
+    if shadow:
+        shadow.reset()
+    cache = sides.candidate.new_cache(len(rows))
+    keep = mask.astype(bool)  # prefill: real positions only
+    results = []
+    for step in range(steps + 1):
+        ref = sides.reference.forward(ids, mask, positions)
+        cand = sides.candidate.forward(ids, mask, positions, cache)
+        fp32 = shadow.forward(ids, mask, positions) if shadow else None
+        ref_rows, cand_rows = (ref[keep], cand[keep]) if step == 0 else (ref, cand)
+        results.append(
+            StepResult(
+                name,
+                step,
+                sides.tolerance.measure(ref_rows, cand_rows),
+                len(ref_rows.reshape(-1, ref.shape[-1])),
+                sides.tolerance.measure(ref_rows, fp32[keep] if step == 0 else fp32)
+                if shadow
+                else None,
+            )
+        )
+        ids = ref[:, -1].argmax(-1)[:, None].astype(np.int64)
         mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
         positions = positions[:, -1:] + 1
-        ref_logits = ref.forward(next_ids, mask, positions)
-        cand_logits = backend.forward(next_ids, mask, positions, cache)
-        results.append(StepResult(name, step, compare_logits(ref_logits, cand_logits), len(rows)))
     return results
 
 
@@ -120,10 +156,13 @@ def run_parity(
     overrides: dict[str, float | None] | None = None,
     progress: bool = True,
     token_rows: list[list[int]] | None = None,
+    reference_dtype: str = "float32",
 ) -> ParityReport:
     """Compare `artifact` with transformers on `reference` over every prompt and a padded batch.
 
     `token_rows` replaces the prompts with ready token ids (models without a tokenizer).
+    `reference_dtype` float64 judges against exact arithmetic and also measures transformers'
+    float32 forward against it.
     """
     manifest = Manifest.load(artifact)
     preset = preset or preset_for(manifest.precision, (manifest.quantization or {}).get("mode"))
@@ -131,13 +170,18 @@ def run_parity(
         raise QwenDeployError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     tolerance = PRESETS[preset].override(**(overrides or {}))
     rows = token_rows or chat_prompt_ids(reference, load_prompts(prompts_file))
-    backend = OnnxRuntimeBackend(artifact, provider=provider)
-    ref = TorchReference(reference)
-    pad = manifest.pad_id
-    report = ParityReport(str(artifact), str(reference), manifest.precision, preset, tolerance)
+    sides = _Sides(
+        TorchReference(reference, reference_dtype),
+        OnnxRuntimeBackend(artifact, provider=provider),
+        tolerance,
+        TorchReference(reference) if reference_dtype == "float64" else None,
+    )
+    report = ParityReport(
+        str(artifact), str(reference), manifest.precision, preset, tolerance, reference_dtype
+    )
     cases = [(f"prompt {i + 1}", [r]) for i, r in enumerate(rows)]
     if batch and len(rows) > 1:
         cases.append((f"batch of {len(rows)} (left-padded)", rows))
     for name, case_rows in tqdm(cases, desc="parity", unit="case", disable=not progress):
-        report.steps.extend(_run_case(name, case_rows, steps, ref, backend, pad))
+        report.steps.extend(_run_case(name, case_rows, steps, sides, manifest.pad_id))
     return report
