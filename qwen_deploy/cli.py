@@ -577,6 +577,13 @@ def chat(
 )
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, help="onnxruntime intra-op threads.")
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1024),
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="Larger request bodies get 413 before they are parsed.",
+)
 def serve(
     artifact: Path,
     host: str,
@@ -586,6 +593,7 @@ def serve(
     max_batch: int,
     provider: str,
     threads: int | None,
+    max_body_bytes: int,
 ) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API with continuous batching."""
     from .serve.server import serve as run_server
@@ -599,6 +607,7 @@ def serve(
         max_batch=max_batch,
         provider=provider,
         threads=threads,
+        max_body_bytes=max_body_bytes,
     )
 
 

@@ -49,13 +49,17 @@ def _port_is_free(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def running_server(engine: BatchEngine, name: str, api_key: str | None = None) -> Iterator[str]:
+def running_server(
+    engine: BatchEngine, name: str, api_key: str | None = None, **app_options
+) -> Iterator[str]:
     """uvicorn in a thread on a free localhost port; stopped, port freed, engine idle at exit."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds its own
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, name, api_key), log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, name, api_key, **app_options), log_level="warning")
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 30
@@ -315,16 +319,17 @@ def test_client_disconnect_frees_its_slot(served):
         received = [next(lines) for _ in range(4)]  # two data events and their blank lines
         assert received[0].startswith("data: ")
         assert engine.active == 1
-    _wait_idle(engine)
+    wait_idle(engine)
     assert engine.stats["cancelled"] == cancelled + 1
     # a non-streaming client that gives up is noticed too
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(served.url + "/v1/chat/completions", json={**body, "stream": False}, timeout=0.5)
-    _wait_idle(engine)
+    wait_idle(engine)
     assert engine.stats["cancelled"] == cancelled + 2
 
 
-def _wait_idle(engine: BatchEngine) -> None:
+def wait_idle(engine: BatchEngine) -> None:
+    """Finished or cancelled requests leave the engine between steps: wait for the last one."""
     deadline = time.time() + 20
     while engine.active and time.time() < deadline:
         time.sleep(0.05)

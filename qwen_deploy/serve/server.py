@@ -30,6 +30,7 @@ from .engine import BatchEngine, EngineStream
 from .generator import ContextLengthError
 from .openai_schema import (
     ChatCompletionRequest,
+    ChatMessage,
     CompletionRequest,
     SamplingFields,
     error_body,
@@ -38,6 +39,15 @@ from .sampling import SamplingParams
 from .sequence import StreamDelta
 
 API_KEY_ENV = "QWEN_DEPLOY_API_KEY"
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a full 32k-token context is ~130 KB of text
+# OpenAI's "developer" role is its newer name for "system"; chat templates know only these four
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 async def _events(
@@ -74,6 +84,52 @@ class OpenAIError(Exception):
     ):
         super().__init__(message)
         self.status, self.body = status, error_body(message, type_, param, code)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before anything parses it.
+
+    A declared Content-Length is checked up front; otherwise the body is read (up to the limit)
+    and replayed to the app, so a chunked upload cannot get past the limit either.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, scope, receive, send) -> None:
+        body = error_body(
+            f"the request body is larger than this server's limit of {self.limit} bytes "
+            "(serve --max-body-bytes).",
+            code="request_too_large",
+        )
+        await JSONResponse(body, 413)(scope, receive, send)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body arrived
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later reads watch for the client disconnecting
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
 def _param_of(error: QwenDeployError) -> str | None:
@@ -156,7 +212,7 @@ class OpenAIServer:
         limit = body.max_completion_tokens
         params = self.sampling_params(body, body.max_tokens if limit is None else limit)
         try:
-            messages = [m.for_template() for m in body.messages]
+            messages = [_templated(i, m) for i, m in enumerate(body.messages)]
             prompt_ids = self.generator.prompt_ids(
                 messages=messages, tools=body.tools, **(body.chat_template_kwargs or {})
             )
@@ -268,6 +324,18 @@ class OpenAIServer:
         }
 
 
+def _templated(index: int, message: ChatMessage) -> dict[str, Any]:
+    """A message for the chat template; a role the template does not know is refused."""
+    if message.role not in ROLES:
+        raise OpenAIError(
+            400,
+            f"messages[{index}] has the unknown role {message.role!r}; use one of "
+            f"{', '.join(ROLES)}.",
+            param=f"messages.{index}.role",
+        )
+    return {**message.for_template(), "role": ROLES[message.role]}
+
+
 def _usage(stream: EngineStream, completion_tokens: int) -> dict:
     return {
         "prompt_tokens": stream.prompt_tokens,
@@ -312,7 +380,12 @@ def _api_key_check(api_key: str | None) -> Callable[[Request], None]:
     return check
 
 
-def create_app(engine: BatchEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+def create_app(
+    engine: BatchEngine,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops the engine's worker thread."""
     server = OpenAIServer(engine, model_name)
 
@@ -323,6 +396,7 @@ def create_app(engine: BatchEngine, model_name: str, api_key: str | None = None)
         engine.close()
 
     app = FastAPI(title="qwen-deploy", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.state.server = server
     auth = [Depends(_api_key_check(api_key))]
 
@@ -396,6 +470,7 @@ def serve(
     max_batch: int = 8,
     provider: str = "cpu",
     threads: int | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
 ) -> None:
     """Load the artifact and serve it until interrupted."""
     import uvicorn
@@ -413,7 +488,7 @@ def serve(
         )
     print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch})", file=sys.stderr)
     uvicorn.run(
-        create_app(engine, name, api_key),
+        create_app(engine, name, api_key, max_body_bytes),
         host=host,
         port=port,
         log_level="info",
