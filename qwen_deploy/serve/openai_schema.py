@@ -35,7 +35,10 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    logprobs: Any = None
+
+    def requested_logprobs(self) -> int | None:
+        """How many top alternatives each token's logprobs should list; None: no logprobs."""
+        return None
 
     def sampling_overrides(self) -> dict[str, Any]:
         """Keyword overrides for SamplingParams.from_defaults (None keeps the default)."""
@@ -51,6 +54,7 @@ class SamplingFields(BaseModel):
             "max_tokens": self.max_tokens,
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
             "stop_token_ids": self.stop_token_ids,
+            "logprobs": self.requested_logprobs(),
         }
 
 
@@ -85,13 +89,26 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+
+    def requested_logprobs(self) -> int | None:
+        if not self.logprobs:
+            if self.top_logprobs is not None:
+                raise ValueError("top_logprobs needs logprobs: true.")
+            return None
+        return self.top_logprobs or 0
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
+    logprobs: int | None = None
     best_of: int | None = None
     suffix: str | None = None
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 def error_body(

@@ -43,6 +43,7 @@ class SamplingParams:
     max_tokens: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    logprobs: int | None = None  # None: off; k: the sampled token's and the top k alternatives'
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -106,10 +107,39 @@ class SamplingParams:
             raise QwenDeployError(f"stop must be a list of non-empty strings, got {self.stop!r}.")
         for token in self.stop_token_ids:
             _integer("stop_token_ids", token, "a list of integers >= 0", lambda v: v >= 0)
+        if self.logprobs is not None:
+            _integer("logprobs", self.logprobs, f"an integer in [0, {MAX_LOGPROBS}]", _logprobs_ok)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+
+
+def _logprobs_ok(value: int) -> bool:
+    return 0 <= value <= MAX_LOGPROBS
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability and the top alternatives', from the raw logits."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, logprob), most likely first
+
+
+def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    """log-softmax of the model's logits before penalties and warpers, as vLLM and OpenAI report
+    them: what the model thinks, not what the sampling settings made of it."""
+    x = np.asarray(logits, np.float64)
+    shifted = x - x.max()
+    logp = shifted - np.log(np.exp(shifted).sum())
+    best = np.argpartition(-logp, top)[:top] if 0 < top < len(logp) else np.arange(top)
+    best = best[np.argsort(-logp[best], kind="stable")]
+    return TokenLogprob(int(token), float(logp[token]), [(int(i), float(logp[i])) for i in best])
 
 
 def _number(name: str, value, valid: str, ok) -> None:
@@ -203,6 +233,7 @@ class Sampler:
         self._prompt_seen = np.unique(np.asarray(prompt_ids, np.int64))  # once, not per token
         self.generated: list[int] = []
         self.rng = np.random.default_rng(params.seed)
+        self.last_logprob: TokenLogprob | None = None  # of the last token, when params ask
 
     def process(self, logits: np.ndarray) -> np.ndarray:
         """Processed logits [vocab] (float32, -inf = excluded) the next token is drawn from."""
@@ -239,4 +270,6 @@ class Sampler:
             pick = np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right")
             token = int(live[min(pick, len(live) - 1)])
         self.generated.append(token)
+        if self.params.logprobs is not None:
+            self.last_logprob = token_logprob(logits, token, self.params.logprobs)
         return token

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .reasoning import ReasoningParser, held_tail, prompt_opens_think
-from .sampling import Sampler, SamplingParams
+from .sampling import Sampler, SamplingParams, TokenLogprob
 from .tokenizer import IncrementalDecoder, Tokenizer
 
 PROMPT_TAIL = 8  # prompt tokens decoded to see whether the template opened <think>
@@ -26,6 +26,7 @@ class StreamDelta:
     content: str
     reasoning_content: str
     finish_reason: str | None  # "stop" | "length" | None
+    logprob: TokenLogprob | None = None  # when the request asked for logprobs
 
 
 class SequenceState:
@@ -98,4 +99,5 @@ class SequenceState:
         self.text += text
         self.content += content
         self.reasoning_content += reasoning
-        return StreamDelta(token_id, text, content, reasoning, reason)
+        logprob = self.sampler.last_logprob if self.params.logprobs is not None else None
+        return StreamDelta(token_id, text, content, reasoning, reason, logprob)

@@ -35,7 +35,7 @@ from .openai_schema import (
     SamplingFields,
     error_body,
 )
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprob
 from .sequence import StreamDelta
 
 API_KEY_ENV = "QWEN_DEPLOY_API_KEY"
@@ -185,11 +185,12 @@ class OpenAIServer:
                 "per request (n=1); send several requests instead.",
                 param="n",
             )
-        if body.logprobs:
-            raise OpenAIError(400, "logprobs are not supported by this server.", param="logprobs")
 
     def sampling_params(self, body: SamplingFields, max_tokens: int | None) -> SamplingParams:
-        overrides = body.sampling_overrides()
+        try:
+            overrides = body.sampling_overrides()
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param="top_logprobs") from e
         overrides["max_tokens"] = max_tokens
         try:
             return SamplingParams.from_defaults(self.generator.manifest, **overrides)
@@ -244,21 +245,54 @@ class OpenAIServer:
                 {
                     "index": 0,
                     "message": message,
-                    "logprobs": None,
+                    "logprobs": self._chat_logprobs(deltas, params),
                     "finish_reason": deltas[-1].finish_reason if deltas else None,
                 }
             ],
             "usage": _usage(stream, len(deltas)),
         }
 
-    @staticmethod
-    def _chat_choice(d: StreamDelta, index: int) -> dict:
+    def _chat_choice(self, d: StreamDelta, index: int) -> dict:
         delta: dict[str, Any] = {"role": "assistant"} if index == 0 else {}
         if d.reasoning_content:
             delta["reasoning_content"] = d.reasoning_content
         if d.content or not d.reasoning_content:
             delta["content"] = d.content
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": d.finish_reason}
+        logprobs = {"content": [self._token_entry(d.logprob)]} if d.logprob else None
+        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish_reason}
+
+    def _token_text(self, token_id: int) -> tuple[str, list[int]]:
+        raw = self.generator.tokenizer.token_bytes(token_id)
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def _token_entry(self, lp: TokenLogprob) -> dict:
+        """One token of chat logprobs.content, OpenAI's shape."""
+        text, raw = self._token_text(lp.token_id)
+        top = []
+        for token_id, logprob in lp.top:
+            alt_text, alt_raw = self._token_text(token_id)
+            top.append({"token": alt_text, "logprob": logprob, "bytes": alt_raw})
+        return {"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top}
+
+    def _chat_logprobs(self, deltas: list[StreamDelta], params: SamplingParams) -> dict | None:
+        if params.logprobs is None:
+            return None
+        return {"content": [self._token_entry(d.logprob) for d in deltas if d.logprob]}
+
+    def _completion_logprobs(self, deltas: list[StreamDelta], offset: int = 0) -> dict | None:
+        """Completions' logprobs shape: parallel lists, top alternatives as {token: logprob}."""
+        tokens = [d.logprob for d in deltas if d.logprob]
+        if not tokens:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for lp in tokens:
+            text = self._token_text(lp.token_id)[0]
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp.logprob)
+            out["top_logprobs"].append({self._token_text(i)[0]: v for i, v in lp.top})
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
 
     async def completions(self, body: CompletionRequest, request: Request):
         self.check_common(body)
@@ -292,7 +326,7 @@ class OpenAIServer:
         }
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _events(stream, meta, include_usage, self._completion_choice)
+            events = _events(stream, meta, include_usage, self._completion_chunks())
             return _EngineSSE(events, stream)
         deltas = await _collect(stream, request)
         return {
@@ -301,16 +335,30 @@ class OpenAIServer:
                 {
                     "index": 0,
                     "text": "".join(d.text for d in deltas),
-                    "logprobs": None,
+                    "logprobs": self._completion_logprobs(deltas),
                     "finish_reason": deltas[-1].finish_reason if deltas else None,
                 }
             ],
             "usage": _usage(stream, len(deltas)),
         }
 
-    @staticmethod
-    def _completion_choice(d: StreamDelta, index: int) -> dict:
-        return {"index": 0, "text": d.text, "logprobs": None, "finish_reason": d.finish_reason}
+    def _completion_chunks(self) -> Callable[[StreamDelta, int], dict]:
+        """The choice of each completion stream chunk; token offsets run on across chunks."""
+        offset = 0
+
+        def choice(d: StreamDelta, index: int) -> dict:
+            nonlocal offset
+            logprobs = self._completion_logprobs([d], offset)
+            if logprobs:
+                offset += len(logprobs["tokens"][0])
+            return {
+                "index": 0,
+                "text": d.text,
+                "logprobs": logprobs,
+                "finish_reason": d.finish_reason,
+            }
+
+        return choice
 
     def models(self) -> dict:
         return {"object": "list", "data": [self.model_card()]}

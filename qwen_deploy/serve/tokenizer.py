@@ -8,6 +8,7 @@ holds text back until its last character is complete.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -103,6 +104,32 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a token can hold part of a UTF-8 character, so its
+        text alone can be wrong): byte-level BPE pieces map back through GPT-2's byte alphabet,
+        added tokens are their own text."""
+        piece = self._tok.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        if int(token_id) in self._added_ids:
+            return piece.encode()
+        return bytes(_BYTE_OF_CHAR[c] for c in piece)
+
+    @functools.cached_property
+    def _added_ids(self) -> set[int]:
+        return set(self._tok.get_added_tokens_decoder())
+
+
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """The printable character byte-level BPE writes for each byte (GPT-2's bytes_to_unicode)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    chars = printable + [256 + n for n in range(len(others))]
+    return {chr(c): b for c, b in zip(chars, printable + others, strict=True)}
+
+
+_BYTE_OF_CHAR = _gpt2_byte_alphabet()
 
 
 def _add_declared_tokens(tok: HFTokenizer, config: dict, special: dict[str, str]) -> None:
