@@ -6,6 +6,7 @@ extra options (user, logit_bias=None, ...) keep working.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -69,8 +70,19 @@ class ChatMessage(BaseModel):
     tool_call_id: str | None = None
 
     def for_template(self) -> dict[str, Any]:
-        """The message as a chat template expects it: text parts joined into one string."""
+        """The message as a chat template expects it: text parts joined into one string (and ""
+        for none: an assistant turn that only calls tools has null content, which templates
+        concatenate), tool call arguments as objects (templates write them with tojson; OpenAI
+        sends JSON text)."""
         message = self.model_dump(exclude_none=True)
+        message.setdefault("content", "")
+        for call in message.get("tool_calls", []):
+            function = call.get("function") or {}
+            if isinstance(function.get("arguments"), str):
+                try:
+                    function["arguments"] = json.loads(function["arguments"])
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"tool call arguments are not valid JSON ({e}).") from e
         if isinstance(self.content, list):
             texts = []
             for part in self.content:
@@ -88,6 +100,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None

@@ -37,6 +37,7 @@ from .openai_schema import (
 )
 from .sampling import SamplingParams, TokenLogprob
 from .sequence import StreamDelta
+from .tool_calls import ToolCall, ToolCallStream, plan_tools
 
 API_KEY_ENV = "QWEN_DEPLOY_API_KEY"
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a full 32k-token context is ~130 KB of text
@@ -213,10 +214,14 @@ class OpenAIServer:
         limit = body.max_completion_tokens
         params = self.sampling_params(body, body.max_tokens if limit is None else limit)
         try:
+            plan = plan_tools(body.tools, body.tool_choice)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param="tool_choice") from e
+        try:
             messages = [_templated(i, m) for i, m in enumerate(body.messages)]
             prompt_ids = self.generator.prompt_ids(
-                messages=messages, tools=body.tools, **(body.chat_template_kwargs or {})
-            )
+                messages=messages, tools=plan.tools, **(body.chat_template_kwargs or {})
+            ) + self.generator.tokenizer.encode(plan.prefill)
         except (ValueError, TypeError, QwenDeployError) as e:
             raise OpenAIError(400, str(e), param="messages") from e
         reasoning = self.generator.reasoning_for(prompt_ids)
@@ -229,13 +234,16 @@ class OpenAIServer:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             head = {**meta, "object": "chat.completion.chunk"}
-            events = _events(stream, head, include_usage, self._chat_choice)
+            events = _events(stream, head, include_usage, self._chat_chunks(plan.stream()))
             return _EngineSSE(events, stream)
         deltas = await _collect(stream, request)
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": "".join(d.content for d in deltas),
-        }
+        finish = deltas[-1].finish_reason if deltas else None
+        content, calls = _answer("".join(d.content for d in deltas), plan.stream())
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["content"] = content or None
+            message["tool_calls"] = [c.to_openai() for c in calls]
+            finish = "tool_calls"
         if stream.state.saw_reasoning:
             message["reasoning_content"] = "".join(d.reasoning_content for d in deltas)
         return {
@@ -246,20 +254,38 @@ class OpenAIServer:
                     "index": 0,
                     "message": message,
                     "logprobs": self._chat_logprobs(deltas, params),
-                    "finish_reason": deltas[-1].finish_reason if deltas else None,
+                    "finish_reason": finish,
                 }
             ],
             "usage": _usage(stream, len(deltas)),
         }
 
-    def _chat_choice(self, d: StreamDelta, index: int) -> dict:
-        delta: dict[str, Any] = {"role": "assistant"} if index == 0 else {}
-        if d.reasoning_content:
-            delta["reasoning_content"] = d.reasoning_content
-        if d.content or not d.reasoning_content:
-            delta["content"] = d.content
-        logprobs = {"content": [self._token_entry(d.logprob)]} if d.logprob else None
-        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": d.finish_reason}
+    def _chat_chunks(self, tools: ToolCallStream | None) -> Callable[[StreamDelta, int], dict]:
+        """The choice of each chat stream chunk; with tools, text that may be a call is held
+        and the calls go out whole in the last chunk."""
+
+        def choice(d: StreamDelta, index: int) -> dict:
+            content, calls = d.content, []
+            if tools is not None:
+                content = tools.push(d.content)
+                if d.finish_reason:
+                    held, calls = tools.finish()
+                    content += held
+            delta: dict[str, Any] = {"role": "assistant"} if index == 0 else {}
+            if d.reasoning_content:
+                delta["reasoning_content"] = d.reasoning_content
+            if content or not d.reasoning_content:
+                delta["content"] = content
+            if calls:
+                delta["tool_calls"] = [c.to_openai(i) for i, c in enumerate(calls)]
+            return {
+                "index": 0,
+                "delta": delta,
+                "logprobs": {"content": [self._token_entry(d.logprob)]} if d.logprob else None,
+                "finish_reason": "tool_calls" if calls else d.finish_reason,
+            }
+
+        return choice
 
     def _token_text(self, token_id: int) -> tuple[str, list[int]]:
         raw = self.generator.tokenizer.token_bytes(token_id)
@@ -370,6 +396,15 @@ class OpenAIServer:
             "created": self.created,
             "owned_by": "qwen-deploy",
         }
+
+
+def _answer(content: str, tools: ToolCallStream | None) -> tuple[str, list[ToolCall]]:
+    """A whole answer's content and the tool calls in it (the stream's rules, in one go)."""
+    if tools is None:
+        return content, []
+    sent = tools.push(content)
+    held, calls = tools.finish()
+    return sent + held, calls
 
 
 def _templated(index: int, message: ChatMessage) -> dict[str, Any]:

@@ -370,6 +370,9 @@ presence_penalty, frequency_penalty, seed, max_tokens, stop, stop_token_ids; als
 generation_config), `stream` (bool). Outputs: `text_output`, `content`, `reasoning_content`,
 `token_ids`, `finish_reason` ("stop" / "length", empty on intermediate stream responses),
 `prompt_tokens`. Streaming sends one response per generated token with the deltas.
+The model renders `tools` into the prompt, but parsing its answer into OpenAI `tool_calls`,
+`tool_choice`, `logprobs` and the request limits are features of `qwen-deploy serve` (HTTP):
+here a call comes back as the model wrote it, in `content`.
 
 HTTP, one response:
 
