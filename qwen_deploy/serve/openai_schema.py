@@ -11,6 +11,16 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .structured import grammar_for
+
+
+class FieldError(ValueError):
+    """A request field whose value cannot be served; `param` names it."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -36,6 +46,7 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
+    response_format: dict[str, Any] | None = None
 
     def requested_logprobs(self) -> int | None:
         """How many top alternatives each token's logprobs should list; None: no logprobs."""
@@ -56,7 +67,14 @@ class SamplingFields(BaseModel):
             "stop": [self.stop] if isinstance(self.stop, str) else self.stop,
             "stop_token_ids": self.stop_token_ids,
             "logprobs": self.requested_logprobs(),
+            "grammar": self._grammar(),
         }
+
+    def _grammar(self) -> str | None:
+        try:
+            return grammar_for(self.response_format)
+        except ValueError as e:
+            raise FieldError("response_format", str(e)) from e
 
 
 class ChatMessage(BaseModel):
@@ -108,7 +126,7 @@ class ChatCompletionRequest(SamplingFields):
     def requested_logprobs(self) -> int | None:
         if not self.logprobs:
             if self.top_logprobs is not None:
-                raise ValueError("top_logprobs needs logprobs: true.")
+                raise FieldError("top_logprobs", "top_logprobs needs logprobs: true.")
             return None
         return self.top_logprobs or 0
 

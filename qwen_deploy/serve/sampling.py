@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import QwenDeployError
 from ..manifest import Manifest
+from .structured import Constraint
 
 # transformers' values for what a generation_config.json leaves unset
 TRANSFORMERS_DEFAULTS = {
@@ -44,6 +45,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k: the sampled token's and the top k alternatives'
+    grammar: str | None = None  # llguidance grammar the output must follow (structured.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -228,8 +230,11 @@ def min_p(logits: np.ndarray, p: float) -> np.ndarray:
 class Sampler:
     """Picks each next token of one sequence; remembers prompt and generated ids for penalties."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int]):
+    def __init__(
+        self, params: SamplingParams, prompt_ids: list[int], constraint: Constraint | None = None
+    ):
         self.params = params
+        self.constraint = constraint
         self._prompt_seen = np.unique(np.asarray(prompt_ids, np.int64))  # once, not per token
         self.generated: list[int] = []
         self.rng = np.random.default_rng(params.seed)
@@ -239,6 +244,8 @@ class Sampler:
         """Processed logits [vocab] (float32, -inf = excluded) the next token is drawn from."""
         p = self.params
         x = np.array(logits, dtype=np.float32)  # a copy: callers' logits stay untouched
+        if self.constraint is not None:  # first, so no warper can leave only forbidden tokens
+            self.constraint.apply(x)
         if p.repetition_penalty != 1.0:
             seen = np.concatenate([self._prompt_seen, np.asarray(self.generated, np.int64)])
             x = repetition_penalty(x, seen, p.repetition_penalty)
@@ -270,6 +277,8 @@ class Sampler:
             pick = np.searchsorted(cumulative, self.rng.random() * cumulative[-1], side="right")
             token = int(live[min(pick, len(live) - 1)])
         self.generated.append(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         if self.params.logprobs is not None:
             self.last_logprob = token_logprob(logits, token, self.params.logprobs)
         return token

@@ -37,7 +37,8 @@ class SequenceState:
     ):
         self.prompt_ids = list(prompt_ids)
         self.params = params
-        self.sampler = Sampler(params, self.prompt_ids)
+        constraint = tokenizer.constraint(params.grammar) if params.grammar else None
+        self.sampler = Sampler(params, self.prompt_ids, constraint)
         self.completion_ids: list[int] = []
         self.finished = False
         self.finish_reason: str | None = None

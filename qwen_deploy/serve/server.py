@@ -32,6 +32,7 @@ from .openai_schema import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    FieldError,
     SamplingFields,
     error_body,
 )
@@ -190,8 +191,8 @@ class OpenAIServer:
     def sampling_params(self, body: SamplingFields, max_tokens: int | None) -> SamplingParams:
         try:
             overrides = body.sampling_overrides()
-        except ValueError as e:
-            raise OpenAIError(400, str(e), param="top_logprobs") from e
+        except FieldError as e:
+            raise OpenAIError(400, str(e), param=e.param) from e
         overrides["max_tokens"] = max_tokens
         try:
             return SamplingParams.from_defaults(self.generator.manifest, **overrides)

@@ -16,6 +16,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import ArtifactError
+from .structured import Constraint, guidance_tokenizer
 
 # The named special tokens transformers passes to chat templates (its SPECIAL_TOKENS_ATTRIBUTES).
 NAMED_SPECIAL_TOKENS = (
@@ -115,6 +116,16 @@ class Tokenizer:
         if int(token_id) in self._added_ids:
             return piece.encode()
         return bytes(_BYTE_OF_CHAR[c] for c in piece)
+
+    def constraint(self, grammar: str) -> Constraint:
+        """A fresh grammar state for one sequence over this vocabulary."""
+        return Constraint(self._guidance, grammar)
+
+    @functools.cached_property
+    def _guidance(self):
+        """llguidance's view of this vocabulary (~1 s to build: once per tokenizer)."""
+        eos = self.token_to_id(self.special_tokens.get("eos_token", ""))
+        return guidance_tokenizer(self._tok.to_str(), eos)
 
     @functools.cached_property
     def _added_ids(self) -> set[int]:
