@@ -127,3 +127,29 @@ def test_bad_logprobs_requests_are_refused(served):
         error = response.json()["error"]
         assert error["param"] == param and words in error["message"], error
     assert served.client.chat.completions.create(**chat).usage.completion_tokens == 2
+
+
+def test_echo_returns_the_prompt_with_its_logprobs(served, tiny_artifact):
+    prompt = "Convertible bonds pay coupons"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 3, "temperature": 0, "echo": True}
+    plain = httpx.post(served.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert plain["text"].startswith(prompt) and plain["logprobs"] is None
+    scored = httpx.post(
+        served.url + "/v1/completions", json={**body, "logprobs": 2}, timeout=60
+    ).json()["choices"][0]
+    assert scored["text"] == plain["text"]
+    lp = scored["logprobs"]
+    prompt_ids = served.generator.prompt_ids(prompt=prompt)
+    completion = served.generator.generate(prompt=prompt, temperature=0, max_tokens=3).token_ids
+    ids = prompt_ids + completion
+    assert len(lp["tokens"]) == len(ids) and "".join(lp["tokens"]) == scored["text"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing predicts it
+    logp = teacher_forced_logprobs(tiny_artifact, ids[:1], ids[1:])
+    expected = [logp[i, token] for i, token in enumerate(ids[1:])]
+    assert lp["token_logprobs"][1:] == pytest.approx(expected, abs=1e-5)
+    assert all(len(top) == 2 for top in lp["top_logprobs"][1:])
+    # streamed: the first chunk carries the prompt, the offsets run on
+    streamed = served.client.completions.create(**body, logprobs=2, stream=True)
+    chunks = [c.choices[0] for c in streamed if c.choices]
+    assert "".join(c.text for c in chunks) == scored["text"]
+    assert [o for c in chunks for o in c.logprobs.text_offset] == lp["text_offset"]

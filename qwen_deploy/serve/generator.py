@@ -20,7 +20,7 @@ from .backend import Backend
 from .chat_template import ChatTemplate
 from .padding import left_pad
 from .reasoning import prompt_opens_think
-from .sampling import SamplingParams
+from .sampling import SamplingParams, TokenLogprob, token_logprob
 from .sequence import PROMPT_TAIL, SequenceState, StreamDelta
 from .tokenizer import Tokenizer
 
@@ -110,6 +110,16 @@ class Generator:
         if not ids:
             raise QwenDeployError("the prompt is empty; send at least one token.")
         return ids
+
+    def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[TokenLogprob]:
+        """Each prompt token's log-probability given the tokens before it (the first has none),
+        for `echo`: one prefill that keeps every position's logits, on a cache of its own."""
+        ids = np.array([prompt_ids], np.int64)
+        positions = np.arange(ids.shape[1])[None]
+        logits = self.backend.forward(ids, np.ones_like(ids), positions, self.backend.new_cache(1))
+        first = TokenLogprob(int(prompt_ids[0]), None, [])
+        rest = [token_logprob(logits[0, i - 1], prompt_ids[i], top) for i in range(1, len(ids[0]))]
+        return [first, *rest]
 
     def reasoning_for(self, prompt_ids: list[int]) -> bool:
         """Whether to split <think> blocks out of this prompt's output.

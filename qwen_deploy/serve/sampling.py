@@ -129,7 +129,7 @@ class TokenLogprob:
     """A sampled token's log-probability and the top alternatives', from the raw logits."""
 
     token_id: int
-    logprob: float
+    logprob: float | None  # None: the first prompt token, which nothing predicts
     top: list[tuple[int, float]]  # (token id, logprob), most likely first
 
 

@@ -306,9 +306,9 @@ class OpenAIServer:
             return None
         return {"content": [self._token_entry(d.logprob) for d in deltas if d.logprob]}
 
-    def _completion_logprobs(self, deltas: list[StreamDelta], offset: int = 0) -> dict | None:
-        """Completions' logprobs shape: parallel lists, top alternatives as {token: logprob}."""
-        tokens = [d.logprob for d in deltas if d.logprob]
+    def _completion_logprobs(self, tokens: list[TokenLogprob], offset: int = 0) -> dict | None:
+        """Completions' logprobs shape: parallel lists, top alternatives as {token: logprob};
+        an echoed first prompt token has null for both."""
         if not tokens:
             return None
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -316,7 +316,8 @@ class OpenAIServer:
             text = self._token_text(lp.token_id)[0]
             out["tokens"].append(text)
             out["token_logprobs"].append(lp.logprob)
-            out["top_logprobs"].append({self._token_text(i)[0]: v for i, v in lp.top})
+            top = {self._token_text(i)[0]: v for i, v in lp.top}
+            out["top_logprobs"].append(None if lp.logprob is None else top)
             out["text_offset"].append(offset)
             offset += len(text)
         return out
@@ -327,9 +328,8 @@ class OpenAIServer:
             raise OpenAIError(
                 400, "best_of must be 1 (or omitted) on this server.", param="best_of"
             )
-        if body.echo or body.suffix:
-            name = "echo" if body.echo else "suffix"
-            raise OpenAIError(400, f"{name} is not supported by this server.", param=name)
+        if body.suffix:
+            raise OpenAIError(400, "suffix is not supported by this server.", param="suffix")
         params = self.sampling_params(body, body.max_tokens)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -344,6 +344,15 @@ class OpenAIServer:
             prompt_ids = self.generator.prompt_ids(prompt=prompt)
         except QwenDeployError as e:
             raise OpenAIError(400, str(e), param="prompt") from e
+        echo_text, echo_logprobs = "", []
+        if body.echo:  # the prompt's text (and its tokens' logprobs) ahead of the completion
+            echo_text = (
+                prompt if isinstance(prompt, str) else self.generator.tokenizer.decode(prompt_ids)
+            )
+            if params.logprobs is not None:
+                echo_logprobs = await asyncio.to_thread(
+                    self.generator.prompt_logprobs, prompt_ids, params.logprobs
+                )
         stream = await self.submit(prompt_ids, params, False, "prompt")
         meta = {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -353,34 +362,42 @@ class OpenAIServer:
         }
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _events(stream, meta, include_usage, self._completion_chunks())
+            chunks = self._completion_chunks(echo_text, echo_logprobs)
+            events = _events(stream, meta, include_usage, chunks)
             return _EngineSSE(events, stream)
         deltas = await _collect(stream, request)
+        tokens = echo_logprobs + [d.logprob for d in deltas if d.logprob]
         return {
             **meta,
             "choices": [
                 {
                     "index": 0,
-                    "text": "".join(d.text for d in deltas),
-                    "logprobs": self._completion_logprobs(deltas),
+                    "text": echo_text + "".join(d.text for d in deltas),
+                    "logprobs": self._completion_logprobs(tokens),
                     "finish_reason": deltas[-1].finish_reason if deltas else None,
                 }
             ],
             "usage": _usage(stream, len(deltas)),
         }
 
-    def _completion_chunks(self) -> Callable[[StreamDelta, int], dict]:
-        """The choice of each completion stream chunk; token offsets run on across chunks."""
+    def _completion_chunks(
+        self, echo_text: str = "", echo_logprobs: list[TokenLogprob] | None = None
+    ) -> Callable[[StreamDelta, int], dict]:
+        """The choice of each completion stream chunk: the first carries the echoed prompt;
+        token offsets run on across chunks."""
         offset = 0
 
         def choice(d: StreamDelta, index: int) -> dict:
             nonlocal offset
-            logprobs = self._completion_logprobs([d], offset)
+            tokens = [d.logprob] if d.logprob else []
+            if index == 0:
+                tokens = (echo_logprobs or []) + tokens
+            logprobs = self._completion_logprobs(tokens, offset)
             if logprobs:
-                offset += len(logprobs["tokens"][0])
+                offset += sum(len(t) for t in logprobs["tokens"])
             return {
                 "index": 0,
-                "text": d.text,
+                "text": (echo_text if index == 0 else "") + d.text,
                 "logprobs": logprobs,
                 "finish_reason": d.finish_reason,
             }

@@ -18,7 +18,6 @@ import numpy as np
 
 from ..errors import QwenDeployError
 
-
 # one JSON layout, the one json.dumps writes and models imitate: free whitespace would let a
 # model pad an answer with blanks until max_tokens (a schema's "x-guidance" may still ask for it)
 JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
