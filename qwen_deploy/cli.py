@@ -470,6 +470,57 @@ def _sampling_options(command):
     return command
 
 
+def _speculative_options(command):
+    """Speculative decoding for generate and chat: the same output in fewer target forwards."""
+    options = [
+        click.option(
+            "--prompt-lookup",
+            is_flag=True,
+            help="Draft by n-gram lookup in the prompt and the text so far (no model): fast "
+            "when the answer copies its input, as code edits do.",
+        ),
+        click.option(
+            "--draft",
+            type=click.Path(path_type=Path),
+            help="Draft with this artifact (same tokenizer: e.g. the int8 artifact of the model).",
+        ),
+        click.option(
+            "--draft-tokens",
+            type=click.IntRange(1, 32),
+            default=6,
+            show_default=True,
+            help="Tokens drafted per target forward.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _speculation(
+    generator,
+    prompt_lookup: bool,
+    draft: Path | None,
+    draft_tokens: int,
+    provider: str,
+    threads: int | None,
+) -> dict:
+    """Generator.stream's drafter and draft_tokens for the chosen drafter (none: {})."""
+    from .serve.speculative import DraftModel, PromptLookup
+
+    if prompt_lookup and draft:
+        raise click.UsageError("choose one drafter: --prompt-lookup or --draft.")
+    if prompt_lookup:
+        return {"drafter": PromptLookup(), "draft_tokens": draft_tokens}
+    if draft:
+        from .serve.generator import open_backend
+
+        backend = open_backend(draft, provider=provider, threads=threads)
+        drafter = DraftModel(backend, generator.manifest.model.vocab_size)
+        return {"drafter": drafter, "draft_tokens": draft_tokens}
+    return {}
+
+
 def _generator_and_params(artifact: Path, provider: str, threads: int | None, sampling: dict):
     from .manifest import Manifest
     from .serve.generator import Generator
@@ -484,6 +535,7 @@ def _generator_and_params(artifact: Path, provider: str, threads: int | None, sa
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("prompt")
 @_sampling_options
+@_speculative_options
 @click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as JSON.")
 def generate(
@@ -492,6 +544,9 @@ def generate(
     provider: str,
     threads: int | None,
     system: str | None,
+    prompt_lookup: bool,
+    draft: Path | None,
+    draft_tokens: int,
     raw: bool,
     as_json: bool,
     **sampling,
@@ -500,16 +555,17 @@ def generate(
     import dataclasses
 
     generator, params = _generator_and_params(artifact, provider, threads, sampling)
+    speculation = _speculation(generator, prompt_lookup, draft, draft_tokens, provider, threads)
     if raw:
         request = {"prompt": prompt}
     else:
         system_turn = [{"role": "system", "content": system}] if system else []
         request = {"messages": [*system_turn, {"role": "user", "content": prompt}]}
     if as_json:
-        result = generator.generate(**request, params=params)
+        result = generator.generate(**request, params=params, **speculation)
         click.echo(json.dumps(dataclasses.asdict(result), ensure_ascii=False))
         return
-    for delta in generator.stream(**request, params=params):
+    for delta in generator.stream(**request, params=params, **speculation):
         if delta.reasoning_content:
             click.secho(delta.reasoning_content, nl=False, err=True, dim=True)
         click.echo(delta.content, nl=False)
@@ -519,13 +575,22 @@ def generate(
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @_sampling_options
+@_speculative_options
 def chat(
-    artifact: Path, provider: str, threads: int | None, system: str | None, **sampling
+    artifact: Path,
+    provider: str,
+    threads: int | None,
+    system: str | None,
+    prompt_lookup: bool,
+    draft: Path | None,
+    draft_tokens: int,
+    **sampling,
 ) -> None:
     """Interactive multi-turn chat with ARTIFACT (/exit or end of input quits, /reset clears)."""
     from .serve.chat import COMMANDS, chat_loop
 
     generator, params = _generator_and_params(artifact, provider, threads, sampling)
+    speculation = _speculation(generator, prompt_lookup, draft, draft_tokens, provider, threads)
     stdin = sys.stdin
     interactive = stdin.isatty()
     if interactive:
@@ -550,7 +615,7 @@ def chat(
         else:
             click.secho(text, nl=False, **styles.get(kind, {}))
 
-    chat_loop(generator, params, lines(), write, system=system)
+    chat_loop(generator, params, lines(), write, system=system, speculation=speculation)
 
 
 @main.command()

@@ -22,8 +22,11 @@ def chat_loop(
     lines: Iterable[str],
     write: Callable[[str, str], None],
     system: str | None = None,
+    speculation: dict | None = None,
 ) -> None:
-    """Answer each input line in turn; kinds written: reasoning, content, end, notice, error."""
+    """Answer each input line in turn; kinds written: reasoning, content, end, notice, error.
+
+    `speculation`: drafter and draft_tokens for Generator.stream (speculative decoding)."""
     history: list[dict] = [{"role": "system", "content": system}] if system else []
     for line in lines:
         text = line.strip()
@@ -41,7 +44,7 @@ def chat_loop(
         messages = [*history, {"role": "user", "content": text}]
         try:
             content = []
-            for delta in generator.stream(messages=messages, params=params):
+            for delta in generator.stream(messages=messages, params=params, **(speculation or {})):
                 if delta.reasoning_content:
                     write("reasoning", delta.reasoning_content)
                 if delta.content:

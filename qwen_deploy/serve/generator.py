@@ -22,6 +22,7 @@ from .padding import left_pad
 from .reasoning import prompt_opens_think
 from .sampling import SamplingParams, TokenLogprob, token_logprob
 from .sequence import PROMPT_TAIL, SequenceState, StreamDelta
+from .speculative import DRAFT_TOKENS, Drafter, SpeculativeStats, speculative_deltas
 from .tokenizer import Tokenizer
 
 
@@ -38,6 +39,7 @@ class GenerationResult:
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
+    speculative: dict | None = None  # acceptance statistics when a drafter was used
 
 
 def open_backend(
@@ -157,25 +159,46 @@ class Generator:
         prompt: str | list[int] | None = None,
         messages: list[dict] | None = None,
         params: SamplingParams | None = None,
+        drafter: Drafter | None = None,
+        draft_tokens: int = DRAFT_TOKENS,
+        stats: SpeculativeStats | None = None,
         **overrides,
     ) -> Iterator[StreamDelta]:
-        """Yield one StreamDelta per generated token; the last one has a finish_reason."""
+        """Yield one StreamDelta per generated token; the last one has a finish_reason.
+
+        With a `drafter` (speculative.py) up to `draft_tokens` tokens are drafted per target
+        forward: the same output, fewer forwards; `stats` (if given) counts the acceptance."""
         state = self._state(prompt, messages, params, overrides)
-        for deltas in self.run([state]):
-            yield deltas[0]
+        yield from self._one(state, drafter, draft_tokens, stats or SpeculativeStats())
 
     def generate(
         self,
         prompt: str | list[int] | None = None,
         messages: list[dict] | None = None,
         params: SamplingParams | None = None,
+        drafter: Drafter | None = None,
+        draft_tokens: int = DRAFT_TOKENS,
         **overrides,
     ) -> GenerationResult:
-        """The whole completion of one prompt."""
+        """The whole completion of one prompt (speculative with a `drafter`, as in stream)."""
         state = self._state(prompt, messages, params, overrides)
-        for _ in self.run([state]):
+        stats = SpeculativeStats()
+        for _ in self._one(state, drafter, draft_tokens, stats):
             pass
-        return _result(state)
+        result = _result(state)
+        if drafter is not None:
+            result.speculative = stats.to_dict()
+        return result
+
+    def _one(
+        self, state: SequenceState, drafter: Drafter | None, k: int, stats: SpeculativeStats
+    ) -> Iterator[StreamDelta]:
+        if drafter is None:
+            for deltas in self.run([state]):
+                yield deltas[0]
+            return
+        cache = self._new_cache([state], len(state.prompt_ids))
+        yield from speculative_deltas(self.backend, cache, state, drafter, k, stats)
 
     def generate_batch(
         self, prompts: list[list[int]], params: list[SamplingParams]

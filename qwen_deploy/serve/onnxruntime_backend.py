@@ -207,6 +207,17 @@ class OnnxRuntimeBackend:
         grown = self.bound_cache(arrays, cache.length, max(needed, 2 * cache.capacity))
         cache.values, cache.capacity = grown.values, grown.capacity
 
+    def truncate(self, cache: OrtKVCache, length: int) -> None:
+        """Forget every position from `length` on (draft tokens a verify step rejected)."""
+        if cache.values is None:
+            cache.arrays = {
+                k: np.ascontiguousarray(v[:, :, :length]) for k, v in cache.arrays.items()
+            }
+        elif not self.in_place:
+            arrays = {k: v[:, :, :length] for k, v in self.cache_arrays(cache).items()}
+            cache.values = self.bound_cache(arrays, length).values
+        cache.length = length  # in place, the next step overwrites what lies beyond
+
     def cache_arrays(self, cache: OrtKVCache) -> dict[str, np.ndarray]:
         """Host copies of a cache's tensors, [batch, kv_heads, length, head_dim] each."""
         if cache.values is None:
