@@ -8,7 +8,7 @@ DEMO := demo
 REAL_MODEL ?= $(HOME)/.cache/qwen-deploy/qwen2.5-coder-0.5b-instruct
 export QWEN_DEPLOY_REAL_MODEL := $(REAL_MODEL)
 
-.PHONY: setup real-model test demo lint format clean triton-env cpp-deps
+.PHONY: setup real-model test demo lint format clean triton-env cpp-deps interop-env
 
 $(BIN)/qwen-deploy: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -58,6 +58,20 @@ $(TRITON_ENV)/.ready: pyproject.toml
 	touch $@
 
 triton-env: $(TRITON_ENV)/.ready
+
+# Peers that load our artifacts as they are, each in its own venv (Optimum pins transformers
+# < 4.58; torch pinned to the local CPU build): tests/test_interop.py runs them.
+.venv-genai/.ready:
+	$(PY) -m venv .venv-genai
+	.venv-genai/bin/pip install -q onnxruntime-genai
+	touch $@
+
+.venv-optimum/.ready:
+	$(PY) -m venv .venv-optimum
+	.venv-optimum/bin/pip install -q torch==2.13.0 optimum-onnx onnxruntime
+	touch $@
+
+interop-env: .venv-genai/.ready .venv-optimum/.ready
 
 # Headers for the C++ example (examples/cpp): onnxruntime's and nlohmann/json from Debian packages.
 cpp-deps:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from ..artifact import check_output, copy_side_files, staged_output
 from ..checkpoint import Checkpoint, ModelSpec
 from ..errors import QwenDeployError
+from ..genai_config import write_genai_config
 from ..manifest import (
     ATTENTION_FORMS,
     LOGITS_TO_KEEP,
@@ -173,4 +174,5 @@ def export_checkpoint(
         copy_side_files(ckpt.path, tmp, copied)
         manifest = build_manifest(ckpt, precision, attention, [DATA_FILE], copied)
         manifest.save(tmp)
+        write_genai_config(manifest, tmp)
     return manifest

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..artifact import check_output, copy_side_files, staged_output
 from ..errors import ArtifactError, QwenDeployError
+from ..genai_config import write_genai_config
 from ..manifest import Manifest, producer_record
 from ..parity.prompts import load_prompts
 from .calibration import collect_absmax, load_calibration
@@ -95,6 +96,7 @@ def quantize_artifact(
         manifest.save(tmp)  # the quality run loads the new artifact through its manifest
         manifest.quality = quality_report(source, tmp, mode, held_out, progress=progress)
         manifest.save(tmp)
+        write_genai_config(manifest, tmp)
     return manifest
 
 
