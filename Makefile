@@ -34,7 +34,7 @@ demo: setup real-model
 	$(BIN)/qwen-deploy export $(REAL_MODEL)/checkpoint -o $(DEMO)/artifact --force
 	$(BIN)/qwen-deploy parity $(DEMO)/artifact --reference $(REAL_MODEL)/checkpoint --steps 8
 	@echo "--- streamed chat with Qwen2.5-Coder-0.5B-Instruct (greedy, its chat template) ---"
-	printf 'Write a Python function that tells whether a number is prime.\n' | \
+	printf 'Write a Python function is_prime(n). Reply with the code and a one-line example only.\n' | \
 		$(BIN)/qwen-deploy chat $(DEMO)/artifact --max-tokens 200
 
 lint: setup
