@@ -275,15 +275,24 @@ def inspect(artifact: Path, as_json: bool) -> None:
     "--calibration",
     type=click.Path(path_type=Path),
     default=None,
-    help="SmoothQuant calibration prompts: .txt (one per line) or .jsonl ({'text': ...} "
-    "or {'messages': [...]}); default: the packaged finance/reasoning set.",
+    help="Calibration prompts: .txt (one per line) or .jsonl ({'text': ...} or "
+    "{'messages': [...]}); default: the packaged set (finance, reasoning, code and prose "
+    "chats, English and Chinese).",
 )
 @click.option(
     "--alpha",
-    type=float,
-    default=0.5,
+    default="auto",
     show_default=True,
-    help="SmoothQuant migration strength in [0, 1].",
+    callback=lambda ctx, param, value: _alpha(value),
+    help="SmoothQuant migration strength in [0, 1] for every layer; auto: int8-smoothquant "
+    "searches one per layer on the calibration set, int8-weight uses 0.5.",
+)
+@click.option(
+    "--keep-float",
+    type=float,
+    default=None,
+    help="int8-smoothquant: fraction of the linear weights that may stay in floating point, "
+    "the layers INT8 hurts most first (default 0.08; 0: every layer INT8).",
 )
 @click.option(
     "--samples",
@@ -307,7 +316,8 @@ def quantize(
     out: Path,
     mode: str,
     calibration: Path | None,
-    alpha: float,
+    alpha: float | None,
+    keep_float: float | None,
     samples: int,
     quality_prompts: Path | None,
     force: bool,
@@ -316,8 +326,9 @@ def quantize(
 ) -> None:
     """Quantize an fp32/fp16 ARTIFACT to INT8 and report the quality cost against it.
 
-    Both modes calibrate (SmoothQuant smoothing: the INT8 kernels quantize activations too)."""
-    from .optimize.quality import format_report
+    Both modes calibrate (SmoothQuant smoothing: the INT8 kernels quantize activations too).
+    Exits 1 when the artifact fails its quality gate; the artifact is kept, marked failed."""
+    from .optimize.quality import format_report, gate_message
     from .optimize.quantize import quantize_artifact
 
     manifest = quantize_artifact(
@@ -326,6 +337,7 @@ def quantize(
         mode,
         calibration=calibration,
         alpha=alpha,
+        keep_float=keep_float,
         samples=samples,
         quality_prompts=quality_prompts,
         force=force,
@@ -335,7 +347,20 @@ def quantize(
         click.echo(json.dumps(manifest.quality, indent=2))
     else:
         click.echo(format_report(manifest.quality))
+    if not manifest.quality["passed"]:
+        click.echo(gate_message(manifest.quality, out), err=True)
+        sys.exit(1)
     click.echo(f"wrote {mode} artifact to {out}", err=True)
+
+
+def _alpha(value: str) -> float | None:
+    """--alpha: 'auto' (None) or a number."""
+    if value == "auto":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither 'auto' nor a number.") from None
 
 
 @main.command("check-trt")

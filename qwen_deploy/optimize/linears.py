@@ -27,7 +27,12 @@ class Linear:
     weight: str
     role: str  # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj or lm_head
     layer: int | None
+    shape: tuple[int, int]  # [K, N]
     bias_add: onnx.NodeProto | None = None
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
 
     @property
     def bias(self) -> str | None:
@@ -80,7 +85,8 @@ def find_linears(graph: onnx.GraphProto) -> list[Linear]:
             and after[0].input[1] in initializers
         ):
             bias_add = after[0]
-        found.append(Linear(node, weight, role, layer, bias_add))
+        shape = tuple(initializers[weight].dims)
+        found.append(Linear(node, weight, role, layer, (shape[0], shape[1]), bias_add))
     if not found:
         raise ArtifactError(
             "the graph has no linear layers with exporter-named weights (MatMul on "
@@ -88,3 +94,30 @@ def find_linears(graph: onnx.GraphProto) -> list[Linear]:
             "artifact written by `qwen-deploy export`."
         )
     return found
+
+
+def final_norm(graph: onnx.GraphProto, head: Linear) -> tuple[str, str]:
+    """(per-token RMS [batch, seq, 1], weight) of the final RMSNorm: the lm_head input is
+    Mul(Div(residual, rms) (cast back for fp16 graphs), weight)."""
+    made = producers(graph)
+    scale = made.get(head.input)
+    node = made.get(scale.input[0]) if scale is not None and scale.op_type == "Mul" else None
+    if node is not None and node.op_type == "Cast":
+        node = made.get(node.input[0])
+    if scale is None or node is None or node.op_type != "Div":
+        raise ArtifactError(
+            "the lm_head input is not the exporter's final RMSNorm (Mul(Div(residual, rms), "
+            "weight)); quantize an artifact written by `qwen-deploy export`."
+        )
+    return node.input[1], scale.input[1]
+
+
+def residual_after(graph: onnx.GraphProto, lin: Linear) -> str:
+    """The residual stream once `lin`'s output (o_proj, down_proj) is added to it."""
+    add = next((n for n in consumers(graph).get(lin.output, []) if n.op_type == "Add"), None)
+    if add is None:
+        raise ArtifactError(
+            f"{lin.weight}'s output is not added to the residual stream; quantize an artifact "
+            "written by `qwen-deploy export`."
+        )
+    return add.output[0]

@@ -60,9 +60,14 @@ def dequantized_weight(
 
 
 def quantize_smoothquant(smoother: Smoother, step: Callable[[str], None] = lambda _: None) -> dict:
-    """Rewrite every linear layer as Q/DQ W8A8 (after `smoother.apply`); returns the scheme."""
+    """Rewrite every smoothed linear layer as Q/DQ W8A8 (after `smoother.apply`; the groups it
+    kept in floating point keep their MatMul); returns the scheme."""
     rw = smoother.rw
     for group in smoother.groups:
+        if not group.quantized:
+            for lin in group.linears:
+                step(lin.weight)
+            continue
         nodes, x = smoother.smoothed_input(group)
         scale = rw.initializer(
             rw.name(group.hint + "/act_scale"),
@@ -90,7 +95,7 @@ def quantize_smoothquant(smoother: Smoother, step: Callable[[str], None] = lambd
         "activations": "int8 symmetric per tensor, static (QuantizeLinear/DequantizeLinear)",
         "format": "QDQ",
         "zero_point": 0,
-        "layers": len(smoother.linears),
-        "lm_head": any(lin.role == "lm_head" for lin in smoother.linears),
+        "layers": sum(len(g.linears) for g in smoother.groups if g.quantized),
+        "lm_head": any(g.quantized and g.linears[0].role == "lm_head" for g in smoother.groups),
         "smoothing": smoother.summary(),
     }

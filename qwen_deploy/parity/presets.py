@@ -56,11 +56,16 @@ class Tolerance:
 # fp16 ones (fp32 compute on CPU) within 1.3e-2 at cosine 0.9999997 and KL 1.2e-5; a
 # decode-position off-by-one (max_abs 0.94, cosine 0.9994, KL 3.7e-3), a wrong RMSNorm eps
 # (0.42), a dropped q/k/v bias (14.5) or RoPE theta 1e4 (28.5) fail both presets.
+# INT8's worst row (cosine) on the real model is the row after the attention-sink token, and it
+# moves with the calibration set more than top-1 or perplexity do: int8-weight 0.9980-0.9993 at
+# top-1 0.98-0.997 and |perplexity| < 0.5%; W8A8 SmoothQuant 0.985, and 0.97-0.996 for schemes
+# within 0.3% perplexity of each other. The INT8 cosine bounds catch broken schemes (the first
+# SmoothQuant: 0.80); top-1 and perplexity judge quality (quantize's gate, optimize/quality.py).
 PRESETS: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=5e-4, rtol=5e-5, cosine=0.99999, top1=1.0),
     "fp16": Tolerance(atol=0.1, rtol=0.01, cosine=0.9995, top1=0.99, kl=1e-3),
-    "int8-weight": Tolerance(cosine=0.999, top1=0.95),
-    "int8-smoothquant": Tolerance(cosine=0.99, top1=0.90),
+    "int8-weight": Tolerance(cosine=0.995, top1=0.95),
+    "int8-smoothquant": Tolerance(cosine=0.95, top1=0.90),
 }
 
 

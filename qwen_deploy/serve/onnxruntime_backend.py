@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from ..errors import QwenDeployError
 from ..manifest import LOGITS_TO_KEEP, Manifest
-from .fp32_compute import fp32_compute_copy
+from .fp32_compute import widen_fp16
 from .huge_pages import collapse_resident_memory
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -110,10 +110,11 @@ class OnnxRuntimeBackend:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         model_path = self.folder / self.manifest.model_file
         if provider == "cpu" and self.manifest.precision == "fp16":
-            model_path, self._widened = fp32_compute_copy(model_path)
-        self.session = ort.InferenceSession(
-            str(model_path), options, providers=[PROVIDERS[provider]]
-        )
+            self.session = widen_fp16(model_path).session(options, [PROVIDERS[provider]])
+        else:
+            self.session = ort.InferenceSession(
+                str(model_path), options, providers=[PROVIDERS[provider]]
+            )
         self._keeps_last = takes_logits_to_keep(self.session)
         if provider == "cpu" and huge_pages:
             collapse_resident_memory()  # the weights just loaded: fewer TLB misses per token
