@@ -545,14 +545,20 @@ def real_quantized(real_artifact, tmp_path_factory):
     return make
 
 
+def _passed_quality(real_quantized, mode: str) -> tuple[dict, Path]:
+    """The CLI's quality report of `mode` on the real model, asserted to exit 0 and pass."""
+    result, out = real_quantized(mode)
+    assert result.exit_code == 0, result.output
+    quality = json.loads(result.stdout)
+    assert quality["passed"], quality["failures"]
+    return quality, out
+
+
 @pytest.mark.real
 def test_real_smoothquant_passes_its_gate_with_default_options(real_quantized):
     from qwen_deploy.optimize.check_trt import check_path
 
-    result, out = real_quantized("int8-smoothquant")
-    assert result.exit_code == 0, result.output
-    quality = json.loads(result.stdout)
-    assert quality["passed"], quality["failures"]
+    quality, out = _passed_quality(real_quantized, "int8-smoothquant")
     assert quality["top1"] >= 0.95 and quality["perplexity"]["relative"] <= 0.03
     assert quality["perplexity"]["tokens"] > 2000 and quality["cases"] == len(load_prompts())
     layers = quality["layers"]
@@ -566,9 +572,6 @@ def test_real_smoothquant_passes_its_gate_with_default_options(real_quantized):
 
 @pytest.mark.real
 def test_real_int8_weight_passes_its_gate_with_default_options(real_quantized):
-    result, _ = real_quantized("int8-weight")
-    assert result.exit_code == 0, result.output
-    quality = json.loads(result.stdout)
-    assert quality["passed"], quality["failures"]
+    quality, _ = _passed_quality(real_quantized, "int8-weight")
     assert quality["top1"] >= 0.97 and quality["perplexity"]["relative"] <= 0.015
     assert quality["layers"]["int8_weight_fraction"] == 1.0

@@ -183,7 +183,7 @@ def layers_report(smoother: Smoother, plan: Plan, alpha: str | float) -> dict:
     int8 = sum(g.params for g in smoother.groups if g.quantized)
     return {
         "alpha": alpha,
-        "alphas": {g.name: g.alpha for g in smoother.groups if g.quantized},
+        "alphas": smoother.summary()["alphas"],
         "kept_float": [{"linears": groups[n].name, "reason": reason(n)} for n in plan.keep_float],
         "int8_weight_fraction": int8 / total,
     }
