@@ -38,6 +38,9 @@ PROMPT = (
     "Complete the following Python function. Reply with the whole function (and the imports it "
     "needs) in one ```python code block.\n\n```python\n{prompt}```"
 )
+# the answer ends with its code block: a bare closing fence stops it (the opening one carries
+# "python"), so the explanation models add after the code costs no decode time
+STOP = ["\n```\n"]
 NO_NETWORK = "import socket\nsocket.socket = None  # the benchmark allows no network\n"
 CODE_BLOCK = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.DOTALL)
 
@@ -132,6 +135,7 @@ def evaluate(name: str, artifact: Path, problems: list[dict], prefix: list[str])
                 messages=[{"role": "user", "content": PROMPT.format(prompt=problem["prompt"])}],
                 temperature=0,
                 max_tokens=MAX_TOKENS,
+                stop=STOP,
             )
             return reply.choices[0].message.content or ""
 

@@ -11,6 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    POSITION_IDS,
+    past_name,
+    present_name,
+)
 from .manifest import Manifest
 
 FILE = "genai_config.json"
@@ -18,7 +26,6 @@ FILE = "genai_config.json"
 
 def genai_config(manifest: Manifest) -> dict:
     spec, gen = manifest.model, manifest.generation or {}
-    past_key, past_value, present_key, present_value = manifest.kv_names(0)
     sampled = bool(gen.get("do_sample", False))
     return {
         "model": {
@@ -37,16 +44,16 @@ def genai_config(manifest: Manifest) -> dict:
                 "num_key_value_heads": spec.num_kv_heads,
                 "num_hidden_layers": spec.num_layers,
                 "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": past_key.replace(".0.", ".%d."),
-                    "past_value_names": past_value.replace(".0.", ".%d."),
+                    "input_ids": INPUT_IDS,
+                    "attention_mask": ATTENTION_MASK,
+                    "position_ids": POSITION_IDS,
+                    "past_key_names": past_name("%d", "key"),
+                    "past_value_names": past_name("%d", "value"),
                 },
                 "outputs": {
-                    "logits": "logits",
-                    "present_key_names": present_key.replace(".0.", ".%d."),
-                    "present_value_names": present_value.replace(".0.", ".%d."),
+                    "logits": LOGITS,
+                    "present_key_names": present_name("%d", "key"),
+                    "present_value_names": present_name("%d", "value"),
                 },
             },
         },

@@ -13,14 +13,13 @@ from pathlib import Path
 
 from . import __version__
 from .checkpoint import ModelSpec
+from .contract import kv_pairs
 from .errors import ArtifactError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 ATTENTION_FORMS = ("onnx", "gqa", "decomposed")
-LOGITS_TO_KEEP = "logits_to_keep"
-"""Optional scalar graph input: logits for the last k positions only (0, its default: all)."""
 
 
 def producer_record(**stage) -> dict:
@@ -113,17 +112,4 @@ class Manifest:
 
     def kv_pairs(self) -> list[tuple[str, str]]:
         """(past, present) tensor names of every layer's key and value, in layer order."""
-        return [
-            (past, present)
-            for i in range(self.model.num_layers)
-            for past, present in zip(self.kv_names(i)[:2], self.kv_names(i)[2:], strict=True)
-        ]
-
-    def kv_names(self, layer: int) -> tuple[str, str, str, str]:
-        """(past key, past value, present key, present value) tensor names of one layer."""
-        return (
-            f"past_key_values.{layer}.key",
-            f"past_key_values.{layer}.value",
-            f"present.{layer}.key",
-            f"present.{layer}.value",
-        )
+        return kv_pairs(self.model.num_layers)

@@ -12,11 +12,11 @@ from tqdm import tqdm
 
 from ..artifact import check_output, copy_side_files, staged_output
 from ..checkpoint import Checkpoint, ModelSpec
+from ..contract import BATCH, DATA_FILE, LOGITS_TO_KEEP, MODEL_FILE, PAST, past_name, present_name
 from ..errors import QwenDeployError
 from ..genai_config import write_genai_config
 from ..manifest import (
     ATTENTION_FORMS,
-    LOGITS_TO_KEEP,
     PRECISIONS,
     Manifest,
     TensorSpec,
@@ -25,8 +25,6 @@ from ..manifest import (
 from .graph import OPSET, DecoderGraph, graph_io
 from .weights import ExternalData
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 DTYPES = {"fp32": np.float32, "fp16": np.float16}
 QWEN2_GENERATION_DEFAULTS = {
     "do_sample": True,
@@ -109,14 +107,14 @@ def build_manifest(
         kv_cache={
             "layout": "BNSH",
             "shape": [
-                "batch_size",
+                BATCH,
                 ckpt.spec.num_kv_heads,
-                "past_sequence_length",
+                PAST,
                 ckpt.spec.head_dim,
             ],
             "dtype": precision,
-            "past": "past_key_values.{layer}.{key|value}",
-            "present": "present.{layer}.{key|value}",
+            "past": past_name("{layer}", "{key|value}"),
+            "present": present_name("{layer}", "{key|value}"),
             "update": "concat",
         },
         producer=producer_record(),

@@ -16,18 +16,24 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..checkpoint import ModelSpec
-from ..manifest import LOGITS_TO_KEEP
+from ..contract import (
+    ATTENTION_MASK,
+    BATCH,
+    INPUT_IDS,
+    KV_PARTS,
+    LOGITS,
+    LOGITS_TO_KEEP,
+    MS_DOMAIN,
+    PAST,
+    POSITION_IDS,
+    TOTAL,
+    past_name,
+    present_name,
+)
+from ..contract import LOGITS_LENGTH as LOGITS_LEN
+from ..contract import SEQUENCE as SEQ
 
 OPSET = 23
-MS_DOMAIN = "com.microsoft"
-
-BATCH, SEQ, PAST, TOTAL, LOGITS_LEN = (
-    "batch_size",
-    "sequence_length",
-    "past_sequence_length",
-    "total_sequence_length",
-    "logits_length",
-)
 
 WeightSource = Callable[[str, str, bool], TensorProto]
 """(onnx initializer name, checkpoint tensor name, transpose) -> external-data TensorProto."""
@@ -98,15 +104,15 @@ def graph_io(spec: ModelSpec, dtype: np.dtype) -> tuple[list, list]:
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     kv, d = spec.num_kv_heads, spec.head_dim
     inputs = [
-        ("input_ids", TensorProto.INT64, [BATCH, SEQ]),
-        ("attention_mask", TensorProto.INT64, [BATCH, TOTAL]),
-        ("position_ids", TensorProto.INT64, [BATCH, SEQ]),
+        (INPUT_IDS, TensorProto.INT64, [BATCH, SEQ]),
+        (ATTENTION_MASK, TensorProto.INT64, [BATCH, TOTAL]),
+        (POSITION_IDS, TensorProto.INT64, [BATCH, SEQ]),
     ]
-    outputs = [("logits", elem, [BATCH, LOGITS_LEN, spec.vocab_size])]
+    outputs = [(LOGITS, elem, [BATCH, LOGITS_LEN, spec.vocab_size])]
     for i in range(spec.num_layers):
-        for part in ("key", "value"):
-            inputs.append((f"past_key_values.{i}.{part}", elem, [BATCH, kv, PAST, d]))
-            outputs.append((f"present.{i}.{part}", elem, [BATCH, kv, TOTAL, d]))
+        for part in KV_PARTS:
+            inputs.append((past_name(i, part), elem, [BATCH, kv, PAST, d]))
+            outputs.append((present_name(i, part), elem, [BATCH, kv, TOTAL, d]))
     return inputs, outputs
 
 
@@ -178,8 +184,8 @@ class DecoderGraph:
         """
         g = self.g
         one = g.const(1, "one", np.int64)
-        total = g.op("Gather", [g.op("Shape", ["attention_mask"], "mask/ShapeT"), one], "mask/T")
-        seq = g.op("Gather", [g.op("Shape", ["input_ids"], "mask/ShapeS"), one], "mask/S")
+        total = g.op("Gather", [g.op("Shape", [ATTENTION_MASK], "mask/ShapeT"), one], "mask/T")
+        seq = g.op("Gather", [g.op("Shape", [INPUT_IDS], "mask/ShapeS"), one], "mask/S")
         past = g.op("Sub", [total, seq], "mask/Past")
         q_pos = g.op("Range", [past, total, one], "mask/QPos")
         k_pos = g.op("Range", [g.const(0, "zero", np.int64), total, one], "mask/KPos")
@@ -187,7 +193,7 @@ class DecoderGraph:
         k_row = g.op("Unsqueeze", [k_pos, g.const([0], "axes", np.int64)], "mask/KRow")
         causal = g.op("LessOrEqual", [k_row, q_col], "mask/Causal")
         diag = g.op("Equal", [k_row, q_col], "mask/Diag")
-        pad = g.op("Cast", ["attention_mask"], "mask/PadBool", to=TensorProto.BOOL)
+        pad = g.op("Cast", [ATTENTION_MASK], "mask/PadBool", to=TensorProto.BOOL)
         pad = g.op("Unsqueeze", [pad, g.const([1, 2], "axes", np.int64)], "mask/Pad4D")
         allowed = g.op("Or", [g.op("And", [causal, pad], "mask/And"), diag], "mask/Allowed")
         pad_only = g.op("Or", [pad, diag], "mask/PadOrDiag")
@@ -211,7 +217,7 @@ class DecoderGraph:
         g = self.g
         out = []
         for table, hint in ((cos_cache, "rope/cos"), (sin_cache, "rope/sin")):
-            half = g.op("Gather", [table, "position_ids"], hint + "/Gather")
+            half = g.op("Gather", [table, POSITION_IDS], hint + "/Gather")
             full = g.op("Concat", [half, half], hint + "/Concat", axis=-1)
             out.append(g.op("Unsqueeze", [full, g.const([1], "axes", np.int64)], hint + "/4D"))
         return out[0], out[1]
@@ -242,18 +248,18 @@ class DecoderGraph:
         """Returns attention output [B, S, H*D] and writes present.{i}.key/value."""
         g, s = self.g, self.spec
         p = f"model.layers.{i}.self_attn"
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
-        present_k, present_v = f"present.{i}.key", f"present.{i}.value"
+        past_k, past_v = (past_name(i, part) for part in KV_PARTS)
+        present_k, present_v = (present_name(i, part) for part in KV_PARTS)
         if self.attention == "gqa":
             q = g.op(
                 "RotaryEmbedding",
-                [q, ctx["cos"], ctx["sin"], "position_ids"],
+                [q, ctx["cos"], ctx["sin"], POSITION_IDS],
                 p + "/RopeQ",
                 num_heads=s.num_heads,
             )
             k = g.op(
                 "RotaryEmbedding",
-                [k, ctx["cos"], ctx["sin"], "position_ids"],
+                [k, ctx["cos"], ctx["sin"], POSITION_IDS],
                 p + "/RopeK",
                 num_heads=s.num_kv_heads,
             )
@@ -326,7 +332,7 @@ class DecoderGraph:
 
     def _gqa_inputs(self, pad_only: str, total: str) -> dict:
         g = self.g
-        batch = g.op("Shape", ["attention_mask"], "gqa/ShapeB", start=0, end=1)
+        batch = g.op("Shape", [ATTENTION_MASK], "gqa/ShapeB", start=0, end=1)
         total32 = g.op("Cast", [total], "gqa/Total32", to=TensorProto.INT32)
         last = g.op("Sub", [total32, g.const(1, "one", np.int32)], "gqa/Last")
         seqlens = g.op(
@@ -371,7 +377,7 @@ class DecoderGraph:
                 ctx["mask_add"] = self._additive(allowed, "mask/Additive")
 
         progress("model.embed_tokens.weight")
-        x = g.op("Gather", [self._w("model.embed_tokens.weight"), "input_ids"], "embed")
+        x = g.op("Gather", [self._w("model.embed_tokens.weight"), INPUT_IDS], "embed")
         for i in range(s.num_layers):
             p = f"model.layers.{i}"
             progress(p)
@@ -390,7 +396,7 @@ class DecoderGraph:
         progress("lm_head")
         h = self._rms_norm(self._keep_last(x), "model.norm.weight")
         weight = self.weight("lm_head.weight", s.lm_head_name, True)
-        g.op("MatMul", [h, g.add_initializer(weight)], "lm_head/MatMul", outputs=["logits"])
+        g.op("MatMul", [h, g.add_initializer(weight)], "lm_head/MatMul", outputs=[LOGITS])
 
         inputs, outputs = graph_io(s, g.dtype)
         graph = helper.make_graph(

@@ -20,6 +20,7 @@ import onnxruntime as ort
 from onnx import helper
 from tqdm import tqdm
 
+from ..contract import is_past
 from ..errors import QwenDeployError
 from ..manifest import Manifest
 from ..parity.prompts import load_prompts
@@ -116,7 +117,7 @@ def collect_activations(
     rows: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
     session = _session(folder, manifest, tensors)
     empty = np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32)
-    past = {i.name: empty for i in session.get_inputs() if i.name.startswith("past_key")}
+    past = {i.name: empty for i in session.get_inputs() if is_past(i.name)}
     for n, ids in enumerate(tqdm(samples, desc="calibrate", unit="prompt", disable=not progress)):
         feeds = {
             "input_ids": np.array([ids], np.int64),

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, external_data_helper, numpy_helper, shape_inference
 
+from ..contract import MS_DOMAIN
 from ..errors import QwenDeployError
 
 # Source: onnx/onnx-tensorrt docs/operators.md for TensorRT 10.15 GA ("supports operators in the
@@ -403,7 +404,7 @@ class _Checker:
                 "none needed.",
             )
             return
-        if node.domain == "com.microsoft":
+        if node.domain == MS_DOMAIN:
             fix = (
                 "export with --attention onnx (TensorRT's fused IAttention) or "
                 "--attention decomposed."

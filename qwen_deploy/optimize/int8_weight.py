@@ -24,8 +24,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..contract import MS_DOMAIN
 from .linears import EMBEDDING, Linear
-from .rewrite import MS_DOMAIN, GraphRewrite
+from .rewrite import GraphRewrite
 from .smoothing import Smoother
 
 BLOCK_SIZE = 64

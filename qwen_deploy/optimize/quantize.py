@@ -15,6 +15,7 @@ import onnx
 from tqdm import tqdm
 
 from ..artifact import check_output, copy_side_files, staged_output
+from ..contract import DATA_FILE
 from ..errors import ArtifactError, QwenDeployError
 from ..genai_config import write_genai_config
 from ..manifest import Manifest, producer_record
@@ -30,7 +31,6 @@ from .smoothquant import quantize_smoothquant
 from .store import SourceTensors, TensorWriter, load_graph
 
 MODES = ("int8-weight", "int8-smoothquant")
-DATA_FILE = "model.onnx.data"
 FLOAT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 WEIGHT_ONLY_ALPHA = 0.5  # MatMulNBits quantizes activations per block at run time: mild smoothing
 KEEP_FLOAT = 0.08  # SmoothQuant's default float budget: a fraction of the linear weights

@@ -10,9 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..contract import MS_DOMAIN
 from .store import SourceTensors, TensorWriter
-
-MS_DOMAIN = "com.microsoft"
 
 
 class GraphRewrite:

@@ -76,8 +76,8 @@ def quantize_smoothquant(smoother: Smoother, step: Callable[[str], None] = lambd
         zero = rw.initializer(rw.name(group.hint + "/act_zero"), np.array(0, np.int8))
         for i, lin in enumerate(group.linears):
             # a Q/DQ pair per MatMul (sharing the group's scale), TensorRT's canonical placement:
-            # each (Q, DQ, DQ(W), MatMul) unit becomes one INT8 GEMM. onnxruntime merges the
-            # identical Qs again and fuses only single-consumer units (MatMulIntegerToFloat).
+            # each (Q, DQ, DQ(W), MatMul) unit becomes one INT8 GEMM, and onnxruntime CPU fuses
+            # each into MatMulIntegerToFloat (serve.onnxruntime_backend.disabled_optimizers).
             step(lin.weight)
             name = lin.weight.removesuffix(".weight")
             q = rw.node("QuantizeLinear", [x, scale, zero], name + "/QuantizeInput")

@@ -22,18 +22,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..artifact import check_output, copy_side_files, staged_output
+from ..contract import BATCH, PAST, TOTAL
+from ..contract import SEQUENCE as SEQ
 from ..errors import QwenDeployError
 from ..manifest import Manifest, producer_record
 from .check_trt import MIN_TRT, check_path, parse_version
 
 PLAN_FILE = "model.plan"
 PLUGIN_DIR = "plugins"
-BATCH, SEQ, PAST, TOTAL = (
-    "batch_size",
-    "sequence_length",
-    "past_sequence_length",
-    "total_sequence_length",
-)
 INSTALL_HINT = (
     "install TensorRT's Python package from NVIDIA's package index: "
     "pip install --extra-index-url https://pypi.nvidia.com 'tensorrt>=10.14' "

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from ..contract import is_past
 from ..errors import QwenDeployError
 from ..manifest import Manifest
 from .device_cache import DeviceKVCache, check_step
@@ -63,7 +64,7 @@ class OnnxRuntimeIOBindingBackend:
             str(self.folder / self.manifest.model_file), options, providers=[provider]
         )
         self.device, self.device_id = device, device_id
-        kv_input = next(t for t in self.manifest.inputs if t.name.startswith("past_key_values."))
+        kv_input = next(t for t in self.manifest.inputs if is_past(t.name))
         self.kv_dtype = NUMPY_DTYPES[kv_input.dtype]
         self._pairs = self.manifest.kv_pairs()
         self.binding = self.session.io_binding()
