@@ -60,7 +60,7 @@ $(TRITON_ENV)/.ready: pyproject.toml
 triton-env: $(TRITON_ENV)/.ready
 
 # Peers that load our artifacts as they are, each in its own venv (Optimum pins transformers
-# < 4.58; torch pinned to the local CPU build): tests/test_interop.py runs them.
+# < 4.58; torch pinned to the local CPU build): tests/export/test_interop.py runs them.
 .venv-genai/.ready:
 	$(PY) -m venv .venv-genai
 	.venv-genai/bin/pip install -q onnxruntime-genai

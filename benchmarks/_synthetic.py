@@ -17,8 +17,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from qwen_deploy.checkpoint import expected_shapes, spec_from_config
-from qwen_deploy.random_checkpoint import QWEN25_GENERATION_CONFIG, SHAPES, qwen_tokenizer_dir
+from qwen_deploy.checkpoint.huggingface import expected_shapes, spec_from_config
+from qwen_deploy.checkpoint.random_model import QWEN25_GENERATION_CONFIG, SHAPES, qwen_tokenizer_dir
 
 POOL_VALUES = 32 << 20  # 64 MB of bf16
 SHARD_BYTES = 4 << 30

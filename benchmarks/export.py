@@ -44,7 +44,7 @@ DISK_MARGIN = 3e9
 # -- jobs run in child processes (`_common.run_child("export:<name>", kwargs)`) ------------------
 def make_05b_checkpoint(out: str, dtype: str) -> dict:
     """A random checkpoint with Qwen2-0.5B's shapes, tied embeddings and 32k positions."""
-    from qwen_deploy.random_checkpoint import SHAPES, make_random_checkpoint
+    from qwen_deploy.checkpoint.random_model import SHAPES, make_random_checkpoint
 
     layers, hidden, heads, kv_heads, intermediate = SHAPES["0.5b"]
     start = time.perf_counter()

@@ -74,12 +74,13 @@ def _parity_run(reference, backend, vocab: int, steps: int) -> dict:
 
 
 def stage_parity(work: Path, steps: int) -> dict:
+    from iobinding_backend import OnnxRuntimeIOBindingBackend
+
+    from qwen_deploy.checkpoint.random_model import SHAPES, make_random_checkpoint
     from qwen_deploy.export import export_checkpoint
     from qwen_deploy.parity.presets import PRESETS
     from qwen_deploy.parity.reference import TorchReference
-    from qwen_deploy.random_checkpoint import SHAPES, make_random_checkpoint
-    from qwen_deploy.serve.cuda_backend import OnnxRuntimeIOBindingBackend
-    from qwen_deploy.serve.onnxruntime_backend import OnnxRuntimeBackend
+    from qwen_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
     results = {}
     for shape, init_std, forms in (
@@ -171,7 +172,7 @@ def _kv_bytes_per_token(spec, context: int, itemsize: int = 2) -> int:
 
 
 def stage_ort(work: Path, attention: str, steps: int) -> dict:
-    from qwen_deploy.serve.cuda_backend import OnnxRuntimeIOBindingBackend
+    from iobinding_backend import OnnxRuntimeIOBindingBackend
 
     folder = work / f"fin-r1-fp16-{attention}"
     start = time.perf_counter()

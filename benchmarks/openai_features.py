@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_deploy.serve.generator import Generator  # noqa: E402
-from qwen_deploy.serve.structured import grammar_for  # noqa: E402
+from qwen_deploy.generation.generator import Generator  # noqa: E402
+from qwen_deploy.generation.structured import grammar_for  # noqa: E402
 
 PROMPT = "Describe a Python function that merges two sorted lists, with an example."
 SCHEMA = {

@@ -21,9 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_deploy.serve.generator import Generator  # noqa: E402
-from qwen_deploy.serve.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
-from qwen_deploy.serve.speculative import DraftModel, PromptLookup  # noqa: E402
+from qwen_deploy.generation.generator import Generator  # noqa: E402
+from qwen_deploy.generation.speculative import DraftModel, PromptLookup  # noqa: E402
+from qwen_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend  # noqa: E402
 
 CODE = '''def moving_average(values, window):
     """Return the moving averages of `values` over `window` items."""

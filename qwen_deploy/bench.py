@@ -96,8 +96,8 @@ def _peak_rss_mb() -> float:
 
 class QwenDeployRunner:
     def __init__(self, artifact: str, config: BenchConfig):
-        from .serve.generator import Generator
-        from .serve.sampling import SamplingParams
+        from .generation.generator import Generator
+        from .generation.sampling import SamplingParams
 
         self.generator = Generator(artifact, threads=config.threads)
         self.ids = prompts(config, self.generator.manifest.model.vocab_size)
@@ -115,7 +115,7 @@ class QwenDeployRunner:
 
     def batch(self, batch: int) -> dict:
         """`batch` requests arriving together at the engine `serve` runs (continuous batching)."""
-        from .serve.engine import BatchEngine
+        from .serving.engine import BatchEngine
 
         engine = BatchEngine(self.generator, max_batch=batch)
         stamps: list[float] = []  # one per generated token, of any request

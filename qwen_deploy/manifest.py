@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .checkpoint import ModelSpec
+from .checkpoint.huggingface import ModelSpec
 from .contract import kv_pairs
 from .errors import ArtifactError
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from qwen_deploy.checkpoint.random_model import make_random_checkpoint
 from qwen_deploy.export import export_checkpoint
-from qwen_deploy.random_checkpoint import make_random_checkpoint
 
 
 def _key(kwargs: dict) -> str:
@@ -114,7 +114,7 @@ def tiny_artifact(artifact) -> Path:
 @pytest.fixture(scope="session")
 def r1_tokenizer_dir(tmp_path_factory) -> Path:
     """DeepSeek-R1-Distill-Qwen tokenizer files (tests/fixtures/deepseek_r1_distill/README.md)."""
-    from qwen_deploy.random_checkpoint import qwen_tokenizer_dir
+    from qwen_deploy.checkpoint.random_model import qwen_tokenizer_dir
 
     fixture = Path(__file__).parent / "fixtures" / "deepseek_r1_distill"
     out = tmp_path_factory.mktemp("r1_tokenizer")

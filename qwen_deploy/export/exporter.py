@@ -11,10 +11,9 @@ from onnx import TensorProto
 from tqdm import tqdm
 
 from ..artifact import check_output, copy_side_files, staged_output
-from ..checkpoint import Checkpoint, ModelSpec
+from ..checkpoint.huggingface import Checkpoint, ModelSpec
 from ..contract import BATCH, DATA_FILE, LOGITS_TO_KEEP, MODEL_FILE, PAST, past_name, present_name
 from ..errors import QwenDeployError
-from ..genai_config import write_genai_config
 from ..manifest import (
     ATTENTION_FORMS,
     PRECISIONS,
@@ -22,6 +21,7 @@ from ..manifest import (
     TensorSpec,
     producer_record,
 )
+from .genai_config import write_genai_config
 from .graph import OPSET, DecoderGraph, graph_io
 from .weights import ExternalData
 

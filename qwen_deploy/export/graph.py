@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..checkpoint import ModelSpec
+from ..checkpoint.huggingface import ModelSpec
 from ..contract import (
     ATTENTION_MASK,
     BATCH,

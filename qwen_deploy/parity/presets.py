@@ -60,7 +60,7 @@ class Tolerance:
 # moves with the calibration set more than top-1 or perplexity do: int8-weight 0.9980-0.9993 at
 # top-1 0.98-0.997 and |perplexity| < 0.5%; W8A8 SmoothQuant 0.985, and 0.97-0.996 for schemes
 # within 0.3% perplexity of each other. The INT8 cosine bounds catch broken schemes (the first
-# SmoothQuant: 0.80); top-1 and perplexity judge quality (quantize's gate, optimize/quality.py).
+# SmoothQuant: 0.80); top-1 and perplexity judge quality (quantize's gate, quantize/quality.py).
 PRESETS: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=5e-4, rtol=5e-5, cosine=0.99999, top1=1.0),
     "fp16": Tolerance(atol=0.1, rtol=0.01, cosine=0.9995, top1=0.99, kl=1e-3),

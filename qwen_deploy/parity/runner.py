@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from ..errors import QwenDeployError
 from ..manifest import Manifest
-from ..serve.onnxruntime_backend import OnnxRuntimeBackend
-from ..serve.padding import left_pad
+from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+from ..runtime.padding import left_pad
 from .metrics import merge_metrics
 from .presets import PRESETS, Tolerance, preset_for
 from .prompts import load_prompts

@@ -1,0 +1,55 @@
+"""bench: speed and memory of an artifact against its peers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .group import main
+from .options import json_option
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--reference",
+    type=click.Path(path_type=Path),
+    help="Source checkpoint: adds transformers eager generate as a baseline.",
+)
+@click.option("--prompt-len", type=int, default=128, show_default=True)
+@click.option("--new-tokens", type=int, default=64, show_default=True)
+@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--threads", type=int, help="Intra-op threads for every engine [their default].")
+@click.option(
+    "--genai-dir",
+    type=click.Path(path_type=Path),
+    help="Keep (or reuse) onnxruntime-genai's export here [a temp folder].",
+)
+@click.option("--no-genai", is_flag=True, help="Skip the onnxruntime-genai baseline.")
+@json_option("the whole report")
+def bench(
+    artifact: Path,
+    reference: Path | None,
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    threads: int | None,
+    genai_dir: Path | None,
+    no_genai: bool,
+    as_json: bool,
+) -> None:
+    """Time to first token, decode tokens/s (batch 1, 4, 8), peak RSS of ARTIFACT vs its peers."""
+    from ..bench import BenchConfig, format_report, run_bench
+
+    peers = ("transformers",) if no_genai else ("transformers", "onnxruntime-genai")
+    report = run_bench(
+        artifact,
+        reference,
+        BenchConfig(prompt_len, new_tokens, repeats, threads=threads),
+        genai_dir=genai_dir,
+        peers=peers,
+        log=lambda m: click.echo(m, err=True),
+    )
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

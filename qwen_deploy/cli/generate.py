@@ -1,0 +1,182 @@
+"""generate and chat: one artifact on this machine, streamed to the terminal."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .group import main
+from .options import json_option, provider_option, threads_option
+
+
+def _sampling_options(command):
+    """Options shared by generate and chat; unset ones keep the artifact's generation_config."""
+    options = [
+        click.option("--temperature", type=float, help="0 = greedy."),
+        click.option("--top-k", type=int, help="0 = off."),
+        click.option("--top-p", type=float),
+        click.option("--min-p", type=float),
+        click.option("--repetition-penalty", type=float),
+        click.option("--presence-penalty", type=float),
+        click.option("--frequency-penalty", type=float),
+        click.option("--seed", type=int, help="Makes sampling reproducible."),
+        click.option("--max-tokens", type=int, default=256, show_default=True),
+        click.option("--stop", multiple=True, help="Stop string (repeatable)."),
+        provider_option(),
+        threads_option,
+        click.option("--system", help="System message."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _speculative_options(command):
+    """Speculative decoding for generate and chat: the same output in fewer target forwards."""
+    options = [
+        click.option(
+            "--prompt-lookup",
+            is_flag=True,
+            help="Draft by n-gram lookup in the prompt and the text so far (no model): fast "
+            "when the answer copies its input, as code edits do.",
+        ),
+        click.option(
+            "--draft",
+            type=click.Path(path_type=Path),
+            help="Draft with this artifact (same tokenizer: e.g. the int8 artifact of the model).",
+        ),
+        click.option(
+            "--draft-tokens",
+            type=click.IntRange(1, 32),
+            default=6,
+            show_default=True,
+            help="Tokens drafted per target forward.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _speculation(
+    generator,
+    prompt_lookup: bool,
+    draft: Path | None,
+    draft_tokens: int,
+    provider: str,
+    threads: int | None,
+) -> dict:
+    """Generator.stream's drafter and draft_tokens for the chosen drafter (none: {})."""
+    from ..generation.speculative import DraftModel, PromptLookup
+
+    if prompt_lookup and draft:
+        raise click.UsageError("choose one drafter: --prompt-lookup or --draft.")
+    if prompt_lookup:
+        return {"drafter": PromptLookup(), "draft_tokens": draft_tokens}
+    if draft:
+        from ..generation.generator import open_backend
+
+        backend = open_backend(draft, provider=provider, threads=threads)
+        drafter = DraftModel(backend, generator.manifest.model.vocab_size)
+        return {"drafter": drafter, "draft_tokens": draft_tokens}
+    return {}
+
+
+def _generator_and_params(artifact: Path, provider: str, threads: int | None, sampling: dict):
+    from ..generation.generator import Generator
+    from ..generation.sampling import SamplingParams
+    from ..manifest import Manifest
+
+    sampling["stop"] = list(sampling["stop"]) or None
+    params = SamplingParams.from_defaults(Manifest.load(artifact), **sampling)  # before loading
+    return Generator(artifact, provider=provider, threads=threads), params
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("prompt")
+@_sampling_options
+@_speculative_options
+@click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
+@json_option("the whole result")
+def generate(
+    artifact: Path,
+    prompt: str,
+    provider: str,
+    threads: int | None,
+    system: str | None,
+    prompt_lookup: bool,
+    draft: Path | None,
+    draft_tokens: int,
+    raw: bool,
+    as_json: bool,
+    **sampling,
+) -> None:
+    """Complete PROMPT with ARTIFACT, streaming the answer (reasoning goes to stderr)."""
+    import dataclasses
+
+    generator, params = _generator_and_params(artifact, provider, threads, sampling)
+    speculation = _speculation(generator, prompt_lookup, draft, draft_tokens, provider, threads)
+    if raw:
+        request = {"prompt": prompt}
+    else:
+        system_turn = [{"role": "system", "content": system}] if system else []
+        request = {"messages": [*system_turn, {"role": "user", "content": prompt}]}
+    if as_json:
+        result = generator.generate(**request, params=params, **speculation)
+        click.echo(json.dumps(dataclasses.asdict(result), ensure_ascii=False))
+        return
+    for delta in generator.stream(**request, params=params, **speculation):
+        if delta.reasoning_content:
+            click.secho(delta.reasoning_content, nl=False, err=True, dim=True)
+        click.echo(delta.content, nl=False)
+    click.echo()
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@_sampling_options
+@_speculative_options
+def chat(
+    artifact: Path,
+    provider: str,
+    threads: int | None,
+    system: str | None,
+    prompt_lookup: bool,
+    draft: Path | None,
+    draft_tokens: int,
+    **sampling,
+) -> None:
+    """Interactive multi-turn chat with ARTIFACT (/exit or end of input quits, /reset clears)."""
+    from ..generation.chat import COMMANDS, chat_loop
+
+    generator, params = _generator_and_params(artifact, provider, threads, sampling)
+    speculation = _speculation(generator, prompt_lookup, draft, draft_tokens, provider, threads)
+    stdin = sys.stdin
+    interactive = stdin.isatty()
+    if interactive:
+        click.echo(f"chatting with {artifact} ({COMMANDS})", err=True)
+
+    def lines():
+        while True:
+            if interactive:
+                click.echo("> ", nl=False)
+            line = stdin.readline()
+            if not line:
+                return
+            yield line
+
+    styles = {"reasoning": {"dim": True}, "notice": {"fg": "yellow"}, "error": {"fg": "red"}}
+
+    def write(kind: str, text: str) -> None:
+        if kind == "end":
+            click.echo()
+        elif kind in ("notice", "error"):
+            click.secho(f"{kind}: {text}" if kind == "error" else text, err=True, **styles[kind])
+        else:
+            click.secho(text, nl=False, **styles.get(kind, {}))
+
+    chat_loop(generator, params, lines(), write, system=system, speculation=speculation)

@@ -1,0 +1,143 @@
+"""serve (OpenAI-compatible HTTP) and triton (a Triton model repository)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from .group import main
+from .options import force_option, json_option, output_option, provider_option, threads_option
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Interface to listen on (0.0.0.0 exposes the server to the network).",
+)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--model-name", help="Model id clients send (default: the artifact folder's name).")
+@click.option(
+    "--api-key",
+    envvar="QWEN_DEPLOY_API_KEY",
+    help="Require 'Authorization: Bearer KEY' (or set QWEN_DEPLOY_API_KEY).",
+)
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Requests decoded together; more wait in a queue.",
+)
+@provider_option()
+@threads_option
+@click.option(
+    "--max-body-bytes",
+    type=click.IntRange(min=1024),
+    default=4 * 1024 * 1024,
+    show_default=True,
+    help="Larger request bodies get 413 before they are parsed.",
+)
+def serve(
+    artifact: Path,
+    host: str,
+    port: int,
+    model_name: str | None,
+    api_key: str | None,
+    max_batch: int,
+    provider: str,
+    threads: int | None,
+    max_body_bytes: int,
+) -> None:
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API with continuous batching."""
+    from ..serving.server import serve as run_server
+
+    run_server(
+        artifact,
+        host=host,
+        port=port,
+        model_name=model_name,
+        api_key=api_key,
+        max_batch=max_batch,
+        provider=provider,
+        threads=threads,
+        max_body_bytes=max_body_bytes,
+    )
+
+
+@main.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@output_option("Model repository folder to create.")
+@click.option("--name", help="Text model name; the graph is NAME_decoder [artifact folder name].")
+@click.option(
+    "--backend",
+    type=click.Choice(["onnxruntime", "tensorrt"]),
+    default="onnxruntime",
+    show_default=True,
+    help="tensorrt needs an engine artifact from `build`.",
+)
+@click.option(
+    "--max-batch",
+    type=int,
+    default=8,
+    show_default=True,
+    help="The decoder's max_batch_size (0 = no batching).",
+)
+@click.option(
+    "--instances", type=int, default=1, show_default=True, help="Model instances of each model."
+)
+@provider_option(None, "Where the models run [cpu; cuda for tensorrt].")
+@click.option(
+    "--python-env",
+    type=click.Path(path_type=Path),
+    help="Virtual env for the Python-backend model (EXECUTION_ENV_PATH).",
+)
+@force_option
+@json_option("what was written")
+def triton(
+    artifact: Path,
+    out: Path,
+    name: str | None,
+    backend: str,
+    max_batch: int,
+    instances: int,
+    provider: str | None,
+    python_env: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Write a Triton Inference Server model repository for ARTIFACT."""
+    from ..serving.triton_repo import write_repository
+
+    repo = write_repository(
+        artifact,
+        out,
+        name=name,
+        backend=backend,
+        max_batch=max_batch,
+        instances=instances,
+        provider=provider,
+        python_env=python_env,
+        force=force,
+    )
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "path": str(repo.path),
+                    "generate_model": repo.generate_model,
+                    "decoder_model": repo.decoder_model,
+                    "backend": repo.backend,
+                    "plugins": repo.plugins,
+                }
+            )
+        )
+    click.echo(
+        f"wrote Triton repository {out}: models {repo.generate_model} (python, "
+        f"decoupled) and {repo.decoder_model} ({backend}); see {out}/README.md",
+        err=True,
+    )

@@ -1,0 +1,189 @@
+"""Drive one `quantize`: check inputs, rewrite the graph, measure the quality, write the artifact.
+
+Everything that can be refused (mode, alpha, float budget, samples, calibration file, source
+artifact, existing output) is checked before any work starts; the output folder appears only when
+complete, and is kept when the quality gate fails (manifest quality.passed false): the caller
+decides what a failed gate means (the CLI exits 1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from tqdm import tqdm
+
+from ..artifact import check_output, copy_side_files, staged_output
+from ..contract import DATA_FILE
+from ..errors import ArtifactError, QwenDeployError
+from ..export.genai_config import write_genai_config
+from ..manifest import Manifest, producer_record
+from ..parity.prompts import load_prompts
+from .calibration import SAMPLE_TOKENS, collect_activations, load_calibration
+from .int8_weight import quantize_weight_only
+from .linears import find_linears
+from .quality import quality_report
+from .rewrite import GraphRewrite
+from .search import Plan, measured_tensors, plan_smoothquant
+from .smoothing import Smoother
+from .smoothquant import quantize_smoothquant
+from .store import SourceTensors, TensorWriter, load_graph
+
+MODES = ("int8-weight", "int8-smoothquant")
+FLOAT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+WEIGHT_ONLY_ALPHA = 0.5  # MatMulNBits quantizes activations per block at run time: mild smoothing
+KEEP_FLOAT = 0.08  # SmoothQuant's default float budget: a fraction of the linear weights
+
+
+def _check_source(source: Path) -> Manifest:
+    manifest = Manifest.load(source)
+    if manifest.quantization:
+        raise ArtifactError(
+            f"{source} is already quantized ({manifest.quantization.get('mode')}); quantize the "
+            "fp32 (or fp16) artifact it came from."
+        )
+    if manifest.engine or manifest.precision not in FLOAT_DTYPES:
+        raise ArtifactError(
+            f"{source} is not an fp32/fp16 ONNX artifact (precision {manifest.precision}); "
+            "quantize the output of `qwen-deploy export`."
+        )
+    return manifest
+
+
+def quantize_artifact(
+    source: str | Path,
+    out: str | Path,
+    mode: str,
+    calibration: str | Path | None = None,
+    alpha: float | None = None,
+    keep_float: float | None = None,
+    samples: int = 128,
+    quality_prompts: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Manifest:
+    """Write the INT8 artifact `out` from the fp32/fp16 artifact `source`; returns its manifest.
+
+    alpha: SmoothQuant's migration strength for every layer; None: SmoothQuant searches one per
+    group of layers, int8-weight uses WEIGHT_ONLY_ALPHA. keep_float: the fraction of the linear
+    weights SmoothQuant may leave in floating point, the most sensitive groups first (None:
+    KEEP_FLOAT). The manifest records the scheme under `quantization` and the measured cost
+    against `source` under `quality` (on `quality_prompts`, default: the packaged parity prompts,
+    and the packaged held-out text), with the gate's verdict.
+    """
+    source, out = Path(source), Path(out)
+    if mode not in MODES:
+        raise QwenDeployError(f"mode {mode!r} is not one of {', '.join(MODES)}.")
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
+        raise QwenDeployError(
+            f"--alpha must be within [0, 1] or 'auto' (a search per layer), got {alpha}."
+        )
+    if keep_float is not None and mode != "int8-smoothquant":
+        raise QwenDeployError("--keep-float applies to --mode int8-smoothquant only.")
+    if keep_float is not None and not 0.0 <= keep_float < 1.0:
+        raise QwenDeployError(
+            f"--keep-float must be a fraction of the linear weights in [0, 1), got {keep_float}."
+        )
+    prompts, origin = load_calibration(calibration, samples)
+    held_out = load_prompts(quality_prompts) if quality_prompts is not None else None
+    if out.resolve() == source.resolve():
+        raise QwenDeployError("the output folder must differ from the source artifact.")
+    check_output(out, force)
+    manifest = _check_source(source)
+    model = load_graph(source, manifest.model_file)
+    find_linears(model.graph)  # refuses graphs without exporter-named linear layers
+    dtype = np.dtype(FLOAT_DTYPES[manifest.precision])
+
+    with staged_output(out, force) as tmp:
+        writer = TensorWriter(tmp, DATA_FILE)
+        rw = GraphRewrite(model, SourceTensors(source, model), writer)
+        budget = KEEP_FLOAT if keep_float is None else keep_float
+        try:
+            details = _quantize(rw, source, mode, dtype, alpha, budget, prompts, progress)
+            details["calibration"] = {"source": origin, "samples": len(prompts)}
+            rw.finish()
+        finally:
+            writer.close()
+        layers = details.pop("layers_report")
+        onnx.save_model(model, str(tmp / manifest.model_file))
+        copy_side_files(source, tmp, manifest.tokenizer_files)
+        manifest.data_files = [DATA_FILE]
+        manifest.quantization = {"mode": mode, **details}
+        manifest.producer = producer_record(stage="quantize", **{"from": str(source.resolve())})
+        manifest.save(tmp)  # the quality run loads the new artifact through its manifest
+        report = quality_report(source, tmp, mode, held_out, progress=progress)
+        manifest.quality = {**report, "layers": layers}
+        manifest.save(tmp)
+        write_genai_config(manifest, tmp)
+    return manifest
+
+
+def _quantize(
+    rw: GraphRewrite,
+    source: Path,
+    mode: str,
+    dtype: np.dtype,
+    alpha: float | None,
+    budget: float,
+    prompts: list[dict],
+    progress: bool,
+) -> dict:
+    """Calibrate, choose each group's smoothing, then quantize in the chosen form; returns the
+    scheme details."""
+    smoother = Smoother(rw, dtype)
+    searched = mode == "int8-smoothquant"
+    activations = collect_activations(
+        source,
+        measured_tensors(smoother) if searched else smoother.activations,
+        prompts,
+        progress,
+        SAMPLE_TOKENS if searched else 0,
+    )
+    if searched:
+        plan = plan_smoothquant(smoother, activations, alpha, budget, progress)
+    else:
+        fixed = WEIGHT_ONLY_ALPHA if alpha is None else alpha
+        plan = Plan({g.input: fixed for g in smoother.groups}, {}, [])
+    smoother.apply(activations.absmax, plan.alphas, frozenset(plan.keep_float))
+    bar = tqdm(total=len(smoother.linears), desc=mode, unit="layer", disable=not progress)
+
+    def step(name: str) -> None:
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(1)
+
+    with bar:
+        if mode == "int8-weight":
+            details = quantize_weight_only(smoother, step)
+        else:
+            details = quantize_smoothquant(smoother, step)
+    label = (
+        "searched per group" if searched and alpha is None else plan.alphas[smoother.activations[0]]
+    )
+    details["smoothing"]["alpha"] = label
+    details["smoothing"]["kept_float"] = [g.name for g in smoother.groups if not g.quantized]
+    details["layers_report"] = layers_report(smoother, plan, label)
+    return details
+
+
+def layers_report(smoother: Smoother, plan: Plan, alpha: str | float) -> dict:
+    """Per group: the alpha it got and, for groups left in floating point, why."""
+    groups = {g.input: g for g in smoother.groups}
+    ranked = sorted(plan.sensitivity, key=lambda n: -plan.sensitivity[n].score)
+    total = sum(g.params for g in smoother.groups)
+
+    def reason(name: str) -> str:
+        s = plan.sensitivity[name]
+        return (
+            f"INT8 error {s.logits:.0f}x the median group's at the logits, {s.residual:.0f}x in "
+            f"the residual stream: rank {ranked.index(name) + 1} of {len(ranked)} "
+            f"({groups[name].params / total:.1%} of the linear weights)"
+        )
+
+    int8 = sum(g.params for g in smoother.groups if g.quantized)
+    return {
+        "alpha": alpha,
+        "alphas": smoother.summary()["alphas"],
+        "kept_float": [{"linears": groups[n].name, "reason": reason(n)} for n in plan.keep_float],
+        "int8_weight_fraction": int8 / total,
+    }

@@ -1,0 +1,597 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching engine.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or SSE with `stream: true`
+ending in `data: [DONE]`), GET /v1/models, GET /health. Streams send one chunk per generated token,
+so a client can count tokens; with `stream_options.include_usage` a last chunk carries usage.
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import re
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import QwenDeployError
+from ..generation.generator import ContextLengthError
+from ..generation.sampling import SamplingParams, TokenLogprob
+from ..generation.sequence import StreamDelta
+from ..generation.tool_calls import ToolCall, ToolCallStream, plan_tools
+from .engine import BatchEngine, EngineStream
+from .openai_schema import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    FieldError,
+    SamplingFields,
+    error_body,
+)
+
+API_KEY_ENV = "QWEN_DEPLOY_API_KEY"
+MAX_BODY_BYTES = 4 * 1024 * 1024  # a full 32k-token context is ~130 KB of text
+# OpenAI's "developer" role is its newer name for "system"; chat templates know only these four
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
+
+
+async def _events(
+    stream: EngineStream,
+    head: dict,
+    include_usage: bool,
+    choice: Callable[[StreamDelta, int], dict],
+) -> AsyncIterator[str]:
+    """SSE chunks, one per generated token, then the optional usage chunk and [DONE]."""
+    count = 0
+    try:
+        async for d in stream:
+            yield _sse({**head, "choices": [choice(d, count)]})
+            count += 1
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(stream, count)})
+        yield _sse("[DONE]")
+    except QwenDeployError as e:
+        yield _sse(error_body(str(e), "server_error"))
+    finally:
+        stream.cancel()
+
+
+class OpenAIError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, type_, param, code)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets 413 before anything parses it.
+
+    A declared Content-Length is checked up front; otherwise the body is read (up to the limit)
+    and replayed to the app, so a chunked upload cannot get past the limit either.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def _refuse(self, scope, receive, send) -> None:
+        body = error_body(
+            f"the request body is larger than this server's limit of {self.limit} bytes "
+            "(serve --max-body-bytes).",
+            code="request_too_large",
+        )
+        await JSONResponse(body, 413)(scope, receive, send)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before its body arrived
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            more = message.get("more_body", False)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later reads watch for the client disconnecting
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def _param_of(error: QwenDeployError) -> str | None:
+    """The sampling parameter a SamplingParams error names (its message starts `name=`)."""
+    match = re.match(r"(\w+)(=| must)", str(error))
+    return (
+        match.group(1) if match and match.group(1) in SamplingParams.__dataclass_fields__ else None
+    )
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _EngineSSE(StreamingResponse):
+    """An SSE response that cancels its engine request however the response ends."""
+
+    def __init__(self, content: AsyncIterator[str], stream: EngineStream):
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+        self.engine_stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.engine_stream.cancel()  # no-op when it finished; frees the slot otherwise
+
+
+class OpenAIServer:
+    """The request handling: validation, prompt building, engine submission, response shapes."""
+
+    def __init__(self, engine: BatchEngine, model_name: str):
+        self.engine = engine
+        self.generator = engine.generator
+        self.model_name = model_name
+        self.created = int(time.time())
+
+    # -- validation ----------------------------------------------------------------------------
+    def check_common(self, body: SamplingFields) -> None:
+        if body.model != self.model_name:
+            raise OpenAIError(
+                404,
+                f"The model `{body.model}` does not exist; this server serves `{self.model_name}`.",
+                param="model",
+                code="model_not_found",
+            )
+        if body.n not in (None, 1):
+            raise OpenAIError(
+                400,
+                f"n={body.n} is not supported: this server returns one choice "
+                "per request (n=1); send several requests instead.",
+                param="n",
+            )
+
+    def sampling_params(self, body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+        try:
+            overrides = body.sampling_overrides()
+        except FieldError as e:
+            raise OpenAIError(400, str(e), param=e.param) from e
+        overrides["max_tokens"] = max_tokens
+        try:
+            return SamplingParams.from_defaults(self.generator.manifest, **overrides)
+        except QwenDeployError as e:
+            raise OpenAIError(400, str(e), param=_param_of(e)) from e
+
+    async def submit(
+        self, prompt_ids: list[int], params: SamplingParams, reasoning: bool, param: str
+    ) -> EngineStream:
+        try:
+            return await self.engine.submit(prompt_ids, params, reasoning)
+        except ContextLengthError as e:
+            raise OpenAIError(400, str(e), param=param, code="context_length_exceeded") from e
+        except QwenDeployError as e:
+            raise OpenAIError(400, str(e), param=param) from e
+
+    # -- endpoints -----------------------------------------------------------------------------
+    async def chat(self, body: ChatCompletionRequest, request: Request):
+        self.check_common(body)
+        limit = body.max_completion_tokens
+        params = self.sampling_params(body, body.max_tokens if limit is None else limit)
+        try:
+            plan = plan_tools(body.tools, body.tool_choice)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param="tool_choice") from e
+        try:
+            messages = [_templated(i, m) for i, m in enumerate(body.messages)]
+            prompt_ids = self.generator.prompt_ids(
+                messages=messages, tools=plan.tools, **(body.chat_template_kwargs or {})
+            ) + self.generator.tokenizer.encode(plan.prefill)
+        except (ValueError, TypeError, QwenDeployError) as e:
+            raise OpenAIError(400, str(e), param="messages") from e
+        reasoning = self.generator.reasoning_for(prompt_ids)
+        stream = await self.submit(prompt_ids, params, reasoning, "messages")
+        meta = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": self.model_name,
+        }
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            head = {**meta, "object": "chat.completion.chunk"}
+            events = _events(stream, head, include_usage, self._chat_chunks(plan.stream()))
+            return _EngineSSE(events, stream)
+        deltas = await _collect(stream, request)
+        finish = deltas[-1].finish_reason if deltas else None
+        content, calls = _answer("".join(d.content for d in deltas), plan.stream())
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["content"] = content or None
+            message["tool_calls"] = [c.to_openai() for c in calls]
+            finish = "tool_calls"
+        if stream.state.saw_reasoning:
+            message["reasoning_content"] = "".join(d.reasoning_content for d in deltas)
+        return {
+            **meta,
+            "object": "chat.completion",
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": self._chat_logprobs(deltas, params),
+                    "finish_reason": finish,
+                }
+            ],
+            "usage": _usage(stream, len(deltas)),
+        }
+
+    def _chat_chunks(self, tools: ToolCallStream | None) -> Callable[[StreamDelta, int], dict]:
+        """The choice of each chat stream chunk; with tools, text that may be a call is held
+        and the calls go out whole in the last chunk."""
+
+        def choice(d: StreamDelta, index: int) -> dict:
+            content, calls = d.content, []
+            if tools is not None:
+                content = tools.push(d.content)
+                if d.finish_reason:
+                    held, calls = tools.finish()
+                    content += held
+            delta: dict[str, Any] = {"role": "assistant"} if index == 0 else {}
+            if d.reasoning_content:
+                delta["reasoning_content"] = d.reasoning_content
+            if content or not d.reasoning_content:
+                delta["content"] = content
+            if calls:
+                delta["tool_calls"] = [c.to_openai(i) for i, c in enumerate(calls)]
+            return {
+                "index": 0,
+                "delta": delta,
+                "logprobs": {"content": [self._token_entry(d.logprob)]} if d.logprob else None,
+                "finish_reason": "tool_calls" if calls else d.finish_reason,
+            }
+
+        return choice
+
+    def _token_text(self, token_id: int) -> tuple[str, list[int]]:
+        raw = self.generator.tokenizer.token_bytes(token_id)
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+    def _token_entry(self, lp: TokenLogprob) -> dict:
+        """One token of chat logprobs.content, OpenAI's shape."""
+        text, raw = self._token_text(lp.token_id)
+        top = []
+        for token_id, logprob in lp.top:
+            alt_text, alt_raw = self._token_text(token_id)
+            top.append({"token": alt_text, "logprob": logprob, "bytes": alt_raw})
+        return {"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top}
+
+    def _chat_logprobs(self, deltas: list[StreamDelta], params: SamplingParams) -> dict | None:
+        if params.logprobs is None:
+            return None
+        return {"content": [self._token_entry(d.logprob) for d in deltas if d.logprob]}
+
+    def _completion_logprobs(self, tokens: list[TokenLogprob], offset: int = 0) -> dict | None:
+        """Completions' logprobs shape: parallel lists, top alternatives as {token: logprob};
+        an echoed first prompt token has null for both."""
+        if not tokens:
+            return None
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for lp in tokens:
+            text = self._token_text(lp.token_id)[0]
+            out["tokens"].append(text)
+            out["token_logprobs"].append(lp.logprob)
+            top = {self._token_text(i)[0]: v for i, v in lp.top}
+            out["top_logprobs"].append(None if lp.logprob is None else top)
+            out["text_offset"].append(offset)
+            offset += len(text)
+        return out
+
+    async def completions(self, body: CompletionRequest, request: Request):
+        self.check_common(body)
+        if body.best_of not in (None, 1):
+            raise OpenAIError(
+                400, "best_of must be 1 (or omitted) on this server.", param="best_of"
+            )
+        if body.suffix:
+            raise OpenAIError(400, "suffix is not supported by this server.", param="suffix")
+        params = self.sampling_params(body, body.max_tokens)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise OpenAIError(
+                    400,
+                    f"got {len(prompt)} prompts; this server takes one prompt per request.",
+                    param="prompt",
+                )
+            prompt = prompt[0]
+        try:
+            prompt_ids = self.generator.prompt_ids(prompt=prompt)
+        except QwenDeployError as e:
+            raise OpenAIError(400, str(e), param="prompt") from e
+        echo_text, echo_logprobs = "", []
+        if body.echo:  # the prompt's text (and its tokens' logprobs) ahead of the completion
+            echo_text = (
+                prompt if isinstance(prompt, str) else self.generator.tokenizer.decode(prompt_ids)
+            )
+            if params.logprobs is not None:
+                echo_logprobs = await asyncio.to_thread(
+                    self.generator.prompt_logprobs, prompt_ids, params.logprobs
+                )
+        stream = await self.submit(prompt_ids, params, False, "prompt")
+        meta = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "object": "text_completion",
+        }
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            chunks = self._completion_chunks(echo_text, echo_logprobs)
+            events = _events(stream, meta, include_usage, chunks)
+            return _EngineSSE(events, stream)
+        deltas = await _collect(stream, request)
+        tokens = echo_logprobs + [d.logprob for d in deltas if d.logprob]
+        return {
+            **meta,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": echo_text + "".join(d.text for d in deltas),
+                    "logprobs": self._completion_logprobs(tokens),
+                    "finish_reason": deltas[-1].finish_reason if deltas else None,
+                }
+            ],
+            "usage": _usage(stream, len(deltas)),
+        }
+
+    def _completion_chunks(
+        self, echo_text: str = "", echo_logprobs: list[TokenLogprob] | None = None
+    ) -> Callable[[StreamDelta, int], dict]:
+        """The choice of each completion stream chunk: the first carries the echoed prompt;
+        token offsets run on across chunks."""
+        offset = 0
+
+        def choice(d: StreamDelta, index: int) -> dict:
+            nonlocal offset
+            tokens = [d.logprob] if d.logprob else []
+            if index == 0:
+                tokens = (echo_logprobs or []) + tokens
+            logprobs = self._completion_logprobs(tokens, offset)
+            if logprobs:
+                offset += sum(len(t) for t in logprobs["tokens"])
+            return {
+                "index": 0,
+                "text": (echo_text if index == 0 else "") + d.text,
+                "logprobs": logprobs,
+                "finish_reason": d.finish_reason,
+            }
+
+        return choice
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self) -> dict:
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "qwen-deploy",
+        }
+
+
+def _answer(content: str, tools: ToolCallStream | None) -> tuple[str, list[ToolCall]]:
+    """A whole answer's content and the tool calls in it (the stream's rules, in one go)."""
+    if tools is None:
+        return content, []
+    sent = tools.push(content)
+    held, calls = tools.finish()
+    return sent + held, calls
+
+
+def _templated(index: int, message: ChatMessage) -> dict[str, Any]:
+    """A message for the chat template; a role the template does not know is refused."""
+    if message.role not in ROLES:
+        raise OpenAIError(
+            400,
+            f"messages[{index}] has the unknown role {message.role!r}; use one of "
+            f"{', '.join(ROLES)}.",
+            param=f"messages.{index}.role",
+        )
+    return {**message.for_template(), "role": ROLES[message.role]}
+
+
+def _usage(stream: EngineStream, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": stream.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": stream.prompt_tokens + completion_tokens,
+    }
+
+
+async def _collect(stream: EngineStream, request: Request) -> list:
+    """All deltas of a non-streaming request; a client that disconnects cancels it."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        stream.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return [d async for d in stream]
+    except QwenDeployError as e:
+        raise OpenAIError(500, str(e), "server_error") from e
+    finally:
+        watcher.cancel()
+        stream.cancel()
+
+
+def _api_key_check(api_key: str | None) -> Callable[[Request], None]:
+    def check(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), api_key.encode()
+        ):
+            raise OpenAIError(
+                401,
+                "Incorrect or missing API key; send it as 'Authorization: Bearer KEY'.",
+                code="invalid_api_key",
+            )
+
+    return check
+
+
+def create_app(
+    engine: BatchEngine,
+    model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops the engine's worker thread."""
+    server = OpenAIServer(engine, model_name)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        yield
+        engine.close()
+
+    app = FastAPI(title="qwen-deploy", lifespan=lifespan)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.state.server = server
+    auth = [Depends(_api_key_check(api_key))]
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(_: Request, e: OpenAIError) -> JSONResponse:
+        return JSONResponse(e.body, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error')})."
+            return JSONResponse(error_body(message), status_code=400)
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, e: Exception) -> JSONResponse:
+        return JSONResponse(
+            error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500
+        )
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok",
+            "model": model_name,
+            "active": engine.active,
+            "max_batch": engine.max_batch,
+        }
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict:
+        return server.models()
+
+    @app.get("/v1/models/{model_id}", dependencies=auth)
+    async def model(model_id: str) -> dict:
+        if model_id != model_name:
+            raise OpenAIError(
+                404,
+                f"The model `{model_id}` does not exist.",
+                param="model",
+                code="model_not_found",
+            )
+        return server.model_card()
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat(body: ChatCompletionRequest, request: Request):
+        return await server.chat(body, request)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request):
+        return await server.completions(body, request)
+
+    return app
+
+
+def serve(
+    artifact: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    provider: str = "cpu",
+    threads: int | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+) -> None:
+    """Load the artifact and serve it until interrupted."""
+    import uvicorn
+
+    from ..generation.generator import Generator
+
+    generator = Generator(artifact, provider=provider, threads=threads)
+    engine = BatchEngine(generator, max_batch=max_batch)
+    name = model_name or Path(artifact).resolve().name
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(
+            f"warning: serving on {host} without an API key; anyone who can reach this port "
+            f"can use the model (set --api-key or {API_KEY_ENV}).",
+            file=sys.stderr,
+        )
+    print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch})", file=sys.stderr)
+    uvicorn.run(
+        create_app(engine, name, api_key, max_body_bytes),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+    )

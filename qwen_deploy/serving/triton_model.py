@@ -1,0 +1,152 @@
+"""Triton Python-backend model: qwen-deploy's Generator behind Triton (copied as model.py).
+
+`qwen-deploy triton` copies this file into the repository; it runs only inside Triton's Python
+backend stub (which provides `triton_python_backend_utils`). The model is decoupled: each request
+gets one response, or with `stream` one response per generated token, then a final flag. A bad
+request gets a Triton error response and the model goes on serving the next one.
+
+Inputs (all optional TYPE_STRING [1] unless said): text_input (raw prompt), messages (JSON chat
+messages), sampling_parameters (JSON object: SamplingParams fields, plus `tools` and
+`chat_template_kwargs` for the chat template), stream (TYPE_BOOL [1]).
+Outputs: text_output, content, reasoning_content, token_ids (INT64 [-1]), finish_reason,
+prompt_tokens (INT64 [1]).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ..errors import QwenDeployError
+from ..generation.generator import Generator, open_backend
+
+TEMPLATE_KEYS = ("tools", "chat_template_kwargs")
+
+
+def _string(request, name: str) -> str | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return None
+    value = tensor.as_numpy().reshape(-1)
+    if value.size != 1:
+        raise QwenDeployError(f"input {name} must hold exactly one string, got {value.size}.")
+    item = value[0]
+    return item.decode("utf-8") if isinstance(item, bytes) else str(item)
+
+
+def _json(request, name: str, kind: type):
+    text = _string(request, name)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise QwenDeployError(f"input {name} is not valid JSON ({e}).") from e
+    if not isinstance(value, kind):
+        raise QwenDeployError(
+            f"input {name} must be a JSON {kind.__name__}, got {type(value).__name__}."
+        )
+    return value
+
+
+def _response(
+    text: str,
+    content: str,
+    reasoning: str,
+    token_ids: list[int],
+    finish_reason: str | None,
+    prompt_tokens: int,
+):
+    def string(name: str, value: str):
+        return pb_utils.Tensor(name, np.array([value.encode("utf-8")], dtype=np.object_))
+
+    return pb_utils.InferenceResponse(
+        output_tensors=[
+            string("text_output", text),
+            string("content", content),
+            string("reasoning_content", reasoning),
+            pb_utils.Tensor("token_ids", np.array(token_ids, dtype=np.int64)),
+            string("finish_reason", finish_reason or ""),
+            pb_utils.Tensor("prompt_tokens", np.array([prompt_tokens], dtype=np.int64)),
+        ]
+    )
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        folder = Path(args["model_repository"]) / params.get("artifact", "")
+        provider = params.get("provider", "cpu")
+        device_id = int(args.get("model_instance_device_id", 0))
+        self.generator = Generator(folder, backend=open_backend(folder, provider, None, device_id))
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._serve(request, sender)
+            except Exception as e:  # the request fails, the model keeps serving
+                message = str(e) if isinstance(e, QwenDeployError) else f"internal error: {e!r}"
+                sender.send(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+                )
+        return None
+
+    def _serve(self, request, sender) -> None:
+        gen = self.generator
+        prompt = _string(request, "text_input")
+        messages = _json(request, "messages", list)
+        sampling = _json(request, "sampling_parameters", dict) or {}
+        template = {k: sampling.pop(k) for k in TEMPLATE_KEYS if k in sampling}
+        stream_input = pb_utils.get_input_tensor_by_name(request, "stream")
+        stream = bool(stream_input.as_numpy().reshape(-1)[0]) if stream_input else False
+        if (prompt is None) == (messages is None):
+            raise QwenDeployError(
+                "send either text_input (a raw prompt) or messages (JSON chat), not both."
+            )
+        kwargs = template.get("chat_template_kwargs") or {}
+        if not isinstance(kwargs, dict):
+            raise QwenDeployError("sampling_parameters.chat_template_kwargs must be a JSON object.")
+        if messages is not None:
+            ids = gen.prompt_ids(messages=messages, tools=template.get("tools"), **kwargs)
+        else:
+            ids = gen.prompt_ids(prompt=prompt)
+        params = gen.sampling_params(**sampling)
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if not stream:
+            r = gen.generate(prompt=ids, params=params)
+            sender.send(
+                _response(
+                    r.text,
+                    r.content,
+                    r.reasoning_content or "",
+                    r.token_ids,
+                    r.finish_reason,
+                    r.prompt_tokens,
+                ),
+                flags=final,
+            )
+            return
+        for delta in gen.stream(prompt=ids, params=params):
+            if sender.is_cancelled():  # the client went away: stop generating for it
+                break
+            tokens = [] if delta.token_id is None else [delta.token_id]
+            sender.send(
+                _response(
+                    delta.text,
+                    delta.content,
+                    delta.reasoning_content,
+                    tokens,
+                    delta.finish_reason,
+                    len(ids),
+                ),
+                flags=final if delta.finish_reason else 0,
+            )
+            if delta.finish_reason:
+                return
+        sender.send(flags=final)

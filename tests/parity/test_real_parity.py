@@ -1,0 +1,101 @@
+"""Parity on the real Qwen2.5-Coder-0.5B-Instruct: the presets pass honest exports of every form
+and precision, and fail the bugs an exporter could really have (tests/parity/broken_exports.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qwen_deploy.cli import main
+from qwen_deploy.export import export_checkpoint
+from qwen_deploy.parity.presets import PRESETS
+from tests.parity.broken_exports import (
+    decode_positions_off_by_one,
+    drop_qkv_bias,
+    rope_theta_checkpoint,
+)
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("Write a Python function that reverses a string.\n用一句话解释什么是债券。\n")
+    return path
+
+
+def _parity(artifact, checkpoint, prompts, *extra) -> tuple[int, dict]:
+    args = ["parity", str(artifact), "--reference", str(checkpoint), "--prompts", str(prompts)]
+    result = CliRunner().invoke(main, [*args, "--quiet", "--json", "-", *extra])
+    return result.exit_code, json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("attention", ["onnx", "gqa", "decomposed"])
+def test_default_presets_pass_every_form(
+    real_artifact, real_checkpoint, prompts, precision, attention
+):
+    artifact = real_artifact(precision=precision, attention=attention)
+    code, report = _parity(artifact, real_checkpoint, prompts, "--steps", "8")
+    assert code == 0 and report["passed"], report["failures"]
+    assert report["preset"] == precision
+    assert {s["case"] for s in report["steps"]} == {
+        "prompt 1",
+        "prompt 2",
+        "batch of 2 (left-padded)",
+    }
+    summary = report["summary"]
+    assert summary["top1"] == 1.0
+    # honest exports sit well inside the bounds, not at their edge
+    assert summary["tol_ratio"] < 0.5 and summary["cosine"] > 0.99999
+
+
+@pytest.fixture(scope="module")
+def broken(real_artifact, real_checkpoint, tmp_path_factory):
+    """name -> a broken fp32 export of the real model."""
+    work = tmp_path_factory.mktemp("broken")
+    good = real_artifact()
+    theta_ckpt = rope_theta_checkpoint(real_checkpoint, work / "theta-ckpt", 1e4)
+    theta = work / "theta"
+    export_checkpoint(theta_ckpt, theta, progress=False)
+    return {
+        "rope theta 1e4": theta,
+        "layer 3 q/k/v bias dropped": drop_qkv_bias(good, work / "bias", 3),
+        "decode positions off by one": decode_positions_off_by_one(good, work / "positions"),
+    }
+
+
+@pytest.mark.parametrize(
+    "bug", ["rope theta 1e4", "layer 3 q/k/v bias dropped", "decode positions off by one"]
+)
+def test_broken_exports_fail(broken, real_checkpoint, prompts, bug):
+    """Run under the fp16 preset; the fp32 preset, at least as tight in every bound it shares
+    (its elementwise bound is under fp16's at every logit), fails them too."""
+    code, report = _parity(
+        broken[bug], real_checkpoint, prompts, "--steps", "2", "--no-batch", "--preset", "fp16"
+    )
+    assert code == 1 and not report["passed"]
+    assert report["failures"][0].startswith("logits beyond atol"), report["failures"]
+    fp32, fp16 = PRESETS["fp32"], PRESETS["fp16"]
+    assert fp32.atol <= fp16.atol and fp32.rtol <= fp16.rtol
+    assert fp32.cosine >= fp16.cosine and fp32.top1 >= fp16.top1
+
+
+def test_float64_view_shows_both_sides_near_exact(real_artifact, real_checkpoint, prompts):
+    code, report = _parity(
+        real_artifact(),
+        real_checkpoint,
+        prompts,
+        "--steps",
+        "2",
+        "--no-batch",
+        "--reference-dtype",
+        "float64",
+    )
+    assert code == 0, report["failures"]
+    ours, torch_fp32 = report["summary"], report["torch_fp32_summary"]
+    for side in (ours, torch_fp32):  # float32 rounding on logits up to ~20: 1e-5..1e-4
+        assert 1e-6 < side["max_abs"] < 2e-4 and side["top1"] == 1.0

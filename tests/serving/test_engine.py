@@ -1,0 +1,210 @@
+"""Continuous batching: rows joining and leaving a running batch get the tokens they get alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from qwen_deploy.errors import QwenDeployError
+from qwen_deploy.generation.generator import Generator
+from qwen_deploy.generation.sampling import SamplingParams
+from qwen_deploy.serving.engine import BatchEngine, ContextLengthError
+
+TEXTS = [
+    "Hello",
+    "What is a convertible bond? Explain it to a first-year finance student, with an example "
+    "of the conversion price and what happens when the share price rises.",
+    "1 2 3",
+    "你好，世界！请介绍一下你自己。",
+    "The quick brown fox jumps over the lazy dog, again and again and again.",
+]
+
+
+@pytest.fixture(scope="module", params=["onnx", "gqa"])
+def generator(request, artifact) -> Generator:
+    return Generator(artifact(attention=request.param))
+
+
+def _params(generator: Generator, **overrides) -> SamplingParams:
+    return SamplingParams.from_defaults(generator.manifest, **overrides)
+
+
+def _run(engine: BatchEngine, schedule: dict[int, list[tuple[list[int], SamplingParams]]]):
+    """Drive the engine step by step, adding requests at the scheduled steps; deltas per request."""
+    outputs: list[list] = []
+    step = 0
+    while True:
+        for prompt, params in schedule.get(step, []):
+            outputs.append([])
+            engine.add(prompt, params, outputs[-1].append)
+        busy = engine.step()
+        step += 1
+        if not busy and step > max(schedule):
+            return outputs
+
+
+def test_joining_at_different_steps_equals_unbatched_greedy(generator):
+    prompts = [generator.prompt_ids(prompt=t) for t in TEXTS]
+    params = [
+        _params(generator, temperature=0, max_tokens=n, stop_token_ids=[])
+        for n in (12, 7, 15, 9, 11)
+    ]
+    expected = [
+        generator.generate(prompt=p, params=q) for p, q in zip(prompts, params, strict=True)
+    ]
+    jobs = list(zip(prompts, params, strict=True))
+    calls = []
+    forward = generator.backend.forward
+
+    def recording(ids, mask, positions, cache, **options):
+        calls.append((ids.shape, cache.length))
+        return forward(ids, mask, positions, cache, **options)
+
+    # max_batch 4: the 30-token prompt joins at step 2 and is prefilled in chunks of 16 (budget);
+    # at step 5 two newcomers share one prefill and the last waits for a free slot
+    engine = BatchEngine(generator, max_batch=4, prefill_tokens=16)
+    generator.backend.forward = recording
+    try:
+        outputs = _run(engine, {0: [jobs[0]], 2: [jobs[1]], 5: jobs[2:]})
+    finally:
+        generator.backend.forward = forward
+    assert ((1, len(prompts[1]) - 16), 16) in calls  # second chunk of the long prompt
+    assert ((2, 8), 0) in calls  # two newcomers prefilled together, left-padded
+    assert max(shape[0] for shape, _ in calls) == 4
+    for deltas, result in zip(outputs, expected, strict=True):
+        assert [d.token_id for d in deltas] == result.token_ids
+        assert "".join(d.text for d in deltas) == result.text
+        assert deltas[-1].finish_reason == result.finish_reason == "length"
+    assert engine.active == 0
+    assert engine.stats["finished"] == len(prompts)
+
+
+def test_seeded_sampling_is_the_same_batched(generator):
+    prompts = [generator.prompt_ids(prompt=t) for t in TEXTS[:3]]
+    params = [
+        _params(generator, temperature=0.9, top_p=0.95, seed=s, max_tokens=10, stop_token_ids=[])
+        for s in (1, 2, 3)
+    ]
+    expected = [
+        generator.generate(prompt=p, params=q).token_ids
+        for p, q in zip(prompts, params, strict=True)
+    ]
+    engine = BatchEngine(generator, max_batch=4)
+    outputs = _run(
+        engine,
+        {0: [(prompts[0], params[0])], 1: [(prompts[1], params[1]), (prompts[2], params[2])]},
+    )
+    assert [[d.token_id for d in deltas] for deltas in outputs] == expected
+
+
+def test_cancel_frees_the_slot(generator):
+    engine = BatchEngine(generator, max_batch=2)
+    params = _params(generator, temperature=0, max_tokens=50, stop_token_ids=[])
+    seen: list = []
+    request = engine.add(generator.prompt_ids(prompt=TEXTS[0]), params, seen.append)
+    other: list = []
+    engine.add(generator.prompt_ids(prompt=TEXTS[2]), params.replace(max_tokens=6), other.append)
+    for _ in range(3):
+        engine.step()
+    assert engine.active == 2
+    engine.cancel(request)
+    engine.step()
+    assert engine.active == 1
+    assert len(seen) == 4  # step 1 prefills and decodes; nothing was sent after the cancel
+    while engine.step():
+        pass
+    assert engine.active == 0
+    assert engine.stats == {**engine.stats, "cancelled": 1, "finished": 1}
+    assert len(other) == 6
+
+
+def test_context_limit(generator):
+    engine = BatchEngine(generator, max_context=40)
+    with pytest.raises(
+        ContextLengthError,
+        match="maximum context length is 40 tokens, but the prompt has 40 tokens",
+    ):
+        engine.add(list(range(100, 140)), _params(generator), lambda _: None)
+    with pytest.raises(QwenDeployError, match="prompt is empty"):
+        engine.add([], _params(generator), lambda _: None)
+    # a prompt near the limit generates until the context is full, then stops with "length"
+    out: list = []
+    prompt = list(range(100, 135))
+    engine.add(
+        prompt, _params(generator, temperature=0, max_tokens=100, stop_token_ids=[]), out.append
+    )
+    while engine.step():
+        pass
+    assert len(out) == 5 and out[-1].finish_reason == "length"
+    with pytest.raises(QwenDeployError, match="max_context"):
+        BatchEngine(generator, max_context=generator.manifest.model.max_position_embeddings + 1)
+
+
+def test_a_model_failure_ends_the_batch_and_the_engine_recovers(generator):
+    engine = BatchEngine(generator, max_batch=2)
+    params = _params(generator, temperature=0, max_tokens=6, stop_token_ids=[])
+    prompt = generator.prompt_ids(prompt=TEXTS[2])
+    forward = generator.backend.forward
+
+    def failing(ids, mask, positions, cache, **options):
+        if cache.length > len(prompt) + 1:  # the third decode step, after three tokens
+            raise RuntimeError("device lost")
+        return forward(ids, mask, positions, cache, **options)
+
+    first: list = []
+    generator.backend.forward = failing
+    try:
+        engine.add(prompt, params, first.append)
+        while engine.step():
+            pass
+    finally:
+        generator.backend.forward = forward
+    assert len(first) == 4 and isinstance(first[-1], QwenDeployError)
+    assert "the model failed on this batch (RuntimeError: device lost)" in str(first[-1])
+    assert engine.active == 0 and engine.stats["failed"] == 1
+    again = _run(engine, {0: [(prompt, params)]})[0]
+    assert [d.token_id for d in again] == generator.generate(prompt=prompt, params=params).token_ids
+    with pytest.raises(QwenDeployError, match=r"token ids \[999999\] are outside"):
+        engine.add([1, 999999], params, lambda _: None)
+
+
+def test_async_submit_on_the_worker_thread(generator):
+    prompts = [generator.prompt_ids(prompt=t) for t in TEXTS[:4]]
+    params = _params(generator, temperature=0, max_tokens=8, stop_token_ids=[])
+    expected = [generator.generate(prompt=p, params=params).token_ids for p in prompts]
+    engine = BatchEngine(generator, max_batch=3)
+    engine.start()
+
+    async def one(prompt: list[int]) -> list[int]:
+        stream = await engine.submit(prompt, params)
+        return [d.token_id async for d in stream]
+
+    async def main() -> list[list[int]]:
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    try:
+        assert asyncio.run(main()) == expected
+        assert engine.stats["steps"] < sum(len(e) for e in expected)  # decode steps were shared
+    finally:
+        engine.close()
+    assert engine.active == 0
+
+
+def test_decode_steps_keep_the_cache_on_the_backend(generator):
+    """Between joins and leaves a decode step feeds the bound cache back (gqa: the same buffers,
+    written in place) instead of moving the whole cache through host arrays."""
+    engine = BatchEngine(generator, max_batch=2)
+    params = _params(generator, temperature=0, max_tokens=6, stop_token_ids=[])
+    for text in TEXTS[:2]:
+        engine.add(generator.prompt_ids(prompt=text), params, lambda _: None)
+    engine.step()  # prefill + first decode
+    cache = engine._cache
+    assert cache.values and not cache.arrays
+    buffers = {name: value.data_ptr() for name, value in cache.values.items()}
+    length = cache.length
+    engine.step()
+    assert engine._cache.length == length + 1
+    if generator.backend.in_place:
+        assert engine._cache is cache
+        assert {name: v.data_ptr() for name, v in cache.values.items()} == buffers

@@ -1,0 +1,484 @@
+"""`qwen-deploy triton`: the generated repository, its configs, and a real tritonserver serving it.
+
+The server is the `tritonserver` binary from the nvidia-pytriton wheel (Python backend only), in
+the isolated env `make triton-env` creates (.venv-triton, or QWEN_DEPLOY_TRITON_ENV); the text
+model runs there too. tritonclient and Triton's ModelConfig protobuf are used through
+tests/serving/triton_client.py under that env's Python. Greedy tokens are compared with the
+Generator here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from qwen_deploy.cli import main
+from qwen_deploy.generation.generator import Generator
+from qwen_deploy.manifest import Manifest
+from qwen_deploy.serving.triton_repo import MODEL_TEMPLATE, write_repository
+
+ROOT = Path(__file__).resolve().parents[2]
+TRITON_ENV = Path(os.environ.get("QWEN_DEPLOY_TRITON_ENV", ROOT / ".venv-triton"))
+TRITON_PYTHON = TRITON_ENV / "bin" / "python"
+CLIENT = Path(__file__).with_name("triton_client.py")
+ONNX_TO_TRITON = {"INT64": "TYPE_INT64", "FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16"}
+CHAT = [{"role": "user", "content": "What is the current ratio?"}]
+GREEDY = {"temperature": 0, "max_tokens": 10}
+
+
+def _server_dir() -> Path | None:
+    found = sorted(TRITON_ENV.glob("lib/python3*/site-packages/pytriton/tritonserver"))
+    return found[0] if found else None
+
+
+def _triton_missing() -> str | None:
+    server = _server_dir()
+    if not TRITON_PYTHON.exists() or server is None:
+        return f"no Triton env at {TRITON_ENV}: run `make triton-env`"
+    if not (server / "backends" / "python" / "triton_python_backend_stub").exists():
+        return "the Python backend stub is not installed in the Triton env: run `make triton-env`"
+    return None
+
+
+needs_triton = pytest.mark.skipif(_triton_missing() is not None, reason=_triton_missing() or "")
+
+
+def triton_client(*args: str) -> list:
+    """Run tests/serving/triton_client.py in the Triton env; its JSON answer."""
+    done = subprocess.run(
+        [str(TRITON_PYTHON), str(CLIENT), *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def cli(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+# -- the repository, no server needed ---------------------------------------------------------
+
+
+def test_repository_layout(tiny_artifact, tmp_path):
+    out = tmp_path / "repo"
+    result = cli("triton", tiny_artifact, "-o", out, "--name", "fin_r1", "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout.splitlines()[0])
+    assert (info["generate_model"], info["decoder_model"]) == ("fin_r1", "fin_r1_decoder")
+
+    # the decoder's version folder is the complete artifact, byte for byte
+    version = out / "fin_r1_decoder" / "1"
+    files = sorted(p.name for p in tiny_artifact.iterdir())
+    assert sorted(p.name for p in version.iterdir()) == files
+    for name in files:
+        assert (version / name).read_bytes() == (tiny_artifact / name).read_bytes()
+    assert Manifest.load(version).to_dict() == Manifest.load(tiny_artifact).to_dict()
+    # weights are shared with the artifact (hard links), the editable small files are not
+    assert (version / "model.onnx.data").samefile(tiny_artifact / "model.onnx.data")
+    assert not (version / "manifest.json").samefile(tiny_artifact / "manifest.json")
+
+    assert (out / "fin_r1" / "1" / "model.py").read_text() == MODEL_TEMPLATE.read_text()
+    readme = (out / "README.md").read_text()
+    for command in (
+        'tritonserver --model-repository="$REPO"',
+        "--load-model=fin_r1",
+        "/v2/models/fin_r1/generate_stream",
+        'async_stream_infer("fin_r1"',
+    ):
+        assert command in readme
+    assert not list(tmp_path.glob(".repo.partial-*"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "tensorrt"], "--backend tensorrt needs a TensorRT engine artifact"),
+        (["--name", "my model"], "model name 'my model' is not a valid Triton model name"),
+        (["--instances", "0"], "--instances >= 1"),
+        (["--python-env", "."], "is not a virtual environment (no bin/activate)"),
+    ],
+)
+def test_bad_options_are_refused(tiny_artifact, tmp_path, args, message):
+    result = cli("triton", tiny_artifact, "-o", tmp_path / "repo", *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not (tmp_path / "repo").exists()
+
+
+def test_existing_output_needs_force(tiny_artifact, tmp_path):
+    (tmp_path / "repo").mkdir()
+    result = cli("triton", tiny_artifact, "-o", tmp_path / "repo")
+    assert result.exit_code == 2
+    assert "already exists" in result.output and "--force" in result.output
+
+
+def _engine_artifact(onnx_artifact: Path, folder: Path, max_batch: int) -> Path:
+    """An engine artifact as `qwen-deploy build` lays it out (plan bytes are a stand-in: the
+    repository writer copies the plan, it never loads it)."""
+    shutil.copytree(onnx_artifact, folder, ignore=shutil.ignore_patterns("model.onnx*"))
+    (folder / "model.plan").write_bytes(b"plan")
+    (folder / "plugins").mkdir()
+    (folder / "plugins" / "libqwen_plugins.so").write_bytes(b"\x7fELF")
+    manifest = Manifest.load(onnx_artifact)
+    engine = {
+        "format": "tensorrt",
+        "plan": "model.plan",
+        "profiles": [{"index": 0, "name": "prefill"}, {"index": 1, "name": "decode"}],
+        "limits": {"max_batch": max_batch},
+        "plugin_libraries": ["plugins/libqwen_plugins.so"],
+    }
+    dataclasses.replace(manifest, model_file="model.plan", data_files=[], engine=engine).save(
+        folder
+    )
+    return folder
+
+
+def test_tensorrt_repository(tiny_artifact, tmp_path):
+    engine = _engine_artifact(tiny_artifact, tmp_path / "engine", max_batch=4)
+    too_big = cli("triton", engine, "-o", tmp_path / "big", "--backend", "tensorrt")
+    assert too_big.exit_code == 2
+    assert "--max-batch 8 exceeds the engine's largest batch (4" in too_big.output
+    on_cpu = cli(
+        "triton",
+        engine,
+        "-o",
+        tmp_path / "cpu",
+        "--backend",
+        "tensorrt",
+        "--max-batch",
+        "4",
+        "--provider",
+        "cpu",
+    )
+    assert "use --provider cuda" in on_cpu.output
+
+    repo = write_repository(engine, tmp_path / "repo", name="q", backend="tensorrt", max_batch=4)
+    config = (tmp_path / "repo" / "q_decoder" / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in config
+    assert 'default_model_filename: "model.plan"' in config
+    assert "kind: KIND_GPU" in config and 'profile: [ "0", "1" ]' in config
+    assert repo.plugins == ["q_decoder/1/plugins/libqwen_plugins.so"]
+    readme = (tmp_path / "repo" / "README.md").read_text()
+    assert (
+        '--backend-config=tensorrt,plugins="$REPO/q_decoder/1/plugins/libqwen_plugins.so"' in readme
+    )
+    assert 'LD_PRELOAD="$REPO/q_decoder/1/plugins/libqwen_plugins.so"' in readme
+    onnx_only = cli("triton", engine, "-o", tmp_path / "x")
+    assert "this artifact is a TensorRT engine: use --backend tensorrt" in onnx_only.output
+
+
+# -- configs parsed with Triton's own ModelConfig ---------------------------------------------
+
+
+def _graph_tensors(model_path: Path, batched: bool) -> dict[str, dict]:
+    """name -> {data_type, dims} as Triton should declare it, read from the ONNX graph itself."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    defaults = {t.name for t in graph.initializer}  # optional inputs (logits_to_keep): not declared
+    tensors = {}
+    for value in [*_required(graph.input, defaults), *graph.output]:
+        t = value.type.tensor_type
+        dims = [str(d.dim_value) if d.HasField("dim_value") else "-1" for d in t.shape.dim]
+        tensors[value.name] = {
+            "data_type": ONNX_TO_TRITON[onnx.TensorProto.DataType.Name(t.elem_type)],
+            "dims": dims[1:] if batched else dims,
+        }
+    return tensors
+
+
+def _required(inputs, defaults: set[str]) -> list:
+    return [i for i in inputs if i.name not in defaults]
+
+
+@needs_triton
+@pytest.mark.parametrize(("precision", "max_batch"), [("fp32", 8), ("fp16", 0)])
+def test_configs_parse_as_triton_model_config(artifact, tmp_path, precision, max_batch):
+    art = artifact(precision=precision)
+    write_repository(
+        art, tmp_path / "repo", name="m", max_batch=max_batch, instances=2, python_env=TRITON_ENV
+    )
+    engine = _engine_artifact(art, tmp_path / "engine", max_batch=8)
+    write_repository(engine, tmp_path / "trt", name="m", backend="tensorrt", max_batch=max_batch)
+    decoder, text, trt = triton_client(
+        "parse",
+        str(tmp_path / "repo/m_decoder/config.pbtxt"),
+        str(tmp_path / "repo/m/config.pbtxt"),
+        str(tmp_path / "trt/m_decoder/config.pbtxt"),
+    )
+
+    expected = _graph_tensors(art / "model.onnx", batched=max_batch > 0)
+    for config, platform in ((decoder, "onnxruntime_onnx"), (trt, "tensorrt_plan")):
+        assert config["platform"] == platform
+        assert config.get("max_batch_size", 0) == max_batch
+        declared = {
+            t["name"]: {"data_type": t["data_type"], "dims": t["dims"]}
+            for t in [*config["input"], *config["output"]]
+        }
+        assert declared == expected
+        graph = onnx.load(str(art / "model.onnx"), load_external_data=False).graph
+        assert [t["name"] for t in config["input"]] == [
+            i.name for i in _required(graph.input, {t.name for t in graph.initializer})
+        ]
+        assert ("dynamic_batching" in config) == (max_batch > 0)
+    assert decoder["instance_group"] == [{"count": 2, "kind": "KIND_CPU"}]
+    assert trt["instance_group"] == [{"count": 1, "kind": "KIND_GPU", "profile": ["0", "1"]}]
+
+    assert text["backend"] == "python"
+    assert text["model_transaction_policy"] == {"decoupled": True}
+    assert {t["name"] for t in text["input"]} == {
+        "text_input",
+        "messages",
+        "sampling_parameters",
+        "stream",
+    }
+    assert all(t["optional"] for t in text["input"])
+    params = {k: v["string_value"] for k, v in text["parameters"].items()}
+    assert params == {
+        "artifact": "../m_decoder/1",
+        "provider": "cpu",
+        "EXECUTION_ENV_PATH": str(TRITON_ENV.resolve()),
+    }
+
+
+# -- a real tritonserver ------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+class TritonServer:
+    """tritonserver on localhost ports serving the text model of `repo`."""
+
+    def __init__(self, repo: Path, model: str, log: Path):
+        server = _server_dir()
+        self.http_port, self.grpc_port = _free_port(), _free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
+        # the stub embeds the env's Python: its libpython must be on the loader path
+        libdir = subprocess.check_output(
+            [
+                str(TRITON_PYTHON),
+                "-c",
+                "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))",
+            ],
+            text=True,
+        ).strip()
+        env = dict(os.environ, LD_LIBRARY_PATH=f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}")
+        self.log = log
+        self.process = subprocess.Popen(
+            [
+                str(server / "bin" / "tritonserver"),
+                f"--model-repository={repo}",
+                f"--backend-directory={server / 'backends'}",
+                "--http-address=127.0.0.1",
+                "--grpc-address=127.0.0.1",
+                f"--http-port={self.http_port}",
+                f"--grpc-port={self.grpc_port}",
+                "--allow-metrics=false",
+                "--model-control-mode=explicit",
+                f"--load-model={model}",
+            ],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self._wait_ready(model)
+
+    def _wait_ready(self, model: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/v2/models/{model}/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(
+            f"tritonserver not ready in {timeout} s:\n{self.log.read_text()[-3000:]}"
+        )
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_artifact) -> Generator:
+    return Generator(tiny_artifact, threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_artifact, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("triton")
+    write_repository(tiny_artifact, folder / "repo", name="qwen", python_env=TRITON_ENV)
+    server = TritonServer(folder / "repo", "qwen", folder / "server.log")
+    yield server
+    server.stop()
+
+
+def _post(server, endpoint: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}/v2/models/qwen/{endpoint}", json=body, timeout=60)
+
+
+def _request(**inputs) -> dict:
+    body = {
+        k: json.dumps(v) if k in ("messages", "sampling_parameters") else v
+        for k, v in inputs.items()
+    }
+    return body
+
+
+@needs_triton
+def test_http_generate_matches_runtime(server, generator):
+    expected = generator.generate(messages=CHAT, **GREEDY)
+    response = _post(server, "generate", _request(messages=CHAT, sampling_parameters=GREEDY))
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert out["token_ids"] == expected.token_ids and len(expected.token_ids) > 0
+    assert out["text_output"] == expected.text
+    assert out["content"] == expected.content
+    assert out["finish_reason"] == expected.finish_reason
+    assert out["prompt_tokens"] == expected.prompt_tokens
+
+
+@needs_triton
+def test_chat_template_kwargs_reach_the_template(server, generator):
+    ids = generator.prompt_ids(messages=CHAT, enable_thinking=False)
+    assert ids != generator.prompt_ids(messages=CHAT)  # this template reads enable_thinking
+    expected = generator.generate(prompt=ids, **GREEDY)
+    sampling = {**GREEDY, "chat_template_kwargs": {"enable_thinking": False}}
+    out = _post(server, "generate", _request(messages=CHAT, sampling_parameters=sampling)).json()
+    assert out["prompt_tokens"] == len(ids)
+    assert out["token_ids"] == expected.token_ids
+
+
+@needs_triton
+def test_http_stream_sends_one_event_per_token(server, generator):
+    expected = generator.generate(messages=CHAT, **GREEDY)
+    response = _post(
+        server, "generate_stream", _request(messages=CHAT, sampling_parameters=GREEDY, stream=True)
+    )
+    assert response.status_code == 200, response.text
+    events = [
+        json.loads(line[len("data: ") :])
+        for line in response.text.splitlines()
+        if line.startswith("data: ")
+    ]
+    assert [e["token_ids"] for e in events] == expected.token_ids
+    assert "".join(e["text_output"] for e in events) == expected.text
+    assert [e["finish_reason"] for e in events] == [""] * (len(events) - 1) + [
+        expected.finish_reason
+    ]
+
+
+@needs_triton
+def test_grpc_streaming_chat_matches_runtime_and_survives_errors(server, generator, tmp_path):
+    expected_chat = generator.generate(messages=CHAT, **GREEDY)
+    # a raw prompt whose template opened <think>: all output is reasoning until </think>
+    thinking = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    expected_think = generator.generate(prompt=thinking, **GREEDY)
+    assert expected_think.reasoning_content  # the case really exercises the split
+    requests = [
+        _request(messages=CHAT, sampling_parameters=GREEDY, stream=True),
+        _request(messages=CHAT, sampling_parameters={"temperature": -1}, stream=True),
+        _request(text_input=thinking, sampling_parameters=GREEDY, stream=False),
+    ]
+    (tmp_path / "requests.json").write_text(json.dumps(requests))
+    streamed, invalid, think = triton_client(
+        "grpc", server.grpc_url, "qwen", str(tmp_path / "requests.json")
+    )
+
+    assert streamed["error"] is None
+    assert [t for r in streamed["responses"] for t in r["token_ids"]] == expected_chat.token_ids
+    assert len(streamed["responses"]) == len(expected_chat.token_ids)
+    assert "".join(r["content"] for r in streamed["responses"]) == expected_chat.content
+    assert streamed["responses"][-1]["finish_reason"] == expected_chat.finish_reason
+
+    assert invalid["responses"] == []
+    assert "temperature=-1 is out of range" in invalid["error"]
+
+    assert think["error"] is None and len(think["responses"]) == 1
+    (only,) = think["responses"]
+    assert only["token_ids"] == expected_think.token_ids
+    assert only["reasoning_content"] == expected_think.reasoning_content
+    assert only["content"] == expected_think.content
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"messages": "[{not json"}, "input messages is not valid JSON"),
+        ({"messages": json.dumps({"role": "user"})}, "input messages must be a JSON list"),
+        ({"sampling_parameters": json.dumps(GREEDY)}, "send either text_input (a raw prompt)"),
+        ({"text_input": "Hi", "messages": json.dumps(CHAT)}, "or messages (JSON chat), not both"),
+        (
+            _request(messages=CHAT, sampling_parameters={"chat_template_kwargs": [1]}),
+            "chat_template_kwargs must be a JSON object",
+        ),
+        (
+            _request(text_input="Hi", sampling_parameters={"beam_width": 2}),
+            "unknown sampling parameter(s) beam_width",
+        ),
+    ],
+)
+def test_invalid_requests_get_triton_errors(server, body, message):
+    response = _post(server, "generate", body)
+    assert response.status_code == 400
+    assert message in response.json()["error"]
+    ok = _post(server, "generate", _request(text_input="Hi", sampling_parameters=GREEDY))
+    assert ok.status_code == 200 and ok.json()["token_ids"]
+
+
+@needs_triton
+def test_client_disconnect_cancels_its_generation(server):
+    endless = {"temperature": 0, "max_tokens": 3000, "stop_token_ids": []}  # ~40 s of decoding
+    body = _request(text_input="Hi", sampling_parameters=endless, stream=True)
+    with httpx.stream(
+        "POST", f"{server.url}/v2/models/qwen/generate_stream", json=body, timeout=60
+    ) as response:
+        first = next(line for line in response.iter_lines() if line.startswith("data: "))
+    assert json.loads(first[len("data: ") :])["finish_reason"] == ""
+    # the model instance stops at the next token instead of serving a client that is gone
+    start = time.monotonic()
+    ok = _post(server, "generate", _request(text_input="Hi", sampling_parameters=GREEDY))
+    assert ok.status_code == 200
+    assert time.monotonic() - start < 10
+
+
+@needs_triton
+def test_server_stops_and_frees_its_ports(server):
+    server.stop()
+    assert server.process.returncode is not None
+    assert _port_free(server.http_port) and _port_free(server.grpc_port)
+    assert "successfully unloaded 'qwen'" in server.log.read_text()
