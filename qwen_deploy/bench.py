@@ -121,7 +121,10 @@ class QwenDeployRunner:
         stamps: list[float] = []  # one per generated token, of any request
         start = time.perf_counter()
         for ids in self.ids[:batch]:
-            engine.add(ids, self.params, lambda _: stamps.append(time.perf_counter()))
+            engine.add(
+                engine.generator.prepare(prompt=ids, params=self.params),
+                lambda _: stamps.append(time.perf_counter()),
+            )
         while engine.step():
             pass
         first = stamps[batch - 1]  # every request has its first token (prefills are first)

@@ -77,7 +77,7 @@ def _speculation(
     if prompt_lookup:
         return {"drafter": PromptLookup(), "draft_tokens": draft_tokens}
     if draft:
-        from ..generation.generator import open_backend
+        from ..runtime.backend import open_backend
 
         backend = open_backend(draft, provider=provider, threads=threads)
         drafter = DraftModel(backend, generator.manifest.model.vocab_size)

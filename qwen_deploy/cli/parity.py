@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..runtime.backend import BACKENDS
 from .group import main
 from .options import provider_option, quiet_option
 
@@ -36,6 +37,12 @@ from .options import provider_option, quiet_option
 )
 @click.option("--no-batch", is_flag=True, help="Skip the left-padded batch case.")
 @provider_option()
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default=None,
+    help="Runtime to check the artifact on [from its manifest: tensorrt for an engine].",
+)
 @click.option("--preset", default=None, help="Tolerance preset (default: from the manifest).")
 @click.option(
     "--atol", type=float, default=None, help="Override: atol of |diff| <= atol + rtol*|ref|."
@@ -74,6 +81,7 @@ def parity(
     steps: int,
     no_batch: bool,
     provider: str,
+    backend: str | None,
     preset: str | None,
     atol: float | None,
     rtol: float | None,
@@ -106,6 +114,7 @@ def parity(
             "kl": max_kl,
         },
         reference_dtype=reference_dtype,
+        backend=backend,
     )
     text = json.dumps(report.to_dict(), indent=2)
     if json_out and str(json_out) == "-":

@@ -23,6 +23,8 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import QwenDeployError
+from ..runtime.backend import Backend
+from ..runtime.decode import Batch
 from .sequence import SequenceState, StreamDelta
 
 DRAFT_TOKENS = 6  # k: tokens drafted per target forward
@@ -86,15 +88,14 @@ class DraftModel:
     """Drafts greedily with a second artifact; its cache follows the accepted text (what it
     drafted beyond that is truncated away before the next proposal)."""
 
-    def __init__(self, backend, target_vocab: int):
+    def __init__(self, backend: Backend, target_vocab: int):
         vocab = backend.manifest.model.vocab_size
         if vocab != target_vocab:
             raise QwenDeployError(
                 f"the draft artifact's vocabulary ({vocab}) differs from the target's "
                 f"({target_vocab}): a draft must share the target's tokenizer."
             )
-        self.backend = backend
-        self.cache = backend.new_cache(1)
+        self.batch = Batch(backend, 1)
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
@@ -103,34 +104,24 @@ class DraftModel:
         while same < limit and self.cached[same] == tokens[same]:
             same += 1
         if same < len(self.cached):
-            self.backend.truncate(self.cache, same)
+            self.batch.truncate(same)
             del self.cached[same:]
         feed, drafts = tokens[same:], []
         for _ in range(k):
-            logits = _step(self.backend, self.cache, feed, last_only=True)
+            logits = self.batch.extend(np.array([feed]), last_only=True)[0]
             self.cached += feed
             feed = [int(np.argmax(logits[-1]))]
             drafts.append(feed[0])
         return drafts
 
 
-def _step(backend, cache, tokens: list[int], last_only: bool = False) -> np.ndarray:
-    """One batch-1 forward of `tokens` after the cache; logits [len(tokens) or 1, vocab]."""
-    start, n = cache.length, len(tokens)
-    ids = np.array([tokens], np.int64)
-    mask = np.ones((1, start + n), np.int64)
-    positions = np.arange(start, start + n, dtype=np.int64)[None]
-    return backend.forward(ids, mask, positions, cache, last_only=last_only)[0]
-
-
 def speculative_deltas(
-    backend, cache, state: SequenceState, drafter: Drafter, k: int, stats: SpeculativeStats
+    batch: Batch, state: SequenceState, drafter: Drafter, k: int, stats: SpeculativeStats
 ) -> Iterator[StreamDelta]:
-    """Generate `state` on `backend` with drafts of up to k tokens; one delta per token."""
-    if not hasattr(backend, "truncate"):  # TensorRT's cache has no rollback yet
-        raise QwenDeployError("speculative decoding runs on onnxruntime artifacts only.")
+    """Generate `state` on the (empty, one-row) `batch` with drafts of up to k tokens; one
+    delta per token."""
     tokens = list(state.prompt_ids)
-    logits = _step(backend, cache, tokens, last_only=True)
+    logits = batch.extend(np.array([tokens]), last_only=True)[0]
     token = state.sampler(logits[-1])
     while True:
         tokens.append(token)
@@ -140,8 +131,8 @@ def speculative_deltas(
             return
         room = (state.params.max_tokens or k + 1) - len(state.completion_ids)
         drafts = drafter.propose(tokens, min(k, room - 1)) if room > 1 else []
-        start = cache.length
-        logits = _step(backend, cache, [token, *drafts])
+        start = batch.length
+        logits = batch.extend(np.array([[token, *drafts]]))[0]
         stats.forwards += 1
         stats.drafted += len(drafts)
         for j in range(len(drafts) + 1):  # logits[j] follows [token, *drafts][j]
@@ -154,5 +145,5 @@ def speculative_deltas(
                 if state.finished:
                     return
                 continue
-            backend.truncate(cache, start + j + 1)  # keep [token, *drafts[:j]]
+            batch.truncate(start + j + 1)  # keep [token, *drafts[:j]]
             break

@@ -18,7 +18,8 @@ from tqdm import tqdm
 
 from ..errors import QwenDeployError
 from ..manifest import Manifest
-from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+from ..runtime.backend import Backend, open_backend
+from ..runtime.decode import Batch
 from ..runtime.padding import left_pad
 from .metrics import merge_metrics
 from .presets import PRESETS, Tolerance, preset_for
@@ -107,7 +108,7 @@ class _Sides:
     is float64."""
 
     reference: TorchReference
-    candidate: OnnxRuntimeBackend
+    candidate: Backend
     tolerance: Tolerance
     torch_fp32: TorchReference | None = None
 
@@ -115,17 +116,18 @@ class _Sides:
 def _run_case(
     name: str, rows: list[list[int]], steps: int, sides: _Sides, pad_id: int
 ) -> list[StepResult]:
-    ids, mask, positions = left_pad(rows, pad_id)
+    ids, real, _ = left_pad(rows, pad_id)
     shadow = sides.torch_fp32
     sides.reference.reset()
     if shadow:
         shadow.reset()
-    cache = sides.candidate.new_cache(len(rows))
-    keep = mask.astype(bool)  # prefill: real positions only
+    batch = Batch(sides.candidate, len(rows))
+    keep = real.astype(bool)  # prefill: real positions only
     results = []
     for step in range(steps + 1):
+        mask, positions = batch.inputs(ids, real)  # the reference gets the candidate's inputs
         ref = sides.reference.forward(ids, mask, positions)
-        cand = sides.candidate.forward(ids, mask, positions, cache)
+        cand = batch.extend(ids, real)
         fp32 = shadow.forward(ids, mask, positions) if shadow else None
         ref_rows, cand_rows = (ref[keep], cand[keep]) if step == 0 else (ref, cand)
         results.append(
@@ -140,8 +142,7 @@ def _run_case(
             )
         )
         ids = ref[:, -1].argmax(-1)[:, None].astype(np.int64)
-        mask = np.concatenate([mask, np.ones((len(rows), 1), np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
+        real = np.ones_like(ids)
     return results
 
 
@@ -157,22 +158,25 @@ def run_parity(
     progress: bool = True,
     token_rows: list[list[int]] | None = None,
     reference_dtype: str = "float32",
+    backend: str | None = None,
 ) -> ParityReport:
     """Compare `artifact` with transformers on `reference` over every prompt and a padded batch.
 
     `token_rows` replaces the prompts with ready token ids (models without a tokenizer).
     `reference_dtype` float64 judges against exact arithmetic and also measures transformers'
-    float32 forward against it.
+    float32 forward against it. The artifact runs on the backend its manifest names (a TensorRT
+    engine on TensorRT), or on `backend`.
     """
     manifest = Manifest.load(artifact)
     preset = preset or preset_for(manifest.precision, (manifest.quantization or {}).get("mode"))
     if preset not in PRESETS:
         raise QwenDeployError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     tolerance = PRESETS[preset].override(**(overrides or {}))
+    candidate = open_backend(artifact, provider=provider, backend=backend)  # fails fast
     rows = token_rows or chat_prompt_ids(reference, load_prompts(prompts_file))
     sides = _Sides(
         TorchReference(reference, reference_dtype),
-        OnnxRuntimeBackend(artifact, provider=provider),
+        candidate,
         tolerance,
         TorchReference(reference) if reference_dtype == "float64" else None,
     )

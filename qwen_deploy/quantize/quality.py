@@ -26,7 +26,8 @@ from ..manifest import Manifest
 from ..parity.metrics import compare_logits, merge_metrics
 from ..parity.presets import PRESETS
 from ..parity.prompts import load_prompts
-from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+from ..runtime.backend import Backend, open_backend
+from ..runtime.decode import Batch
 from .text import prompt_ids
 
 STEPS = 8
@@ -56,7 +57,7 @@ GATES = {
 
 
 def _run(
-    backend: OnnxRuntimeBackend,
+    backend: Backend,
     prompts: list[list[int]],
     steps: int,
     feed: list[list[int]] | None,
@@ -69,26 +70,13 @@ def _run(
     """
     logits_out, fed_out = [], []
     for n, ids in enumerate(tqdm(prompts, desc=desc, unit="prompt", disable=not progress)):
-        cache = backend.new_cache(1)
-        length = len(ids)
-        rows = [
-            backend.forward(
-                np.array([ids]), np.ones((1, length), np.int64), np.arange(length)[None], cache
-            )[0]
-        ]
+        batch = Batch(backend, 1)
+        rows = [batch.extend(np.array([ids]))[0]]
         fed = []
         for step in range(steps):
             token = int(rows[-1][-1].argmax()) if feed is None else feed[n][step]
             fed.append(token)
-            position = cache.length
-            rows.append(
-                backend.forward(
-                    np.array([[token]]),
-                    np.ones((1, position + 1), np.int64),
-                    np.array([[position]]),
-                    cache,
-                )[0]
-            )
+            rows.append(batch.extend(np.array([[token]]))[0])
         logits_out.append(np.concatenate(rows))
         fed_out.append(fed)
     return logits_out, fed_out
@@ -130,19 +118,17 @@ def load_texts(folder: str | Path) -> dict[str, list[int]]:
 
 
 def _score_text(
-    backend: OnnxRuntimeBackend, passages: dict[str, list[int]], desc: str, progress: bool
+    backend: Backend, passages: dict[str, list[int]], desc: str, progress: bool
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(NLL, argmax) of every next token of each passage, teacher-forced."""
     out = {}
     for name, ids in tqdm(passages.items(), desc=desc, unit="text", disable=not progress):
-        cache = backend.new_cache(1)
+        batch = Batch(backend, 1)
         nll, top = [], []
         for a in range(0, len(ids) - 1, TEXT_CHUNK):
             chunk = ids[a : a + TEXT_CHUNK]
             end = a + len(chunk)
-            logits = backend.forward(
-                np.array([chunk]), np.ones((1, end), np.int64), np.arange(a, end)[None], cache
-            )[0]
+            logits = batch.extend(np.array([chunk]))[0]
             targets = ids[a + 1 : end + 1]  # the last chunk's last row predicts nothing
             logits = logits[: len(targets)]
             nll.append(_nll(logits, targets))
@@ -219,11 +205,11 @@ def quality_report(
     whether they pass the gate of `mode`."""
     ids = prompt_ids(reference, prompts or load_prompts(), MAX_TOKENS)
     texts = load_texts(reference)
-    source = OnnxRuntimeBackend(reference)
+    source = open_backend(reference)
     ref_logits, fed = _run(source, ids, steps, None, "quality: source", progress)
     ref_text = _score_text(source, texts, "quality: source text", progress)
-    del source
-    quantized = OnnxRuntimeBackend(candidate)
+    source.close()
+    quantized = open_backend(candidate)
     cand_logits, _ = _run(quantized, ids, steps, fed, "quality: int8", progress)
     cand_text = _score_text(quantized, texts, "quality: int8 text", progress)
     metrics = _compare(np.concatenate(ref_logits), np.concatenate(cand_logits))

@@ -1,12 +1,23 @@
-"""The interface every runtime backend implements: feed tokens, keep the cache, get logits."""
+"""The interface every runtime backend implements, and the choice of backend for an artifact.
+
+A backend owns its KV cache: it allocates one for a batch, runs steps that extend it, hands out
+host copies of it and builds one from host arrays (how rows leave and join a running batch),
+rolls it back (speculative decoding) and frees device memory on close. What it cannot do is said
+in its Capabilities, never found out by probing attributes. Callers drive backends through
+runtime.decode.Batch, the one prefill/decode loop.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from ..manifest import Manifest
+
+BACKENDS = ("onnxruntime", "tensorrt")
 
 
 class KVCache(Protocol):
@@ -17,11 +28,23 @@ class KVCache(Protocol):
         """Positions already cached (past_sequence_length)."""
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can run: limits the batching engine and the generator plan around."""
+
+    device: str  # "cpu" | "cuda"
+    max_batch: int | None  # rows one cache holds (None: no limit of its own)
+    max_positions: int  # positions one cache holds: prompt + output
+    batch_chunks_with_past: bool  # a step of several tokens on several rows after a past
+
+
 class Backend(Protocol):
     manifest: Manifest
+    capabilities: Capabilities
 
-    def new_cache(self, batch: int) -> KVCache:
-        """An empty cache for `batch` sequences."""
+    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        """An empty cache for `batch` sequences; `capacity` (positions) lets a backend that
+        preallocates size it for the run (None: its default)."""
 
     def forward(
         self,
@@ -37,3 +60,53 @@ class Backend(Protocol):
         the logits are [batch, 1, vocab] (the last position), which spares a prefill the LM head
         over every prompt position where the graph allows it.
         """
+
+    def cache_arrays(self, cache: KVCache) -> dict[str, np.ndarray]:
+        """Host copies of the cache: past name -> [batch, kv_heads, length, head_dim]."""
+
+    def cache_from_arrays(
+        self, arrays: dict[str, np.ndarray], length: int, capacity: int | None = None
+    ) -> KVCache:
+        """A cache holding `arrays` (as cache_arrays returns them), with room for `capacity`."""
+
+    def truncate(self, cache: KVCache, length: int) -> None:
+        """Forget every cached position from `length` on (rejected draft tokens)."""
+
+    def close(self) -> None:
+        """Free the model and its device memory; the backend is unusable afterwards."""
+
+
+def open_backend(
+    artifact: str | Path,
+    provider: str = "cpu",
+    threads: int | None = None,
+    device_id: int = 0,
+    backend: str | None = None,
+) -> Backend:
+    """The backend an artifact runs on, from its manifest: TensorRT for an engine artifact
+    (`qwen-deploy build`; an NVIDIA GPU, whatever `provider` says), onnxruntime on `provider`
+    for an ONNX one. `backend` names one explicitly and is refused when the artifact does not
+    hold what it runs."""
+    from ..errors import QwenDeployError
+
+    manifest = Manifest.load(artifact)
+    kind = "tensorrt" if manifest.engine else "onnxruntime"
+    if backend is not None and backend not in BACKENDS:
+        raise QwenDeployError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    if backend is not None and backend != kind:
+        hint = (
+            "build an engine artifact from it with `qwen-deploy build ARTIFACT -o ENGINE`"
+            if backend == "tensorrt"
+            else "give the ONNX artifact it was built from"
+        )
+        raise QwenDeployError(
+            f"{artifact} is {'a TensorRT engine' if kind == 'tensorrt' else 'an ONNX'} artifact, "
+            f"which the {backend} backend cannot run: {hint}."
+        )
+    if kind == "tensorrt":
+        from ..tensorrt.backend import TensorRTBackend
+
+        return TensorRTBackend(artifact, device=device_id)
+    from .onnxruntime_backend import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(artifact, provider=provider, threads=threads)

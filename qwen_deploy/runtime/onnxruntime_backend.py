@@ -21,6 +21,7 @@ import onnxruntime as ort
 from ..contract import LOGITS_TO_KEEP, is_past
 from ..errors import QwenDeployError
 from ..manifest import Manifest
+from .backend import Capabilities
 from .fp32_compute import widen_fp16
 from .huge_pages import collapse_resident_memory
 
@@ -145,6 +146,14 @@ class OnnxRuntimeBackend:
         self._past_names = [past for past, _ in self._pairs]
         self._output_names = [o.name for o in self.session.get_outputs()]
         self.in_place = self.manifest.attention == "gqa"  # GroupQueryAttention shares past/present
+        self.capabilities = Capabilities(
+            device=self.device,
+            max_batch=None,
+            max_positions=self.manifest.model.max_position_embeddings,
+            # onnxruntime's GroupQueryAttention takes a multi-token step after a past only for
+            # one row
+            batch_chunks_with_past=not self.in_place,
+        )
 
     def _kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
         spec = self.manifest.model
@@ -225,7 +234,7 @@ class OnnxRuntimeBackend:
     def _grow(self, cache: OrtKVCache, needed: int) -> None:
         """Move an in-place cache to larger buffers (amortized: at least doubling)."""
         arrays = self.cache_arrays(cache)
-        grown = self.bound_cache(arrays, cache.length, max(needed, 2 * cache.capacity))
+        grown = self.cache_from_arrays(arrays, cache.length, max(needed, 2 * cache.capacity))
         cache.values, cache.capacity = grown.values, grown.capacity
 
     def truncate(self, cache: OrtKVCache, length: int) -> None:
@@ -236,7 +245,7 @@ class OnnxRuntimeBackend:
             }
         elif not self.in_place:
             arrays = {k: v[:, :, :length] for k, v in self.cache_arrays(cache).items()}
-            cache.values = self.bound_cache(arrays, length).values
+            cache.values = self.cache_from_arrays(arrays, length).values
         cache.length = length  # in place, the next step overwrites what lies beyond
 
     def cache_arrays(self, cache: OrtKVCache) -> dict[str, np.ndarray]:
@@ -245,24 +254,13 @@ class OnnxRuntimeBackend:
             return dict(cache.arrays)
         return {name: v.numpy()[:, :, : cache.length] for name, v in cache.values.items()}
 
-    def keep_rows(
-        self, cache: OrtKVCache, mask: np.ndarray, rows: list[int], capacity: int = 0
-    ) -> tuple[OrtKVCache, np.ndarray]:
-        """A bound cache and mask of `rows` only, without the left columns that are padding in
-        all of them (finished requests leave a batch this way)."""
-        mask = mask[rows]
-        first = int(np.argmax(mask.any(axis=0)))
-        arrays = {k: v[rows, :, first:] for k, v in self.cache_arrays(cache).items()}
-        mask = np.ascontiguousarray(mask[:, first:])
-        return self.bound_cache(arrays, mask.shape[1], capacity), mask
-
-    def bound_cache(
-        self, arrays: dict[str, np.ndarray], length: int, capacity: int = 0
+    def cache_from_arrays(
+        self, arrays: dict[str, np.ndarray], length: int, capacity: int | None = None
     ) -> OrtKVCache:
         """A bound cache holding `arrays` ([batch, kv_heads, length, head_dim] each); in place
-        (gqa) with room for at least `capacity` positions. The batching engine rebuilds its
-        cache this way when rows join or leave, so decode steps themselves copy no cache."""
-        size = _round_up(max(capacity, length + 1)) if self.in_place else 0
+        (gqa) with room for at least `capacity` positions. Rows join or leave a running batch
+        this way, so decode steps themselves copy no cache."""
+        size = _round_up(max(capacity or 0, length + 1)) if self.in_place else 0
         values = {}
         for name, array in arrays.items():
             if self.in_place:
@@ -272,6 +270,10 @@ class OnnxRuntimeBackend:
                 buffer = np.ascontiguousarray(array, self.kv_dtype)
             values[name] = self._device_value(buffer)
         return OrtKVCache({}, length, values, size)
+
+    def close(self) -> None:
+        """Drop the session (its weights and arena); caches hold their own buffers."""
+        self.session = None
 
     def _device_zeros(self, shape: tuple[int, ...]) -> ort.OrtValue:
         return self._device_value(np.zeros(shape, self.kv_dtype))

@@ -1,15 +1,15 @@
 """Continuous batching: one worker thread runs the model, requests join and leave between steps.
 
-The running batch's KV cache is the onnxruntime backend's bound cache: per layer a tensor
-[batch, kv_heads, length, head_dim] on the provider's device, left-padded, with an attention mask
-marking real positions; with the gqa form decode steps extend one preallocated buffer in place, so
-a step copies no cache (batch 8 at 1024-token prompts on 0.5B: 52 vs 44 tok/s through host
-arrays). A step (1) drops finished and cancelled rows and trims all-padding left columns,
-(2) prefills newcomers without past (several at once, left-padded, within a token budget) and
-merges them into the running batch by left-padding the shorter cache to the common length (both
-rebuild the cache through host arrays: a copy per join or leave, not per token), and
-(3) decodes one token (seq=1) for every running row. Prefill never runs a batch>1 chunk with past,
-which onnxruntime's GroupQueryAttention does not support.
+The running requests are one runtime.decode.Batch on the generator's backend (onnxruntime or a
+TensorRT engine): per layer a cache tensor [batch, kv_heads, length, head_dim] on the device,
+left-padded, with an attention mask marking real positions; with onnxruntime's gqa form decode
+steps extend one preallocated buffer in place, so a step copies no cache (batch 8 at 1024-token
+prompts on 0.5B: 52 vs 44 tok/s through host arrays). A step (1) drops finished and cancelled rows
+and trims all-padding left columns, (2) prefills newcomers without past (several at once,
+left-padded, within a token budget) and merges them into the running batch by left-padding the
+shorter cache to the common length (both rebuild the cache through host arrays: a copy per join
+or leave, not per token), and (3) decodes one token (seq=1) for every running row. Prefill never
+runs a batch>1 chunk with past, which onnxruntime's GroupQueryAttention does not support.
 """
 
 from __future__ import annotations
@@ -25,11 +25,10 @@ from collections.abc import AsyncIterator, Callable
 import numpy as np
 
 from ..errors import QwenDeployError
-from ..generation.generator import ContextLengthError, Generator
-from ..generation.sampling import SamplingParams
+from ..generation.generator import Generator
+from ..generation.requests import PreparedRequest
 from ..generation.sequence import SequenceState, StreamDelta
-from ..runtime.onnxruntime_backend import OrtKVCache
-from ..runtime.padding import left_pad
+from ..runtime.decode import Batch
 
 Emit = Callable[[StreamDelta | BaseException], None]
 BOUND_HEADROOM = 256  # positions a rebuilt running cache can grow before it is moved
@@ -108,21 +107,19 @@ class BatchEngine:
         max_context: int | None = None,
     ):
         """max_context: tokens per sequence (prompt + output), at most the model's positions;
-        prefill_tokens: padded tokens per prefill call (bounds its activation memory).
+        prefill_tokens: padded tokens per prefill call (bounds its activation memory); max_batch
+        is lowered to what the backend runs at once (a TensorRT engine's --max-batch).
         """
-        limit = generator.manifest.model.max_position_embeddings
+        limit = generator.max_context
         if max_batch < 1:
             raise QwenDeployError(f"max_batch must be >= 1 (got {max_batch}).")
+        # a TensorRT engine runs at most the batch it was built for; more requests wait
+        max_batch = min(max_batch, generator.backend.capabilities.max_batch or max_batch)
         if max_context is not None and not 1 < max_context <= limit:
             raise QwenDeployError(
-                f"max_context must be in [2, {limit}] (the model's max_position_embeddings), "
+                f"max_context must be in [2, {limit}] (the positions the model and its backend "
+                "hold), "
                 f"got {max_context}."
-            )
-        if not hasattr(generator.backend, "bound_cache"):
-            raise QwenDeployError(
-                "continuous batching (`serve`) needs the onnxruntime backend's concat-style KV "
-                "cache: serve the ONNX artifact, or put a TensorRT engine behind Triton "
-                "(`qwen-deploy triton`)."
             )
         self.generator = generator
         self.backend = generator.backend
@@ -137,8 +134,7 @@ class BatchEngine:
         self._waiting: deque[EngineRequest] = deque()
         self._prefilling: list[EngineRequest] = []  # admitted, not yet in the running batch
         self._running: list[EngineRequest] = []
-        self._cache: OrtKVCache | None = None
-        self._mask = np.zeros((0, 0), np.int64)
+        self._batch: Batch | None = None  # the running requests' rows
         self._thread: threading.Thread | None = None
         self._closed = False
 
@@ -149,49 +145,32 @@ class BatchEngine:
         with self._cond:
             return len(self._waiting) + len(self._prefilling) + len(self._running)
 
-    def check_prompt(self, prompt_ids: list[int]) -> None:
-        """Refuse empty prompts, unknown token ids, and prompts that fill the context."""
-        if not prompt_ids:
-            raise QwenDeployError("the prompt is empty; send at least one token.")
-        vocab = self.manifest.model.vocab_size
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
-            raise QwenDeployError(f"prompt token ids {bad[:5]} are outside [0, {vocab}).")
-        if len(prompt_ids) >= self.max_context:
-            raise ContextLengthError(
-                f"this model's maximum context length is {self.max_context} tokens, but the prompt "
-                f"has {len(prompt_ids)} tokens; shorten the prompt or the conversation."
-            )
-
-    def add(
-        self, prompt_ids: list[int], params: SamplingParams, emit: Emit, reasoning: bool = False
-    ) -> EngineRequest:
-        """Queue a request; it joins the running batch at the next step. Thread-safe."""
-        self.check_prompt(prompt_ids)
-        room = self.max_context - len(prompt_ids)
-        if params.max_tokens is None or params.max_tokens > room:
-            params = params.replace(max_tokens=room)  # ends with "length" at the context limit
-        state = SequenceState(list(prompt_ids), params, self.generator.tokenizer, reasoning)
-        request = EngineRequest(next(self._ids), list(prompt_ids), state, emit)
+    def add(self, request: PreparedRequest, emit: Emit) -> EngineRequest:
+        """Queue a request (generator.prepare); it joins the running batch at the next step.
+        Its max_tokens is clipped to this engine's context; a prompt that fills it is refused
+        (ContextLengthError). Thread-safe."""
+        params = self.generator.check_context(request.prompt_ids, request.params, self.max_context)
+        state = SequenceState(
+            request.prompt_ids, params, self.generator.tokenizer, request.reasoning
+        )
+        queued = EngineRequest(next(self._ids), list(request.prompt_ids), state, emit)
         with self._cond:
             if self._closed:
                 raise QwenDeployError("the engine is shut down.")
-            self._waiting.append(request)
+            self._waiting.append(queued)
             self._cond.notify()
-        return request
+        return queued
 
-    async def submit(
-        self, prompt_ids: list[int], params: SamplingParams, reasoning: bool = False
-    ) -> EngineStream:
-        """Queue a request from asyncio code; iterate the returned stream for its deltas."""
+    async def submit(self, request: PreparedRequest) -> EngineStream:
+        """Queue a prepared request from asyncio code; iterate the returned stream for its
+        deltas."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(item: StreamDelta | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        request = self.add(prompt_ids, params, emit, reasoning)
-        return EngineStream(self, request, queue)
+        return EngineStream(self, self.add(request, emit), queue)
 
     def cancel(self, request: EngineRequest) -> None:
         """Mark a request cancelled; the worker frees its slot before the next decode step."""
@@ -223,7 +202,7 @@ class BatchEngine:
         for request in left:
             if not request.done:
                 self._send(request, QwenDeployError("the server is shutting down."))
-        self._cache = None
+        self._batch = None
 
     def _run(self) -> None:
         while True:
@@ -273,67 +252,34 @@ class BatchEngine:
             self._prefill_group(group)
 
     def _prefill_group(self, group: list[EngineRequest]) -> None:
-        ids, mask, positions = left_pad([r.prompt_ids for r in group], self.pad_id)
-        width = ids.shape[1]
-        cache = self.backend.new_cache(len(group))
-        if len(group) == 1 and width > self.prefill_tokens:
-            logits = self._chunked_prefill(ids, cache)
-        else:
-            logits = self.backend.forward(ids, mask, positions, cache, last_only=True)[:, -1, :]
+        """Prefill a group without past (one long prompt in chunks of `prefill_tokens`, bounding
+        its activations), sample each row's first token, move the live rows into the batch."""
+        prompts = [r.prompt_ids for r in group]
+        batch = Batch(self.backend, len(group))
+        chunk = self.prefill_tokens if len(group) == 1 else None
+        logits = batch.prefill(prompts, self.pad_id, chunk=chunk)[:, -1]
         for row, request in enumerate(group):
             self._sample(request, logits[row])
-        self._merge(group, cache, mask)
-
-    def _chunked_prefill(self, ids: np.ndarray, cache: OrtKVCache) -> np.ndarray:
-        """One long prompt in chunks of `prefill_tokens` (batch 1), bounding the logits memory."""
-        width = ids.shape[1]
-        logits = None
-        for start in range(0, width, self.prefill_tokens):
-            end = min(width, start + self.prefill_tokens)
-            logits = self.backend.forward(
-                ids[:, start:end],
-                np.ones((1, end), np.int64),
-                np.arange(start, end, dtype=np.int64)[None],
-                cache,
-                last_only=True,
-            )
-        return logits[:, -1, :]
-
-    def _merge(self, group: list[EngineRequest], cache: OrtKVCache, mask: np.ndarray) -> None:
-        """Move a prefilled group's live rows into the running batch, left-padding the shorter."""
-        rows = [i for i, r in enumerate(group) if not r.done]
-        if rows:
-            arrays = {k: v[rows] for k, v in cache.arrays.items()}
-            mask = mask[rows]
-            if self._running:
-                length = max(self._mask.shape[1], mask.shape[1])
-                running = self.backend.cache_arrays(self._cache)
-                arrays = {
-                    k: np.concatenate([_left_pad(v, length, 2), _left_pad(arrays[k], length, 2)])
-                    for k, v in running.items()
-                }
-                mask = np.concatenate(
-                    [_left_pad(self._mask, length, 1), _left_pad(mask, length, 1)]
-                )
-            width = mask.shape[1]
-            self._cache = self.backend.bound_cache(arrays, width, width + BOUND_HEADROOM)
-            self._mask = mask
+        live = [i for i, r in enumerate(group) if not r.done]
+        if live and self._batch is None:
+            batch.keep(live, batch.length + BOUND_HEADROOM)
+            self._batch = batch
+        elif live:
+            width = max(self._batch.length, batch.length)
+            self._batch.merge(batch, width + BOUND_HEADROOM, rows=live)
         with self._cond:
             for request in group:
                 self._prefilling.remove(request)
                 if request.cancelled:
                     self._count_cancelled(request)
-            self._running.extend(group[i] for i in rows)
+            self._running.extend(group[i] for i in live)
             self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._running))
 
     def _decode(self) -> None:
-        ids = np.array([[r.pending] for r in self._running], np.int64)
-        positions = self._mask.sum(axis=1, keepdims=True)
-        self._mask = np.concatenate([self._mask, np.ones((len(ids), 1), np.int64)], axis=1)
-        logits = self.backend.forward(ids, self._mask, positions, self._cache, last_only=True)
+        logits = self._batch.step([r.pending for r in self._running])
         for row, request in enumerate(self._running):
             if not request.cancelled:
-                self._sample(request, logits[row, -1])
+                self._sample(request, logits[row])
 
     def _sample(self, request: EngineRequest, logits: np.ndarray) -> None:
         token = request.state.sampler(logits)
@@ -356,11 +302,9 @@ class BatchEngine:
                     self._count_cancelled(request)
             self._running = [self._running[i] for i in keep]
         if not keep:
-            self._cache, self._mask = None, np.zeros((0, 0), np.int64)
+            self._batch = None
             return
-        self._cache, self._mask = self.backend.keep_rows(
-            self._cache, self._mask, keep, self._mask.shape[1] + BOUND_HEADROOM
-        )
+        self._batch.keep(keep, self._batch.length + BOUND_HEADROOM)
 
     def _count_cancelled(self, request: EngineRequest) -> None:
         if not request.state.finished:
@@ -380,19 +324,9 @@ class BatchEngine:
                 request.cancelled = True
         with self._cond:
             self._prefilling, self._running = [], []
-        self._cache, self._mask = None, np.zeros((0, 0), np.int64)
+        self._batch = None
 
     @staticmethod
     def _send(request: EngineRequest, item: StreamDelta | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # the client's event loop is already closed
             request.emit(item)
-
-
-def _left_pad(array: np.ndarray, length: int, axis: int) -> np.ndarray:
-    """Zero-pad `array` on the left of `axis` to `length` (zeros are masked-out positions)."""
-    missing = length - array.shape[axis]
-    if missing == 0:
-        return array
-    widths = [(0, 0)] * array.ndim
-    widths[axis] = (missing, 0)
-    return np.pad(array, widths)

@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import QwenDeployError
-from ..generation.generator import ContextLengthError
+from ..generation.requests import ContextLengthError, PreparedRequest
 from ..generation.sampling import SamplingParams, TokenLogprob
 from ..generation.sequence import StreamDelta
 from ..generation.tool_calls import ToolCall, ToolCallStream, plan_tools
@@ -199,13 +199,18 @@ class OpenAIServer:
         except QwenDeployError as e:
             raise OpenAIError(400, str(e), param=_param_of(e)) from e
 
-    async def submit(
-        self, prompt_ids: list[int], params: SamplingParams, reasoning: bool, param: str
-    ) -> EngineStream:
+    def prepare(self, param: str, **kwargs) -> PreparedRequest:
+        """generator.prepare within the engine's context; errors as OpenAI's, on `param`."""
         try:
-            return await self.engine.submit(prompt_ids, params, reasoning)
+            return self.generator.prepare(**kwargs, max_context=self.engine.max_context)
         except ContextLengthError as e:
             raise OpenAIError(400, str(e), param=param, code="context_length_exceeded") from e
+        except (ValueError, TypeError, QwenDeployError) as e:
+            raise OpenAIError(400, str(e), param=param) from e
+
+    async def submit(self, request: PreparedRequest, param: str) -> EngineStream:
+        try:
+            return await self.engine.submit(request)
         except QwenDeployError as e:
             raise OpenAIError(400, str(e), param=param) from e
 
@@ -220,13 +225,17 @@ class OpenAIServer:
             raise OpenAIError(400, str(e), param="tool_choice") from e
         try:
             messages = [_templated(i, m) for i, m in enumerate(body.messages)]
-            prompt_ids = self.generator.prompt_ids(
-                messages=messages, tools=plan.tools, **(body.chat_template_kwargs or {})
-            ) + self.generator.tokenizer.encode(plan.prefill)
-        except (ValueError, TypeError, QwenDeployError) as e:
+        except (ValueError, TypeError) as e:
             raise OpenAIError(400, str(e), param="messages") from e
-        reasoning = self.generator.reasoning_for(prompt_ids)
-        stream = await self.submit(prompt_ids, params, reasoning, "messages")
+        prepared = self.prepare(
+            "messages",
+            messages=messages,
+            params=params,
+            tools=plan.tools,
+            template_kwargs=body.chat_template_kwargs,
+            suffix=plan.prefill,
+        )
+        stream = await self.submit(prepared, "messages")
         meta = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -340,10 +349,9 @@ class OpenAIServer:
                     param="prompt",
                 )
             prompt = prompt[0]
-        try:
-            prompt_ids = self.generator.prompt_ids(prompt=prompt)
-        except QwenDeployError as e:
-            raise OpenAIError(400, str(e), param="prompt") from e
+        # the completions API has no reasoning_content: the text is returned as it is
+        prepared = self.prepare("prompt", prompt=prompt, params=params, reasoning=False)
+        prompt_ids = prepared.prompt_ids
         echo_text, echo_logprobs = "", []
         if body.echo:  # the prompt's text (and its tokens' logprobs) ahead of the completion
             echo_text = (
@@ -353,7 +361,7 @@ class OpenAIServer:
                 echo_logprobs = await asyncio.to_thread(
                     self.generator.prompt_logprobs, prompt_ids, params.logprobs
                 )
-        stream = await self.submit(prompt_ids, params, False, "prompt")
+        stream = await self.submit(prepared, "prompt")
         meta = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),

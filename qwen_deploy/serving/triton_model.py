@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..errors import QwenDeployError
-from ..generation.generator import Generator, open_backend
+from qwen_deploy.errors import QwenDeployError
+from qwen_deploy.generation.generator import Generator
+from qwen_deploy.runtime.backend import open_backend
 
 TEMPLATE_KEYS = ("tools", "chat_template_kwargs")
 
@@ -112,14 +113,17 @@ class TritonPythonModel:
         kwargs = template.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise QwenDeployError("sampling_parameters.chat_template_kwargs must be a JSON object.")
-        if messages is not None:
-            ids = gen.prompt_ids(messages=messages, tools=template.get("tools"), **kwargs)
-        else:
-            ids = gen.prompt_ids(prompt=prompt)
-        params = gen.sampling_params(**sampling)
+        prepared = gen.prepare(
+            prompt=prompt,
+            messages=messages,
+            tools=template.get("tools"),
+            template_kwargs=kwargs,
+            **sampling,
+        )
+        ids = prepared.prompt_ids
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if not stream:
-            r = gen.generate(prompt=ids, params=params)
+            r = gen.generate(request=prepared)
             sender.send(
                 _response(
                     r.text,
@@ -132,7 +136,7 @@ class TritonPythonModel:
                 flags=final,
             )
             return
-        for delta in gen.stream(prompt=ids, params=params):
+        for delta in gen.stream(request=prepared):
             if sender.is_cancelled():  # the client went away: stop generating for it
                 break
             tokens = [] if delta.token_id is None else [delta.token_id]

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import QwenDeployError
 from ..manifest import Manifest
+from ..runtime.backend import Capabilities
 from .cuda import CudaDriver, DeviceBuffer, DeviceInfo
 from .device_cache import DeviceKVCache, check_step
 
@@ -139,12 +140,24 @@ class TensorRTBackend:
             for name in ("input_ids", "attention_mask", "position_ids")
         }
         self._logits = DeviceBuffer(self.driver)
+        self.capabilities = Capabilities(
+            device="cuda",
+            max_batch=self.max_batch,
+            max_positions=self.capacity,
+            batch_chunks_with_past=True,
+        )
 
-    def new_cache(self, batch: int) -> DeviceKVCache:
+    def new_cache(self, batch: int, capacity: int | None = None) -> DeviceKVCache:
+        """Device buffers for `batch` rows of the engine's max_seq_len positions."""
         if not 1 <= batch <= self.max_batch:
             raise QwenDeployError(
                 f"batch {batch} is outside the engine's 1..{self.max_batch}; "
                 "rebuild with a larger --max-batch."
+            )
+        if capacity is not None and capacity > self.capacity:
+            raise QwenDeployError(
+                f"{capacity} positions do not fit the engine's max_seq_len {self.capacity}; "
+                "rebuild with a larger --max-seq-len."
             )
         spec = self.manifest.model
         cache = DeviceKVCache(batch, self.capacity)
@@ -218,3 +231,51 @@ class TensorRTBackend:
         self.driver.synchronize(self.stream)
         cache.advance(seq)
         return out.astype(np.float32, copy=False)
+
+    def cache_arrays(self, cache: DeviceKVCache) -> dict[str, np.ndarray]:
+        """Host copies of the cache ([batch, kv_heads, length, head_dim], dense at the start of
+        each buffer)."""
+        out = {}
+        for past, _ in self._pairs:
+            array = np.empty(self._kv_shape(cache.batch, cache.length), self.dtypes[past])
+            if array.size:
+                self.driver.download(array, cache.read(past).ptr, self.stream)
+            out[past] = array
+        self.driver.synchronize(self.stream)
+        return out
+
+    def cache_from_arrays(
+        self, arrays: dict[str, np.ndarray], length: int, capacity: int | None = None
+    ) -> DeviceKVCache:
+        """A device cache holding `arrays`: rows join or leave a running batch this way."""
+        batch = len(next(iter(arrays.values())))
+        cache = self.new_cache(batch, capacity)
+        staged = []  # host arrays stay alive until the stream is synchronized
+        for past, _ in self._pairs:
+            host = np.ascontiguousarray(arrays[past][:, :, :length], self.dtypes[past])
+            staged.append(host)
+            if host.size:
+                self.driver.upload(cache.read(past).ptr, host, self.stream)
+        self.driver.synchronize(self.stream)
+        cache.length = length
+        return cache
+
+    def truncate(self, cache: DeviceKVCache, length: int) -> None:
+        """Forget positions from `length` on: a shorter [B, KV, T, D] is laid out differently,
+        so the kept prefix is copied through the host."""
+        if length >= cache.length:
+            return
+        arrays = {k: v[:, :, :length] for k, v in self.cache_arrays(cache).items()}
+        shorter = self.cache_from_arrays(arrays, length)
+        cache.buffers, cache.current, cache.length = shorter.buffers, shorter.current, length
+
+    def close(self) -> None:
+        """Free the execution context, the engine and the step buffers."""
+        for buffer in [*self._inputs.values(), self._logits]:
+            buffer.release()
+        self.context = None
+        self.engine = None
+
+    def _kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
+        spec = self.manifest.model
+        return (batch, spec.num_kv_heads, length, spec.head_dim)

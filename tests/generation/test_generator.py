@@ -15,7 +15,8 @@ from qwen_deploy.bench import BenchConfig, format_report, run_bench
 from qwen_deploy.cli import main
 from qwen_deploy.errors import QwenDeployError
 from qwen_deploy.generation.chat import chat_loop
-from qwen_deploy.generation.generator import ContextLengthError, Generator
+from qwen_deploy.generation.generator import Generator
+from qwen_deploy.generation.requests import ContextLengthError
 from qwen_deploy.generation.sampling import SamplingParams
 from qwen_deploy.generation.sequence import SequenceState
 from qwen_deploy.manifest import Manifest
@@ -188,7 +189,10 @@ def test_context_limit_comes_from_the_manifest(tiny_artifact, tmp_path):
         lambda m: m["model"].update(max_position_embeddings=32),
     )
     gen = Generator(short)
-    with pytest.raises(ContextLengthError, match=r"prompt has 32 tokens .* is 32"):
+    with pytest.raises(
+        ContextLengthError,
+        match="maximum context length is 32 tokens, but the prompt has 32 tokens",
+    ):
         gen.generate(list(range(100, 132)), max_tokens=4)
     clipped = gen.generate(list(range(100, 128)), temperature=0, max_tokens=100, stop_token_ids=[])
     assert (clipped.completion_tokens, clipped.finish_reason) == (4, "length")

@@ -8,8 +8,9 @@ import pytest
 
 from qwen_deploy.errors import QwenDeployError
 from qwen_deploy.generation.generator import Generator
+from qwen_deploy.generation.requests import ContextLengthError
 from qwen_deploy.generation.sampling import SamplingParams
-from qwen_deploy.serving.engine import BatchEngine, ContextLengthError
+from qwen_deploy.serving.engine import BatchEngine
 
 TEXTS = [
     "Hello",
@@ -37,7 +38,7 @@ def _run(engine: BatchEngine, schedule: dict[int, list[tuple[list[int], Sampling
     while True:
         for prompt, params in schedule.get(step, []):
             outputs.append([])
-            engine.add(prompt, params, outputs[-1].append)
+            engine.add(engine.generator.prepare(prompt=prompt, params=params), outputs[-1].append)
         busy = engine.step()
         step += 1
         if not busy and step > max(schedule):
@@ -102,9 +103,11 @@ def test_cancel_frees_the_slot(generator):
     engine = BatchEngine(generator, max_batch=2)
     params = _params(generator, temperature=0, max_tokens=50, stop_token_ids=[])
     seen: list = []
-    request = engine.add(generator.prompt_ids(prompt=TEXTS[0]), params, seen.append)
+    request = engine.add(generator.prepare(prompt=TEXTS[0], params=params), seen.append)
     other: list = []
-    engine.add(generator.prompt_ids(prompt=TEXTS[2]), params.replace(max_tokens=6), other.append)
+    engine.add(
+        generator.prepare(prompt=TEXTS[2], params=params.replace(max_tokens=6)), other.append
+    )
     for _ in range(3):
         engine.step()
     assert engine.active == 2
@@ -125,15 +128,15 @@ def test_context_limit(generator):
         ContextLengthError,
         match="maximum context length is 40 tokens, but the prompt has 40 tokens",
     ):
-        engine.add(list(range(100, 140)), _params(generator), lambda _: None)
+        prepared = generator.prepare(prompt=list(range(100, 140)), params=_params(generator))
+        engine.add(prepared, lambda _: None)
     with pytest.raises(QwenDeployError, match="prompt is empty"):
-        engine.add([], _params(generator), lambda _: None)
+        engine.add(generator.prepare(prompt=[], params=_params(generator)), lambda _: None)
     # a prompt near the limit generates until the context is full, then stops with "length"
     out: list = []
     prompt = list(range(100, 135))
-    engine.add(
-        prompt, _params(generator, temperature=0, max_tokens=100, stop_token_ids=[]), out.append
-    )
+    params = _params(generator, temperature=0, max_tokens=100, stop_token_ids=[])
+    engine.add(generator.prepare(prompt=prompt, params=params), out.append)
     while engine.step():
         pass
     assert len(out) == 5 and out[-1].finish_reason == "length"
@@ -155,7 +158,7 @@ def test_a_model_failure_ends_the_batch_and_the_engine_recovers(generator):
     first: list = []
     generator.backend.forward = failing
     try:
-        engine.add(prompt, params, first.append)
+        engine.add(engine.generator.prepare(prompt=prompt, params=params), first.append)
         while engine.step():
             pass
     finally:
@@ -166,7 +169,7 @@ def test_a_model_failure_ends_the_batch_and_the_engine_recovers(generator):
     again = _run(engine, {0: [(prompt, params)]})[0]
     assert [d.token_id for d in again] == generator.generate(prompt=prompt, params=params).token_ids
     with pytest.raises(QwenDeployError, match=r"token ids \[999999\] are outside"):
-        engine.add([1, 999999], params, lambda _: None)
+        engine.add(engine.generator.prepare(prompt=[1, 999999], params=params), lambda _: None)
 
 
 def test_async_submit_on_the_worker_thread(generator):
@@ -177,7 +180,7 @@ def test_async_submit_on_the_worker_thread(generator):
     engine.start()
 
     async def one(prompt: list[int]) -> list[int]:
-        stream = await engine.submit(prompt, params)
+        stream = await engine.submit(engine.generator.prepare(prompt=prompt, params=params))
         return [d.token_id async for d in stream]
 
     async def main() -> list[list[int]]:
@@ -197,14 +200,14 @@ def test_decode_steps_keep_the_cache_on_the_backend(generator):
     engine = BatchEngine(generator, max_batch=2)
     params = _params(generator, temperature=0, max_tokens=6, stop_token_ids=[])
     for text in TEXTS[:2]:
-        engine.add(generator.prompt_ids(prompt=text), params, lambda _: None)
+        engine.add(generator.prepare(prompt=text, params=params), lambda _: None)
     engine.step()  # prefill + first decode
-    cache = engine._cache
+    cache = engine._batch.cache
     assert cache.values and not cache.arrays
     buffers = {name: value.data_ptr() for name, value in cache.values.items()}
     length = cache.length
     engine.step()
-    assert engine._cache.length == length + 1
+    assert engine._batch.cache.length == length + 1
     if generator.backend.in_place:
-        assert engine._cache is cache
+        assert engine._batch.cache is cache
         assert {name: v.data_ptr() for name, v in cache.values.items()} == buffers

@@ -10,6 +10,7 @@ Generator here.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -432,6 +433,80 @@ def test_grpc_streaming_chat_matches_runtime_and_survives_errors(server, generat
     assert only["token_ids"] == expected_think.token_ids
     assert only["reasoning_content"] == expected_think.reasoning_content
     assert only["content"] == expected_think.content
+
+
+SCRIPT = ["<think>", "Hmm", "</think>", "Hi", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def thinking_artifact(checkpoint, tmp_path_factory) -> Path:
+    """A tiny model scripted to answer a chat with `<think>Hmm</think>Hi` (greedy) although its
+    chat template does not open a think block: the output itself thinks, as QwQ's does.
+
+    Every block writes nothing to the residual stream (o_proj and down_proj are zero), so each
+    next token depends on the current one alone; the embedding and LM head rows of the script's
+    tokens make each one predict the next, starting from the prompt's last token."""
+    from safetensors.numpy import load_file, save_file
+
+    from qwen_deploy.export import export_checkpoint
+
+    work = tmp_path_factory.mktemp("thinking")
+    ckpt = work / "ckpt"
+    shutil.copytree(checkpoint(), ckpt)
+    export_checkpoint(ckpt, work / "plain", progress=False)
+    plain = Generator(work / "plain")
+    chain = [plain.prompt_ids(messages=CHAT)[-1], *(plain.tokenizer.encode(t)[0] for t in SCRIPT)]
+    [weights_file] = ckpt.glob("*.safetensors")
+    weights = load_file(weights_file)
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name][...] = 0
+    embed, head = weights["model.embed_tokens.weight"], weights["lm_head.weight"]
+    for k, (token, follower) in enumerate(itertools.pairwise(chain)):
+        embed[token] = 0
+        embed[token, k] = 1.0
+        head[follower] = 0
+        head[follower, k] = 10.0
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    export_checkpoint(ckpt, work / "thinks", progress=False)
+    return work / "thinks"
+
+
+def test_one_request_path_decides_the_reasoning_split(thinking_artifact):
+    """Chat output may think; the same ids sent as a raw prompt are text (no template opened a
+    think block). The scripted model really emits the block."""
+    gen = Generator(thinking_artifact)
+    chat = gen.generate(messages=CHAT, temperature=0, max_tokens=8)
+    assert (chat.reasoning_content, chat.content, chat.finish_reason) == ("Hmm", "Hi", "stop")
+    ids = gen.prepare(messages=CHAT).prompt_ids
+    raw = gen.generate(prompt=ids, temperature=0, max_tokens=8)
+    assert (raw.reasoning_content, raw.content) == (None, "<think>Hmm</think>Hi")
+
+
+@needs_triton
+def test_triton_splits_reasoning_exactly_as_the_http_server(thinking_artifact, tmp_path):
+    """The same chat request through `serve` and through Triton's text model: one request path,
+    so the output's think block is reasoning_content in both, and the rest content."""
+    from qwen_deploy.serving.engine import BatchEngine
+    from tests.serving.test_server import running_server
+
+    engine = BatchEngine(Generator(thinking_artifact))
+    body = {"model": "think", "messages": CHAT, "temperature": 0, "max_tokens": 8}
+    with running_server(engine, "think") as url:
+        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+    engine.close()
+    message = reply["choices"][0]["message"]
+    assert (message["reasoning_content"], message["content"]) == ("Hmm", "Hi")
+
+    write_repository(thinking_artifact, tmp_path / "repo", name="qwen", python_env=TRITON_ENV)
+    server = TritonServer(tmp_path / "repo", "qwen", tmp_path / "server.log")
+    try:
+        request = _request(messages=CHAT, sampling_parameters={"temperature": 0, "max_tokens": 8})
+        out = _post(server, "generate", request).json()
+    finally:
+        server.stop()
+    assert (out["reasoning_content"], out["content"]) == ("Hmm", "Hi")
+    assert out["text_output"] == "<think>Hmm</think>Hi"
 
 
 @needs_triton

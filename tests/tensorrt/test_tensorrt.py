@@ -10,11 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
+from qwen_deploy.artifact import copy_side_files
+from qwen_deploy.cli import main
 from qwen_deploy.errors import QwenDeployError
-from qwen_deploy.generation.generator import open_backend
 from qwen_deploy.manifest import Manifest
 from qwen_deploy.parity.presets import PRESETS
+from qwen_deploy.runtime.backend import open_backend
 from qwen_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from qwen_deploy.tensorrt.backend import (
     TensorRTBackend,
@@ -191,16 +194,56 @@ def test_backend_refuses_onnx_artifacts(tiny_artifact):
         TensorRTBackend(tiny_artifact)
 
 
-@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
-def test_generator_opens_engine_artifacts_with_tensorrt(manifest, tmp_path):
-    """generate / chat / Triton on an engine artifact go to TensorRT, not to onnxruntime."""
+@pytest.fixture
+def plan_only(manifest, tiny_artifact, tmp_path) -> Path:
+    """An engine artifact's folder as `build` lays it out, with a plan TensorRT never reads."""
     folder = tmp_path / "engine"
     folder.mkdir()
     (folder / PLAN_FILE).write_bytes(b"plan")
+    copy_side_files(tiny_artifact, folder, manifest.tokenizer_files)
     engine = {"format": "tensorrt", "plan": PLAN_FILE}
     replace(manifest, model_file=PLAN_FILE, data_files=[], engine=engine).save(folder)
+    return folder
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here")
+def test_every_command_runs_engine_artifacts_on_tensorrt(plan_only, tiny_checkpoint):
+    """generate, serve (the batching engine), parity and Triton's model open an engine artifact
+    with TensorRT, from its manifest: here that ends at TensorRT's missing install."""
     with pytest.raises(QwenDeployError, match="TensorRT is not installed here"):
-        open_backend(folder)
+        open_backend(plan_only)
+    runner = CliRunner()
+    for args in (
+        ["generate", str(plan_only), "hi"],
+        ["serve", str(plan_only), "--port", "0"],
+        ["parity", str(plan_only), "--reference", str(tiny_checkpoint), "--quiet"],
+    ):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "TensorRT is not installed here" in result.output, args
+
+
+def test_a_backend_that_cannot_run_the_artifact_is_refused(
+    plan_only, tiny_artifact, tiny_checkpoint
+):
+    with pytest.raises(QwenDeployError, match="qwen-deploy build ARTIFACT -o ENGINE"):
+        open_backend(tiny_artifact, backend="tensorrt")
+    with pytest.raises(QwenDeployError, match="a TensorRT engine artifact, which the onnxruntime"):
+        open_backend(plan_only, backend="onnxruntime")
+    with pytest.raises(QwenDeployError, match="unknown backend 'vllm'"):
+        open_backend(tiny_artifact, backend="vllm")
+    result = CliRunner().invoke(
+        main,
+        [
+            "parity",
+            str(tiny_artifact),
+            "--reference",
+            str(tiny_checkpoint),
+            "--backend",
+            "tensorrt",
+        ],
+    )
+    assert result.exit_code == 2 and "qwen-deploy build" in result.output
 
 
 @pytest.mark.skipif(HAS_DRIVER, reason="an NVIDIA driver is installed here")
@@ -269,3 +312,43 @@ def test_engine_matches_onnxruntime_fp32(engine_artifact, artifact):
     ref = np.concatenate([r for r, _ in rows])
     cand = np.concatenate([c for _, c in rows])
     assert not PRESETS["fp16"].failures(PRESETS["fp16"].measure(ref, cand))
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_parity_checks_an_engine_artifact(engine_artifact):
+    """`qwen-deploy parity` runs the engine itself against transformers (fp16 preset)."""
+    out, _ = engine_artifact
+    source = Manifest.load(out).source["path"]
+    result = CliRunner().invoke(
+        main, ["parity", str(out), "--reference", source, "--steps", "4", "--json", "-", "--quiet"]
+    )
+    assert result.exit_code == 0, result.output
+    assert '"passed": true' in result.output
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_engine_cache_survives_rows_leaving_and_joining(engine_artifact, artifact):
+    """Batch.keep / merge / truncate rebuild the engine's device cache from host arrays: the
+    next logits equal those of a cache that never moved."""
+    from qwen_deploy.runtime.decode import Batch
+
+    out, _ = engine_artifact
+    backend = TensorRTBackend(out)
+    prompts = [[11, 12, 13, 14], [21, 22], [31, 32, 33]]
+    moved, still = Batch(backend, 3), Batch(backend, 3)
+    moved.prefill(prompts, 0)
+    expected = still.prefill(prompts, 0)[:, -1]
+    token = expected.argmax(-1)
+    moved.keep([0, 2])
+    tail = Batch(backend, 1)
+    tail.prefill([prompts[1]], 0)
+    moved.merge(tail)  # rows now 0, 2, 1
+    got = moved.step(token[[0, 2, 1]])
+    want = still.step(token)[[0, 2, 1]]
+    np.testing.assert_allclose(got, want, atol=2e-2)
+    length, nxt = moved.length, got.argmax(-1)
+    moved.step(nxt)
+    moved.truncate(length)  # forget that step: the same step again gives the same logits
+    np.testing.assert_allclose(moved.step(nxt), still.step(nxt[[0, 2, 1]])[[0, 2, 1]], atol=2e-2)

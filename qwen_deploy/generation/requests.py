@@ -1,0 +1,135 @@
+"""One request's preparation, shared by generate/chat, the HTTP server and the Triton model: prompt
+ids (chat messages through the template), their checks, the sampling parameters with the
+artifact's defaults, the context limit, and whether the output's <think> block is reasoning.
+
+One path, so the three front ends cannot disagree: a chat request's output is split into
+reasoning and content wherever it is served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import QwenDeployError
+from ..manifest import Manifest
+from .chat_template import ChatTemplate
+from .reasoning import prompt_opens_think
+from .sampling import SamplingParams
+from .sequence import PROMPT_TAIL
+from .tokenizer import Tokenizer
+
+
+class ContextLengthError(QwenDeployError):
+    """A prompt leaves no room to generate within the model's context length."""
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """What a model needs to run one request."""
+
+    prompt_ids: list[int]
+    params: SamplingParams  # max_tokens clipped to the room the context leaves
+    reasoning: bool  # split a <think> block out of the output as reasoning_content
+
+
+class RequestBuilder:
+    """An artifact's tokenizer, chat template and generation defaults, and its context limit."""
+
+    def __init__(self, folder: Path, manifest: Manifest, max_context: int):
+        self.folder = folder
+        self.manifest = manifest
+        self.tokenizer = Tokenizer.from_artifact(folder)
+        self.chat_template = (
+            ChatTemplate(manifest.chat_template, self.tokenizer.special_tokens)
+            if manifest.chat_template
+            else None
+        )
+        self.max_context = max_context
+
+    def prepare(
+        self,
+        prompt: str | list[int] | None = None,
+        messages: list[dict] | None = None,
+        params: SamplingParams | None = None,
+        tools: list[dict] | None = None,
+        template_kwargs: dict | None = None,
+        suffix: str = "",
+        reasoning: bool | None = None,
+        max_context: int | None = None,
+        **overrides,
+    ) -> PreparedRequest:
+        """A checked request from a raw prompt (text or ids) or chat messages (with `tools` and
+        `template_kwargs` for the template; `suffix` text appended after it).
+
+        reasoning None decides: chat output may think (the parser only acts on a think block
+        that opens the output or that the prompt opened, so models that do not think are
+        unaffected); a raw prompt only when it opened a think block itself. `max_context` lowers
+        the model's limit (a server's)."""
+        ids = self.prompt_ids(prompt, messages, tools, **(template_kwargs or {}))
+        if suffix:
+            ids += self.tokenizer.encode(suffix)
+        if reasoning is None:
+            reasoning = messages is not None and self.chat_template is not None
+            reasoning = reasoning or self.opens_think(ids)
+        params = self.sampling_params(params, **overrides)
+        return PreparedRequest(ids, self.check_context(ids, params, max_context), reasoning)
+
+    def prompt_ids(
+        self,
+        prompt: str | list[int] | None = None,
+        messages: list[dict] | None = None,
+        tools: list[dict] | None = None,
+        **template_kwargs,
+    ) -> list[int]:
+        """Token ids of a raw prompt (text or ids) or of chat messages through the chat template."""
+        if (prompt is None) == (messages is None):
+            raise QwenDeployError("give either a prompt or chat messages, not both or neither.")
+        if messages is not None:
+            if self.chat_template is None:
+                raise QwenDeployError(
+                    f"{self.folder} has no chat template (e.g. a base model): send a raw prompt "
+                    "instead of chat messages (`--raw` on the command line)."
+                )
+            text = self.chat_template.render(
+                messages, tools=tools, add_generation_prompt=True, **template_kwargs
+            )
+            ids = self.tokenizer.encode(text)
+        elif isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = self.manifest.model.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise QwenDeployError(f"prompt token ids {bad[:5]} are outside [0, {vocab}).")
+        if not ids:
+            raise QwenDeployError("the prompt is empty; send at least one token.")
+        return ids
+
+    def opens_think(self, prompt_ids: list[int]) -> bool:
+        """Whether the prompt itself opened a think block (a template that starts the answer
+        with <think>)."""
+        return prompt_opens_think(self.tokenizer.decode(prompt_ids[-PROMPT_TAIL:]))
+
+    def sampling_params(self, params: SamplingParams | None = None, **overrides) -> SamplingParams:
+        """`params` (or the artifact's defaults) with `overrides` applied and validated."""
+        if params is None:
+            return SamplingParams.from_defaults(self.manifest, **overrides)
+        return params.replace(**overrides) if overrides else params
+
+    def check_context(
+        self, prompt_ids: list[int], params: SamplingParams, max_context: int | None = None
+    ) -> SamplingParams:
+        """Refuse a prompt that fills the context; clip max_tokens to the room that is left."""
+        limit = min(max_context or self.max_context, self.max_context)
+        room = limit - len(prompt_ids)
+        if room < 1:
+            raise ContextLengthError(
+                f"this model's maximum context length is {limit} tokens, but the prompt has "
+                f"{len(prompt_ids)} tokens (at least one must be left to generate); shorten the "
+                "prompt or the conversation."
+            )
+        if params.max_tokens is None or params.max_tokens > room:
+            return params.replace(max_tokens=room)
+        return params

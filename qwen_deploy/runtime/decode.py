@@ -1,0 +1,133 @@
+"""The one prefill/decode loop: rows of sequences on one backend's KV cache, fed a prompt, a chunk
+or a token at a time.
+
+The generator, the batching engine, speculative decoding, parity and the quality report all run
+their models through a Batch, so attention masks, position ids and the cache's bookkeeping are
+written once. Rows are left-padded: the mask marks real positions and a token's position is the
+count of real tokens before it (padding gets 0), as transformers' generate computes it, so each
+row gets the tokens it would get alone. Rows leave (`keep`) and join (`merge`) by rebuilding the
+cache from host arrays: a copy per change of the batch, not per token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .backend import Backend
+from .padding import left_pad
+
+
+class Batch:
+    """Sequences decoding together: a backend, its cache, and the attention mask over it."""
+
+    def __init__(self, backend: Backend, rows: int, capacity: int | None = None):
+        """An empty batch of `rows` sequences; `capacity`: positions to make room for."""
+        self.backend = backend
+        self.capacity = capacity
+        self.cache = backend.new_cache(rows, capacity)
+        self.mask = np.zeros((rows, 0), np.int64)
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        """Positions the cache holds (real and padding)."""
+        return self.mask.shape[1]
+
+    def inputs(
+        self, ids: np.ndarray, real: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(attention_mask, position_ids) for feeding `ids` [rows, n] next; `real` marks which
+        of them are tokens (1) or left padding (0), all tokens by default."""
+        real = np.ones(ids.shape, np.int64) if real is None else real
+        mask = np.concatenate([self.mask, real], axis=1)
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1] :]
+        return mask, positions
+
+    def extend(
+        self,
+        ids: np.ndarray,
+        real: np.ndarray | None = None,
+        last_only: bool = False,
+        chunk: int | None = None,
+    ) -> np.ndarray:
+        """Feed `ids` [rows, n] after what the cache holds; logits [rows, n, vocab] (or
+        [rows, 1, vocab] with `last_only`). `chunk` feeds at most that many positions per step
+        (a long prompt's activations stay bounded; with `last_only` only the last is kept)."""
+        ids = np.asarray(ids, np.int64)
+        real = np.ones(ids.shape, np.int64) if real is None else np.asarray(real, np.int64)
+        step = chunk or ids.shape[1]
+        outputs = []
+        for start in range(0, ids.shape[1], step):
+            part, part_real = ids[:, start : start + step], real[:, start : start + step]
+            mask, positions = self.inputs(part, part_real)
+            logits = self.backend.forward(part, mask, positions, self.cache, last_only=last_only)
+            self.mask = mask
+            if not last_only or start + step >= ids.shape[1]:
+                outputs.append(logits)
+        return outputs[0] if len(outputs) == 1 else np.concatenate(outputs, axis=1)
+
+    def prefill(
+        self,
+        prompts: list[list[int]],
+        pad_id: int,
+        last_only: bool = True,
+        chunk: int | None = None,
+    ) -> np.ndarray:
+        """Feed each row its prompt, left-padded to the longest; logits as `extend` returns."""
+        ids, real, _ = left_pad(prompts, pad_id)
+        return self.extend(ids, real, last_only=last_only, chunk=chunk)
+
+    def step(self, tokens: np.ndarray | list[int]) -> np.ndarray:
+        """Feed one token per row; the next-token logits [rows, vocab]."""
+        ids = np.asarray(tokens, np.int64).reshape(self.rows, 1)
+        return self.extend(ids, last_only=True)[:, -1]
+
+    def truncate(self, length: int) -> None:
+        """Forget every position from `length` on (draft tokens a verify step rejected)."""
+        self.backend.truncate(self.cache, length)
+        self.mask = self.mask[:, :length]
+
+    def keep(self, rows: list[int], capacity: int | None = None) -> None:
+        """Only `rows` stay, without the left columns that are padding in all of them."""
+        mask = self.mask[rows]
+        first = int(np.argmax(mask.any(axis=0))) if mask.size else 0
+        arrays = {k: v[rows, :, first:] for k, v in self.backend.cache_arrays(self.cache).items()}
+        self._rebuild(arrays, np.ascontiguousarray(mask[:, first:]), capacity)
+
+    def merge(
+        self, other: Batch, capacity: int | None = None, rows: list[int] | None = None
+    ) -> None:
+        """Append `other`'s rows (all, or `rows` of them; same backend), left-padding the
+        shorter side's cache."""
+        rows = list(range(other.rows)) if rows is None else rows
+        length = max(self.length, other.length)
+        mine = self.backend.cache_arrays(self.cache)
+        theirs = other.backend.cache_arrays(other.cache)
+        arrays = {
+            k: np.concatenate([_left_pad(v, length, 2), _left_pad(theirs[k][rows], length, 2)])
+            for k, v in mine.items()
+        }
+        mask = np.concatenate(
+            [_left_pad(self.mask, length, 1), _left_pad(other.mask[rows], length, 1)]
+        )
+        self._rebuild(arrays, mask, capacity)
+
+    def _rebuild(
+        self, arrays: dict[str, np.ndarray], mask: np.ndarray, capacity: int | None
+    ) -> None:
+        self.capacity = capacity if capacity is not None else self.capacity
+        self.cache = self.backend.cache_from_arrays(arrays, mask.shape[1], self.capacity)
+        self.mask = mask
+
+
+def _left_pad(array: np.ndarray, length: int, axis: int) -> np.ndarray:
+    """Zero-pad `array` on the left of `axis` to `length` (zeros are masked-out positions)."""
+    missing = length - array.shape[axis]
+    if missing == 0:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (missing, 0)
+    return np.pad(array, widths)

@@ -1,0 +1,81 @@
+"""runtime.decode.Batch, the one prefill/decode loop: however rows are fed, leave, join or roll
+back, each row's logits equal those of the row run alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qwen_deploy.runtime.decode import Batch
+from qwen_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from qwen_deploy.runtime.padding import left_pad
+
+PROMPTS = [[11, 12, 13, 14, 15, 16], [21, 22], [31, 32, 33, 34]]
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=["onnx", "gqa"])
+def backend(request, artifact) -> OnnxRuntimeBackend:
+    return OnnxRuntimeBackend(artifact(attention=request.param))
+
+
+def alone(backend, prompt: list[int], then: list[int]) -> list[np.ndarray]:
+    """Next-token logits of one row run by itself: after its prompt, then after each token."""
+    batch = Batch(backend, 1)
+    rows = [batch.prefill([prompt], 0)[0, -1]]
+    rows += [batch.step([token])[0] for token in then]
+    return rows
+
+
+def test_positions_count_real_tokens_as_left_pad_does(backend):
+    batch = Batch(backend, 3)
+    ids, real, positions = left_pad(PROMPTS, 0)
+    mask, got = batch.inputs(ids, real)
+    np.testing.assert_array_equal(mask, real)
+    np.testing.assert_array_equal(got, positions)
+    batch.extend(ids, real)
+    mask, got = batch.inputs(np.zeros((3, 1), np.int64))
+    np.testing.assert_array_equal(got[:, 0], [len(p) for p in PROMPTS])
+    assert mask.shape == (3, ids.shape[1] + 1)
+
+
+def test_chunked_prefill_equals_one_prefill(backend):
+    whole = Batch(backend, 1).prefill([PROMPTS[0]], 0)
+    chunked = Batch(backend, 1).prefill([PROMPTS[0]], 0, chunk=4)
+    all_rows = Batch(backend, 1).prefill([PROMPTS[0]], 0, last_only=False, chunk=4)
+    assert chunked.shape == (1, 1, whole.shape[-1]) and all_rows.shape[1] == len(PROMPTS[0])
+    np.testing.assert_allclose(chunked, whole, atol=ATOL)
+    np.testing.assert_allclose(all_rows[:, -1:], whole, atol=ATOL)
+
+
+def test_rows_leaving_and_joining_keep_each_rows_logits(backend):
+    """Row 1 leaves after the prefill, rows 0 and 2 decode, then row 1 joins again from its own
+    prefill: every logit row equals the row run alone (padding never leaks into a row)."""
+    batch = Batch(backend, 3, capacity=32)
+    first = batch.prefill(PROMPTS, 0)[:, -1]
+    tokens = first.argmax(-1)
+    batch.keep([0, 2])
+    second = batch.step(tokens[[0, 2]])
+    late = Batch(backend, 1)
+    late_first = late.prefill([PROMPTS[1]], 0)[:, -1]
+    batch.merge(late, capacity=32)  # rows: 0, 2, 1
+    third = batch.step([*second.argmax(-1), late_first.argmax(-1)[0]])
+    for row, got in ((0, [first[0], second[0], third[0]]), (2, [first[2], second[1], third[1]])):
+        want = alone(backend, PROMPTS[row], [int(g.argmax()) for g in got[:-1]])
+        np.testing.assert_allclose(np.stack(got), np.stack(want), atol=ATOL)
+    want = alone(backend, PROMPTS[1], [int(late_first.argmax())])
+    np.testing.assert_allclose(np.stack([late_first[0], third[2]]), np.stack(want), atol=ATOL)
+    assert batch.rows == 3 and batch.length == batch.cache.length
+
+
+def test_truncate_forgets_the_rejected_positions(backend):
+    """What speculative decoding does: feed drafts, keep a prefix, go on from there."""
+    batch = Batch(backend, 1, capacity=32)
+    batch.prefill([PROMPTS[2]], 0)
+    kept = batch.length
+    batch.extend(np.array([[41, 42, 43]]))
+    batch.truncate(kept + 1)  # keeps 41
+    got = batch.step([44])[0]
+    want = alone(backend, [*PROMPTS[2], 41], [44])[-1]
+    np.testing.assert_allclose(got, want, atol=ATOL)
+    assert batch.length == kept + 2
