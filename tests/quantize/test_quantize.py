@@ -593,3 +593,20 @@ def test_real_int8_weight_passes_its_gate_with_default_options(real_quantized):
     quality, _ = _passed_quality(real_quantized, "int8-weight")
     assert quality["top1"] >= 0.97 and quality["perplexity"]["relative"] <= 0.015
     assert quality["layers"]["int8_weight_fraction"] == 1.0
+
+
+@pytest.mark.real
+def test_real_smoothquant_without_smoothing_or_fallback_fails_its_gate(real_artifact, tmp_path):
+    """On the trained model the naive scheme (no smoothing: --alpha 0; every layer INT8:
+    --keep-float 0) breaks it (measured top-1 0.25, perplexity x12): the gate says so, names the
+    options to try and exits 1, and the artifact is kept marked failed."""
+    out = tmp_path / "naive"
+    args = ["quantize", str(real_artifact()), "-o", str(out), "--mode", "int8-smoothquant"]
+    args += ["--alpha", "0", "--keep-float", "0", "--samples", str(REAL_SAMPLES), "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    assert "quality gate int8-smoothquant FAILED: " in result.stderr
+    assert "--alpha auto" in result.stderr and "--keep-float" in result.stderr
+    quality = Manifest.load(out).quality
+    assert not quality["passed"] and quality["top1"] < 0.95
+    assert quality["layers"]["int8_weight_fraction"] == 1.0
