@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-PROVIDERS = ("cpu", "cuda")
+from ..runtime.backend import PROVIDERS
 
 force_option = click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -29,7 +29,7 @@ def provider_option(default: str | None = "cpu", help: str | None = None):
     """--provider: where onnxruntime runs the model."""
     return click.option(
         "--provider",
-        type=click.Choice(PROVIDERS),
+        type=click.Choice(list(PROVIDERS)),
         default=default,
         show_default=default is not None,
         help=help,

@@ -14,9 +14,8 @@ from pathlib import Path
 from ..errors import QwenDeployError
 from ..manifest import Manifest
 from .chat_template import ChatTemplate
-from .reasoning import prompt_opens_think
 from .sampling import SamplingParams
-from .sequence import PROMPT_TAIL
+from .sequence import opens_think
 from .tokenizer import Tokenizer
 
 
@@ -71,7 +70,7 @@ class RequestBuilder:
             ids += self.tokenizer.encode(suffix)
         if reasoning is None:
             reasoning = messages is not None and self.chat_template is not None
-            reasoning = reasoning or self.opens_think(ids)
+            reasoning = reasoning or opens_think(self.tokenizer, ids)
         params = self.sampling_params(params, **overrides)
         return PreparedRequest(ids, self.check_context(ids, params, max_context), reasoning)
 
@@ -106,11 +105,6 @@ class RequestBuilder:
         if not ids:
             raise QwenDeployError("the prompt is empty; send at least one token.")
         return ids
-
-    def opens_think(self, prompt_ids: list[int]) -> bool:
-        """Whether the prompt itself opened a think block (a template that starts the answer
-        with <think>)."""
-        return prompt_opens_think(self.tokenizer.decode(prompt_ids[-PROMPT_TAIL:]))
 
     def sampling_params(self, params: SamplingParams | None = None, **overrides) -> SamplingParams:
         """`params` (or the artifact's defaults) with `overrides` applied and validated."""

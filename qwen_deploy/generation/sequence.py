@@ -17,6 +17,12 @@ from .tokenizer import IncrementalDecoder, Tokenizer
 PROMPT_TAIL = 8  # prompt tokens decoded to see whether the template opened <think>
 
 
+def opens_think(tokenizer: Tokenizer, prompt_ids: list[int]) -> bool:
+    """Whether the prompt itself opened a think block (a template that starts the answer with
+    <think>): its output is reasoning from the first token."""
+    return prompt_opens_think(tokenizer.decode(prompt_ids[-PROMPT_TAIL:]))
+
+
 @dataclass
 class StreamDelta:
     """What one generated token adds: raw text, its content/reasoning split, and the end reason."""
@@ -50,8 +56,7 @@ class SequenceState:
         self._pending = ""  # decoded, not yet released: may be the start of a stop string
         self._parser = None
         if reasoning:
-            started = prompt_opens_think(tokenizer.decode(self.prompt_ids[-PROMPT_TAIL:]))
-            self._parser = ReasoningParser(started=started)
+            self._parser = ReasoningParser(started=opens_think(tokenizer, self.prompt_ids))
 
     @property
     def saw_reasoning(self) -> bool:

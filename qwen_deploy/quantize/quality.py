@@ -212,6 +212,7 @@ def quality_report(
     quantized = open_backend(candidate)
     cand_logits, _ = _run(quantized, ids, steps, fed, "quality: int8", progress)
     cand_text = _score_text(quantized, texts, "quality: int8 text", progress)
+    quantized.close()
     metrics = _compare(np.concatenate(ref_logits), np.concatenate(cand_logits))
     perplexity, text_top1 = _text_report(ref_text, cand_text)
     failures = gate_failures(mode, metrics, perplexity["relative"])

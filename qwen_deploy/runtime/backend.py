@@ -15,9 +15,12 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import QwenDeployError
 from ..manifest import Manifest
 
 BACKENDS = ("onnxruntime", "tensorrt")
+# --provider names -> onnxruntime execution providers
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 class KVCache(Protocol):
@@ -87,8 +90,6 @@ def open_backend(
     (`qwen-deploy build`; an NVIDIA GPU, whatever `provider` says), onnxruntime on `provider`
     for an ONNX one. `backend` names one explicitly and is refused when the artifact does not
     hold what it runs."""
-    from ..errors import QwenDeployError
-
     manifest = Manifest.load(artifact)
     kind = "tensorrt" if manifest.engine else "onnxruntime"
     if backend is not None and backend not in BACKENDS:

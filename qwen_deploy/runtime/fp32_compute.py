@@ -46,13 +46,23 @@ class Widened:
     names: list[str]
     values: list[ort.OrtValue]
 
-    def session(self, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    def session(
+        self,
+        options: ort.SessionOptions,
+        providers: list[str],
+        disabled_optimizers: list[str] | None = None,
+    ) -> ort.InferenceSession:
         options.add_session_config_entry(
             "session.model_external_initializers_file_folder_path", str(self.folder)
         )
         if self.names:
             options.add_external_initializers(self.names, self.values)
-        return ort.InferenceSession(self.model.SerializeToString(), options, providers=providers)
+        return ort.InferenceSession(
+            self.model.SerializeToString(),
+            options,
+            providers=providers,
+            disabled_optimizers=disabled_optimizers or [],
+        )
 
 
 def widen_fp16(model_path: str | Path) -> Widened:

@@ -21,11 +21,10 @@ import onnxruntime as ort
 from ..contract import LOGITS_TO_KEEP, is_past
 from ..errors import QwenDeployError
 from ..manifest import Manifest
-from .backend import Capabilities
+from .backend import PROVIDERS, Capabilities
 from .fp32_compute import widen_fp16
 from .huge_pages import collapse_resident_memory
 
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 NUMPY_DTYPES = {"float": np.float32, "float16": np.float16}
 GROW_STEP = 256  # bound in-place caches grow to a multiple of this many positions
 
@@ -90,13 +89,11 @@ def create_session(
 ) -> ort.InferenceSession:
     """The artifact's onnxruntime session (fp16 on CPU computes in float32, widened in memory)."""
     model_path = folder / manifest.model_file
+    providers, disabled = [PROVIDERS[provider]], disabled_optimizers(manifest)
     if provider == "cpu" and manifest.precision == "fp16":
-        return widen_fp16(model_path).session(options, [PROVIDERS[provider]])
+        return widen_fp16(model_path).session(options, providers, disabled)
     return ort.InferenceSession(
-        str(model_path),
-        options,
-        providers=[PROVIDERS[provider]],
-        disabled_optimizers=disabled_optimizers(manifest),
+        str(model_path), options, providers=providers, disabled_optimizers=disabled
     )
 
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from ..artifact import staged_output
 from ..errors import QwenDeployError
 from ..manifest import Manifest, TensorSpec
+from ..runtime.backend import PROVIDERS
 
 BACKENDS = ("onnxruntime", "tensorrt")
-PROVIDERS = ("cpu", "cuda")
 VERSION = "1"
 TRITON_DTYPES = {
     "bool": "TYPE_BOOL",
