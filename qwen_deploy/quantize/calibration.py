@@ -24,7 +24,7 @@ from ..contract import is_past
 from ..errors import QwenDeployError
 from ..manifest import Manifest
 from ..parity.prompts import load_prompts
-from ..runtime.fp32_compute import Widened, widen_fp16
+from ..runtime.fp32_compute import Graph, fp32_compute
 from .store import load_graph
 from .text import prompt_ids
 
@@ -68,17 +68,17 @@ def _session(folder: Path, manifest: Manifest, tensors: list[str]) -> ort.Infere
     graph with float32 compute, as the CPU runs it)."""
     model_path = folder / manifest.model_file
     if manifest.precision == "fp16":
-        widened = widen_fp16(model_path)
+        loadable = fp32_compute(model_path)
     else:
-        widened = Widened(load_graph(folder, manifest.model_file), folder, [], [])
-    graph = widened.model.graph
+        loadable = Graph(load_graph(folder, manifest.model_file), folder)
+    graph = loadable.model.graph
     del graph.output[:]  # only the measured tensors: logits and KV outputs go unrun
     graph.output.extend(
         helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in tensors
     )
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    return widened.session(options, ["CPUExecutionProvider"])
+    return loadable.session(options, ["CPUExecutionProvider"])
 
 
 @dataclass

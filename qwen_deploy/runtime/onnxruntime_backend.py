@@ -22,7 +22,7 @@ from ..contract import LOGITS_TO_KEEP, is_past
 from ..errors import QwenDeployError
 from ..manifest import Manifest
 from .backend import PROVIDERS, Capabilities
-from .fp32_compute import widen_fp16
+from .fp32_compute import fp32_compute
 from .huge_pages import collapse_resident_memory
 
 NUMPY_DTYPES = {"float": np.float32, "float16": np.float16}
@@ -87,11 +87,11 @@ def disabled_optimizers(manifest: Manifest) -> list[str]:
 def create_session(
     folder: Path, manifest: Manifest, options: ort.SessionOptions, provider: str
 ) -> ort.InferenceSession:
-    """The artifact's onnxruntime session (fp16 on CPU computes in float32, widened in memory)."""
+    """The artifact's onnxruntime session (fp16 on CPU computes in float32: fp32_compute.py)."""
     model_path = folder / manifest.model_file
     providers, disabled = [PROVIDERS[provider]], disabled_optimizers(manifest)
     if provider == "cpu" and manifest.precision == "fp16":
-        return widen_fp16(model_path).session(options, providers, disabled)
+        return fp32_compute(model_path).session(options, providers, disabled)
     return ort.InferenceSession(
         str(model_path), options, providers=providers, disabled_optimizers=disabled
     )

@@ -67,7 +67,7 @@ def test_iobinding_matches_plain_backend_on_cpu(artifact, attention):
 
 
 class PlainFp16:
-    """Reference: the fp16 graph as stored, fed numpy arrays (the plain backend widens it)."""
+    """Reference: the fp16 graph as stored, fed numpy arrays (the plain backend runs float32)."""
 
     def __init__(self, folder, manifest):
         self.session = ort.InferenceSession(str(folder / manifest.model_file))
