@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .group import main
-from .options import json_option, provider_option, threads_option
+from .options import json_option, provider_option, speculative_options, threads_option
 
 
 def _sampling_options(command):
@@ -34,33 +34,6 @@ def _sampling_options(command):
     return command
 
 
-def _speculative_options(command):
-    """Speculative decoding for generate and chat: the same output in fewer target forwards."""
-    options = [
-        click.option(
-            "--prompt-lookup",
-            is_flag=True,
-            help="Draft by n-gram lookup in the prompt and the text so far (no model): fast "
-            "when the answer copies its input, as code edits do.",
-        ),
-        click.option(
-            "--draft",
-            type=click.Path(path_type=Path),
-            help="Draft with this artifact (same tokenizer: e.g. the int8 artifact of the model).",
-        ),
-        click.option(
-            "--draft-tokens",
-            type=click.IntRange(1, 32),
-            default=6,
-            show_default=True,
-            help="Tokens drafted per target forward.",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
 def _speculation(
     generator,
     prompt_lookup: bool,
@@ -69,20 +42,12 @@ def _speculation(
     provider: str,
     threads: int | None,
 ) -> dict:
-    """Generator.stream's drafter and draft_tokens for the chosen drafter (none: {})."""
-    from ..generation.speculative import DraftModel, PromptLookup
+    """Generator.stream's drafter and draft_tokens for the chosen drafter (none: no drafter)."""
+    from ..generation.speculative import Speculator
 
-    if prompt_lookup and draft:
-        raise click.UsageError("choose one drafter: --prompt-lookup or --draft.")
-    if prompt_lookup:
-        return {"drafter": PromptLookup(), "draft_tokens": draft_tokens}
-    if draft:
-        from ..runtime.backend import open_backend
-
-        backend = open_backend(draft, provider=provider, threads=threads)
-        drafter = DraftModel(backend, generator.manifest.model.vocab_size)
-        return {"drafter": drafter, "draft_tokens": draft_tokens}
-    return {}
+    vocab = generator.manifest.model.vocab_size
+    speculator = Speculator.open(vocab, prompt_lookup, draft, draft_tokens, provider, threads)
+    return {"drafter": speculator.drafter(), "draft_tokens": speculator.draft_tokens}
 
 
 def _generator_and_params(artifact: Path, provider: str, threads: int | None, sampling: dict):
@@ -99,7 +64,7 @@ def _generator_and_params(artifact: Path, provider: str, threads: int | None, sa
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.argument("prompt")
 @_sampling_options
-@_speculative_options
+@speculative_options
 @click.option("--raw", is_flag=True, help="Send PROMPT as is, without the chat template.")
 @json_option("the whole result")
 def generate(
@@ -139,7 +104,7 @@ def generate(
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @_sampling_options
-@_speculative_options
+@speculative_options
 def chat(
     artifact: Path,
     provider: str,

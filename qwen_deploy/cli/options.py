@@ -34,3 +34,31 @@ def provider_option(default: str | None = "cpu", help: str | None = None):
         show_default=default is not None,
         help=help,
     )
+
+
+def speculative_options(command):
+    """Speculative decoding (generate, chat; serve: the requests' default): the same output in
+    fewer target forwards."""
+    options = [
+        click.option(
+            "--prompt-lookup",
+            is_flag=True,
+            help="Draft by n-gram lookup in the prompt and the text so far (no model): fast "
+            "when the answer copies its input, as code edits do.",
+        ),
+        click.option(
+            "--draft",
+            type=click.Path(path_type=Path),
+            help="Draft with this artifact (same tokenizer: e.g. the int8 artifact of the model).",
+        ),
+        click.option(
+            "--draft-tokens",
+            type=click.IntRange(1, 32),
+            default=6,
+            show_default=True,
+            help="Tokens drafted per target forward.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

@@ -8,7 +8,14 @@ from pathlib import Path
 import click
 
 from .group import main
-from .options import force_option, json_option, output_option, provider_option, threads_option
+from .options import (
+    force_option,
+    json_option,
+    output_option,
+    provider_option,
+    speculative_options,
+    threads_option,
+)
 
 
 @main.command()
@@ -42,6 +49,7 @@ from .options import force_option, json_option, output_option, provider_option, 
     show_default=True,
     help="Larger request bodies get 413 before they are parsed.",
 )
+@speculative_options
 def serve(
     artifact: Path,
     host: str,
@@ -52,8 +60,15 @@ def serve(
     provider: str,
     threads: int | None,
     max_body_bytes: int,
+    prompt_lookup: bool,
+    draft: Path | None,
+    draft_tokens: int,
 ) -> None:
-    """Serve ARTIFACT over an OpenAI-compatible HTTP API with continuous batching."""
+    """Serve ARTIFACT over an OpenAI-compatible HTTP API with continuous batching.
+
+    --prompt-lookup or --draft makes speculative decoding the requests' default; a request
+    chooses with "speculative": "none" | "prompt_lookup" | "draft", and OpenAI's "prediction"
+    (predicted output) drafts from its text."""
     from ..serving.server import serve as run_server
 
     run_server(
@@ -66,6 +81,9 @@ def serve(
         provider=provider,
         threads=threads,
         max_body_bytes=max_body_bytes,
+        prompt_lookup=prompt_lookup,
+        draft=draft,
+        draft_tokens=draft_tokens,
     )
 
 

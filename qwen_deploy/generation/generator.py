@@ -21,7 +21,7 @@ from ..runtime.decode import Batch
 from .requests import PreparedRequest, RequestBuilder
 from .sampling import SamplingParams, TokenLogprob, token_logprob
 from .sequence import SequenceState, StreamDelta
-from .speculative import DRAFT_TOKENS, Drafter, SpeculativeStats, speculative_deltas
+from .speculative import DRAFT_TOKENS, Drafter, Speculation, SpeculativeStats
 
 
 @dataclass
@@ -111,8 +111,11 @@ class Generator(RequestBuilder):
             for deltas in self.run([state]):
                 yield deltas[0]
             return
-        batch = self._batch([state], len(state.prompt_ids))
-        yield from speculative_deltas(batch, state, drafter, k, stats)
+        speculation = Speculation(
+            self._batch([state], len(state.prompt_ids)), state, drafter, k, stats
+        )
+        while not state.finished:
+            yield from speculation.round()
 
     def generate_batch(
         self, prompts: list[list[int]], params: list[SamplingParams]

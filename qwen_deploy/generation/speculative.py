@@ -16,18 +16,19 @@ artifact with the same vocabulary).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from ..errors import QwenDeployError
-from ..runtime.backend import Backend
+from ..runtime.backend import Backend, open_backend
 from ..runtime.decode import Batch
 from .sequence import SequenceState, StreamDelta
 
 DRAFT_TOKENS = 6  # k: tokens drafted per target forward
+METHODS = ("none", "prompt_lookup", "draft")
 
 
 class Drafter(Protocol):
@@ -52,6 +53,12 @@ class SpeculativeStats:
     def tokens_per_forward(self) -> float:
         return self.tokens / self.forwards if self.forwards else 0.0
 
+    def add(self, other: SpeculativeStats) -> None:
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.forwards += other.forwards
+        self.tokens += other.tokens
+
     def to_dict(self) -> dict:
         return {
             "drafted": self.drafted,
@@ -64,13 +71,15 @@ class SpeculativeStats:
 
 class PromptLookup:
     """Drafts by n-gram lookup: the latest earlier place where the last n tokens (n from
-    `max_ngram` down to 1) occurred, and what followed it there."""
+    `max_ngram` down to 1) occurred, and what followed it there; `reference` tokens (a predicted
+    answer) are searched as if they came before the prompt."""
 
-    def __init__(self, max_ngram: int = 3):
+    def __init__(self, max_ngram: int = 3, reference: list[int] | None = None):
         self.max_ngram = max_ngram
+        self.reference = list(reference or [])
 
     def propose(self, tokens: list[int], k: int) -> list[int]:
-        seq = np.asarray(tokens)
+        seq = np.asarray(self.reference + list(tokens))
         for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
             tail = seq[-n:]
             starts = np.flatnonzero(np.all(_windows(seq[:-1], n) == tail, axis=1))
@@ -89,12 +98,7 @@ class DraftModel:
     drafted beyond that is truncated away before the next proposal)."""
 
     def __init__(self, backend: Backend, target_vocab: int):
-        vocab = backend.manifest.model.vocab_size
-        if vocab != target_vocab:
-            raise QwenDeployError(
-                f"the draft artifact's vocabulary ({vocab}) differs from the target's "
-                f"({target_vocab}): a draft must share the target's tokenizer."
-            )
+        check_vocab(backend, target_vocab)
         self.batch = Batch(backend, 1)
         self.cached: list[int] = []  # the tokens whose keys and values the cache holds
 
@@ -115,35 +119,112 @@ class DraftModel:
         return drafts
 
 
-def speculative_deltas(
-    batch: Batch, state: SequenceState, drafter: Drafter, k: int, stats: SpeculativeStats
-) -> Iterator[StreamDelta]:
-    """Generate `state` on the (empty, one-row) `batch` with drafts of up to k tokens; one
-    delta per token."""
-    tokens = list(state.prompt_ids)
-    logits = batch.extend(np.array([tokens]), last_only=True)[0]
-    token = state.sampler(logits[-1])
-    while True:
-        tokens.append(token)
-        yield state.append(token)
-        stats.tokens += 1
-        if state.finished:
-            return
-        room = (state.params.max_tokens or k + 1) - len(state.completion_ids)
-        drafts = drafter.propose(tokens, min(k, room - 1)) if room > 1 else []
-        start = batch.length
-        logits = batch.extend(np.array([[token, *drafts]]))[0]
-        stats.forwards += 1
-        stats.drafted += len(drafts)
-        for j in range(len(drafts) + 1):  # logits[j] follows [token, *drafts][j]
-            token = state.sampler(logits[j])
+class Speculation:
+    """One sequence decoded speculatively on its own (empty, one-row) batch, a round at a time:
+    the first round prefills the prompt, each later one drafts up to k tokens and verifies them
+    in one target forward. Callers stop when `state.finished`."""
+
+    def __init__(
+        self, batch: Batch, state: SequenceState, drafter: Drafter, k: int, stats: SpeculativeStats
+    ):
+        self.batch, self.state, self.drafter, self.k, self.stats = batch, state, drafter, k, stats
+        self.tokens = list(state.prompt_ids)  # the prompt and every token generated
+        self.last: int | None = None  # the newest token, not yet fed to the model
+
+    def round(self) -> list[StreamDelta]:
+        """The tokens of one target forward (one or more), as deltas."""
+        if self.last is None:
+            logits = self.batch.extend(np.array([self.tokens]), last_only=True)[0]
+            return [self._append(self.state.sampler(logits[-1]))]
+        room = (self.state.params.max_tokens or self.k + 1) - len(self.state.completion_ids)
+        drafts = self.drafter.propose(self.tokens, min(self.k, room - 1)) if room > 1 else []
+        start = self.batch.length
+        logits = self.batch.extend(np.array([[self.last, *drafts]]))[0]
+        self.stats.forwards += 1
+        self.stats.drafted += len(drafts)
+        deltas = []
+        for j in range(len(drafts) + 1):  # logits[j] follows [last, *drafts][j]
+            token = self.state.sampler(logits[j])
+            deltas.append(self._append(token))
+            if self.state.finished:
+                break
             if j < len(drafts) and token == drafts[j]:
-                stats.accepted += 1
-                tokens.append(token)
-                yield state.append(token)
-                stats.tokens += 1
-                if state.finished:
-                    return
+                self.stats.accepted += 1
                 continue
-            batch.truncate(start + j + 1)  # keep [token, *drafts[:j]]
+            self.batch.truncate(start + j + 1)  # keep [last, *drafts[:j]]
             break
+        return deltas
+
+    def _append(self, token: int) -> StreamDelta:
+        self.tokens.append(token)
+        self.last = token
+        self.stats.tokens += 1
+        return self.state.append(token)
+
+
+@dataclass
+class Speculator:
+    """The speculative decoding a command or server offers: its default method, the draft
+    artifact's backend (for "draft") and k; a fresh drafter per request."""
+
+    target_vocab: int
+    method: str | None = None  # None, "prompt_lookup" or "draft"
+    draft: Backend | None = None
+    draft_tokens: int = DRAFT_TOKENS
+
+    def __post_init__(self):
+        if self.method not in (None, *METHODS[1:]):
+            raise QwenDeployError(f"unknown speculative method {self.method!r}.")
+        if self.method == "draft" and self.draft is None:
+            raise QwenDeployError("speculative method 'draft' needs a draft artifact (--draft).")
+        if self.draft is not None:
+            check_vocab(self.draft, self.target_vocab)
+
+    @classmethod
+    def open(
+        cls,
+        target_vocab: int,
+        prompt_lookup: bool = False,
+        draft: str | Path | None = None,
+        draft_tokens: int = DRAFT_TOKENS,
+        provider: str = "cpu",
+        threads: int | None = None,
+    ) -> Speculator:
+        """From the command-line options: --prompt-lookup or --draft ART (loaded here)."""
+        if prompt_lookup and draft:
+            raise QwenDeployError("choose one drafter: --prompt-lookup or --draft.")
+        backend = open_backend(draft, provider=provider, threads=threads) if draft else None
+        method = "prompt_lookup" if prompt_lookup else "draft" if draft else None
+        return cls(target_vocab, method, backend, draft_tokens)
+
+    def drafter(
+        self, method: str | None = None, reference: list[int] | None = None
+    ) -> Drafter | None:
+        """A drafter for one request: `method` overrides the default ("none" turns it off);
+        `reference` (token ids of text the answer likely repeats, OpenAI's `prediction`) is
+        looked up too, and alone selects prompt lookup."""
+        if method is None:
+            method = "prompt_lookup" if reference and self.method is None else self.method
+        if method in (None, "none"):
+            return None
+        if method == "prompt_lookup":
+            return PromptLookup(reference=reference or [])
+        if method == "draft":
+            if self.draft is None:
+                raise QwenDeployError(
+                    "speculative 'draft' needs a draft model; start the server with --draft ART."
+                )
+            return DraftModel(self.draft, self.target_vocab)
+        raise QwenDeployError(
+            f"unknown speculative method {method!r}; use one of: {', '.join(METHODS)}."
+        )
+
+
+def check_vocab(draft: Backend, target_vocab: int) -> None:
+    """A draft must share the target's tokenizer (checked by vocabulary size)."""
+    vocab = draft.manifest.model.vocab_size
+    if vocab != target_vocab:
+        raise QwenDeployError(
+            f"the draft artifact's vocabulary ({vocab}) differs from the target's "
+            f"({target_vocab}): a draft must share the target's tokenizer."
+        )

@@ -10,6 +10,10 @@ left-padded, within a token budget) and merges them into the running batch by le
 shorter cache to the common length (both rebuild the cache through host arrays: a copy per join
 or leave, not per token), and (3) decodes one token (seq=1) for every running row. Prefill never
 runs a batch>1 chunk with past, which onnxruntime's GroupQueryAttention does not support.
+
+A request with a drafter (speculative decoding) runs on a one-row batch of its own: each step
+gives it one round (draft up to k tokens, verify them in one forward), next to the batched decode
+of the others; it takes one of the max_batch slots.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..errors import QwenDeployError
 from ..generation.generator import Generator
 from ..generation.requests import PreparedRequest
 from ..generation.sequence import SequenceState, StreamDelta
+from ..generation.speculative import DRAFT_TOKENS, Drafter, Speculation, SpeculativeStats
 from ..runtime.decode import Batch
 
 Emit = Callable[[StreamDelta | BaseException], None]
@@ -45,6 +50,10 @@ class EngineRequest:
     emit: Emit
     cancelled: bool = False
     pending: int | None = None  # last sampled token, fed to the model at the next decode step
+    drafter: Drafter | None = None  # speculative decoding on a batch of its own
+    draft_tokens: int = DRAFT_TOKENS
+    speculation: Speculation | None = None  # made at its first round
+    speculative: SpeculativeStats = dataclasses.field(default_factory=SpeculativeStats)
 
     @property
     def done(self) -> bool:
@@ -67,6 +76,11 @@ class EngineStream:
     @property
     def state(self) -> SequenceState:
         return self.request.state
+
+    @property
+    def speculative(self) -> SpeculativeStats | None:
+        """Acceptance statistics when the request was decoded speculatively."""
+        return self.request.speculative if self.request.drafter else None
 
     def __aiter__(self) -> AsyncIterator[StreamDelta]:
         return self
@@ -129,11 +143,13 @@ class BatchEngine:
         self.max_context = max_context or limit
         self.pad_id = generator.pad_id
         self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "peak_batch": 0}
+        self.speculative = SpeculativeStats()  # totals over finished speculative requests
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._waiting: deque[EngineRequest] = deque()
         self._prefilling: list[EngineRequest] = []  # admitted, not yet in the running batch
         self._running: list[EngineRequest] = []
+        self._speculating: list[EngineRequest] = []  # each on a one-row batch of its own
         self._batch: Batch | None = None  # the running requests' rows
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -143,17 +159,32 @@ class BatchEngine:
     def active(self) -> int:
         """Requests waiting, prefilling or running (cancelled ones count until dropped)."""
         with self._cond:
-            return len(self._waiting) + len(self._prefilling) + len(self._running)
+            return (
+                len(self._waiting)
+                + len(self._prefilling)
+                + len(self._running)
+                + len(self._speculating)
+            )
 
-    def add(self, request: PreparedRequest, emit: Emit) -> EngineRequest:
-        """Queue a request (generator.prepare); it joins the running batch at the next step.
+    def add(
+        self,
+        request: PreparedRequest,
+        emit: Emit,
+        drafter: Drafter | None = None,
+        draft_tokens: int = DRAFT_TOKENS,
+    ) -> EngineRequest:
+        """Queue a request (generator.prepare); it joins the running batch at the next step (with
+        a `drafter`: it is decoded speculatively, `draft_tokens` per round, on its own batch).
         Its max_tokens is clipped to this engine's context; a prompt that fills it is refused
         (ContextLengthError). Thread-safe."""
         params = self.generator.check_context(request.prompt_ids, request.params, self.max_context)
         state = SequenceState(
             request.prompt_ids, params, self.generator.tokenizer, request.reasoning
         )
-        queued = EngineRequest(next(self._ids), list(request.prompt_ids), state, emit)
+        queued = EngineRequest(
+            next(self._ids), list(request.prompt_ids), state, emit, drafter=drafter
+        )
+        queued.draft_tokens = draft_tokens
         with self._cond:
             if self._closed:
                 raise QwenDeployError("the engine is shut down.")
@@ -161,16 +192,21 @@ class BatchEngine:
             self._cond.notify()
         return queued
 
-    async def submit(self, request: PreparedRequest) -> EngineStream:
-        """Queue a prepared request from asyncio code; iterate the returned stream for its
-        deltas."""
+    async def submit(
+        self,
+        request: PreparedRequest,
+        drafter: Drafter | None = None,
+        draft_tokens: int = DRAFT_TOKENS,
+    ) -> EngineStream:
+        """Queue a prepared request from asyncio code (as `add`); iterate the returned stream
+        for its deltas."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(item: StreamDelta | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        return EngineStream(self, self.add(request, emit), queue)
+        return EngineStream(self, self.add(request, emit, drafter, draft_tokens), queue)
 
     def cancel(self, request: EngineRequest) -> None:
         """Mark a request cancelled; the worker frees its slot before the next decode step."""
@@ -196,9 +232,9 @@ class BatchEngine:
             self._thread.join()
             self._thread = None
         with self._cond:
-            left = [*self._waiting, *self._prefilling, *self._running]
+            left = [*self._waiting, *self._prefilling, *self._running, *self._speculating]
             self._waiting.clear()
-            self._prefilling, self._running = [], []
+            self._prefilling, self._running, self._speculating = [], [], []
         for request in left:
             if not request.done:
                 self._send(request, QwenDeployError("the server is shutting down."))
@@ -207,7 +243,7 @@ class BatchEngine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and not self._waiting and not self._running:
+                while not (self._closed or self._waiting or self._running or self._speculating):
                     self._cond.wait()
                 if self._closed:
                     return
@@ -215,7 +251,8 @@ class BatchEngine:
 
     # -- one scheduling step -----------------------------------------------------------------
     def step(self) -> bool:
-        """Drop done rows, admit and prefill newcomers, decode one token; True if work remains."""
+        """Drop done rows, admit and prefill newcomers, decode one token (one speculative round
+        for each speculative request); True if work remains."""
         self._drop_done()
         newcomers = self._admit()
         try:
@@ -226,17 +263,24 @@ class BatchEngine:
                 self.stats["steps"] += 1
         except Exception as e:  # a model failure ends the affected requests, not the server
             self._fail([*newcomers, *self._running], e)
+        for request in self._speculating:
+            self._speculate(request)
         self._drop_done()
         with self._cond:
-            return bool(self._waiting or self._running)
+            return bool(self._waiting or self._running or self._speculating)
 
     def _admit(self) -> list[EngineRequest]:
         with self._cond:
             for request in [r for r in self._waiting if r.cancelled]:
                 self._waiting.remove(request)
                 self._count_cancelled(request)
-            room = min(self.max_batch - len(self._running), len(self._waiting))
-            self._prefilling = [self._waiting.popleft() for _ in range(room)]
+            busy = len(self._running) + len(self._speculating)
+            admitted = [
+                self._waiting.popleft()
+                for _ in range(min(self.max_batch - busy, len(self._waiting)))
+            ]
+            self._speculating += [r for r in admitted if r.drafter]
+            self._prefilling = [r for r in admitted if not r.drafter]
             return list(self._prefilling)
 
     def _prefill(self, newcomers: list[EngineRequest]) -> None:
@@ -275,6 +319,26 @@ class BatchEngine:
             self._running.extend(group[i] for i in live)
             self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._running))
 
+    def _speculate(self, request: EngineRequest) -> None:
+        """One round of a speculative request (the first one prefills its own batch)."""
+        if request.done:
+            return
+        try:
+            if request.speculation is None:
+                longest = len(request.prompt_ids) + (request.state.params.max_tokens or 0)
+                batch = Batch(self.backend, 1, min(longest, self.max_context))
+                request.speculation = Speculation(
+                    batch, request.state, request.drafter, request.draft_tokens, request.speculative
+                )
+            for delta in request.speculation.round():
+                self._send(request, delta)
+        except Exception as e:  # this request fails alone
+            self._fail([request], e, reset=False)
+            return
+        if request.state.finished:
+            self.stats["finished"] += 1
+            self.speculative.add(request.speculative)
+
     def _decode(self) -> None:
         logits = self._batch.step([r.pending for r in self._running])
         for row, request in enumerate(self._running):
@@ -292,7 +356,13 @@ class BatchEngine:
             self.stats["finished"] += 1
 
     def _drop_done(self) -> None:
-        """Slice finished and cancelled rows out of the batch; trim all-padding left columns."""
+        """Slice finished and cancelled rows out of the batch; trim all-padding left columns;
+        forget finished speculative requests (and their batches)."""
+        with self._cond:
+            for request in [r for r in self._speculating if r.done]:
+                self._speculating.remove(request)
+                if request.cancelled:
+                    self._count_cancelled(request)
         if not any(r.done for r in self._running):
             return
         keep = [i for i, r in enumerate(self._running) if not r.done]
@@ -310,8 +380,9 @@ class BatchEngine:
         if not request.state.finished:
             self.stats["cancelled"] += 1
 
-    def _fail(self, requests: list[EngineRequest], error: Exception) -> None:
-        """Send `error` to every affected request and reset the batch."""
+    def _fail(self, requests: list[EngineRequest], error: Exception, reset: bool = True) -> None:
+        """Send `error` to every affected request and (unless `reset` is False: a speculative
+        request failing alone) reset the batch."""
         if not isinstance(error, QwenDeployError):
             error = QwenDeployError(
                 f"the model failed on this batch ({type(error).__name__}: "
@@ -322,6 +393,8 @@ class BatchEngine:
                 self._send(request, error)
                 self.stats["failed"] += 1
                 request.cancelled = True
+        if not reset:
+            return
         with self._cond:
             self._prefilling, self._running = [], []
         self._batch = None

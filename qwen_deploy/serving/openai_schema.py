@@ -7,7 +7,7 @@ extra options (user, logit_bias=None, ...) keep working.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -24,6 +24,21 @@ class FieldError(ValueError):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class Prediction(BaseModel):
+    """OpenAI's predicted output: text the answer is expected to repeat (served by speculative
+    decoding: drafts are looked up in it)."""
+
+    type: Literal["content"]
+    content: str | list[dict[str, Any]]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        if any(part.get("type") != "text" for part in self.content):
+            raise FieldError("prediction", "prediction content parts must be of type 'text'.")
+        return "".join(str(part.get("text", "")) for part in self.content)
 
 
 class SamplingFields(BaseModel):
@@ -47,6 +62,8 @@ class SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     response_format: dict[str, Any] | None = None
+    prediction: Prediction | None = None
+    speculative: str | None = None  # extension: "none", "prompt_lookup" or "draft"
 
     def requested_logprobs(self) -> int | None:
         """How many top alternatives each token's logprobs should list; None: no logprobs."""

@@ -29,6 +29,7 @@ from ..errors import QwenDeployError
 from ..generation.requests import ContextLengthError, PreparedRequest
 from ..generation.sampling import SamplingParams, TokenLogprob
 from ..generation.sequence import StreamDelta
+from ..generation.speculative import DRAFT_TOKENS, Drafter, Speculator
 from ..generation.tool_calls import ToolCall, ToolCallStream, plan_tools
 from .engine import BatchEngine, EngineStream
 from .openai_schema import (
@@ -165,9 +166,10 @@ class _EngineSSE(StreamingResponse):
 class OpenAIServer:
     """The request handling: validation, prompt building, engine submission, response shapes."""
 
-    def __init__(self, engine: BatchEngine, model_name: str):
+    def __init__(self, engine: BatchEngine, model_name: str, speculator: Speculator | None = None):
         self.engine = engine
         self.generator = engine.generator
+        self.speculator = speculator or Speculator(engine.manifest.model.vocab_size)
         self.model_name = model_name
         self.created = int(time.time())
 
@@ -208,9 +210,24 @@ class OpenAIServer:
         except (ValueError, TypeError, QwenDeployError) as e:
             raise OpenAIError(400, str(e), param=param) from e
 
-    async def submit(self, request: PreparedRequest, param: str) -> EngineStream:
+    def drafter(self, body: SamplingFields) -> Drafter | None:
+        """The request's drafter: its `speculative` choice or the server's default; a
+        `prediction` is looked up for drafts."""
         try:
-            return await self.engine.submit(request)
+            text = body.prediction.text() if body.prediction else ""
+            reference = self.generator.tokenizer.encode(text) if text else None
+            return self.speculator.drafter(body.speculative, reference)
+        except FieldError as e:
+            raise OpenAIError(400, str(e), param=e.param) from e
+        except QwenDeployError as e:
+            raise OpenAIError(400, str(e), param="speculative") from e
+
+    async def submit(
+        self, request: PreparedRequest, body: SamplingFields, param: str
+    ) -> EngineStream:
+        drafter = self.drafter(body)
+        try:
+            return await self.engine.submit(request, drafter, self.speculator.draft_tokens)
         except QwenDeployError as e:
             raise OpenAIError(400, str(e), param=param) from e
 
@@ -235,7 +252,7 @@ class OpenAIServer:
             template_kwargs=body.chat_template_kwargs,
             suffix=plan.prefill,
         )
-        stream = await self.submit(prepared, "messages")
+        stream = await self.submit(prepared, body, "messages")
         meta = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -361,7 +378,7 @@ class OpenAIServer:
                 echo_logprobs = await asyncio.to_thread(
                     self.generator.prompt_logprobs, prompt_ids, params.logprobs
                 )
-        stream = await self.submit(prepared, "prompt")
+        stream = await self.submit(prepared, body, "prompt")
         meta = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -446,11 +463,21 @@ def _templated(index: int, message: ChatMessage) -> dict[str, Any]:
 
 
 def _usage(stream: EngineStream, completion_tokens: int) -> dict:
-    return {
+    """OpenAI's usage; a speculative request adds its draft tokens accepted and rejected (as
+    OpenAI counts predicted outputs) and, as an extension, its acceptance statistics."""
+    usage: dict[str, Any] = {
         "prompt_tokens": stream.prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": stream.prompt_tokens + completion_tokens,
     }
+    if stream.speculative is not None:
+        stats = stream.speculative
+        usage["completion_tokens_details"] = {
+            "accepted_prediction_tokens": stats.accepted,
+            "rejected_prediction_tokens": stats.drafted - stats.accepted,
+        }
+        usage["speculative"] = stats.to_dict()
+    return usage
 
 
 async def _collect(stream: EngineStream, request: Request) -> list:
@@ -494,9 +521,11 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    speculator: Speculator | None = None,
 ) -> FastAPI:
-    """The FastAPI app; its lifespan starts and stops the engine's worker thread."""
-    server = OpenAIServer(engine, model_name)
+    """The FastAPI app; its lifespan starts and stops the engine's worker thread. `speculator`:
+    the speculative decoding requests get by default and may choose (none without it)."""
+    server = OpenAIServer(engine, model_name, speculator)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -542,6 +571,7 @@ def create_app(
             "model": model_name,
             "active": engine.active,
             "max_batch": engine.max_batch,
+            "speculative": engine.speculative.to_dict(),  # over finished speculative requests
         }
 
     @app.get("/v1/models", dependencies=auth)
@@ -580,14 +610,19 @@ def serve(
     provider: str = "cpu",
     threads: int | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
+    prompt_lookup: bool = False,
+    draft: str | Path | None = None,
+    draft_tokens: int = DRAFT_TOKENS,
 ) -> None:
-    """Load the artifact and serve it until interrupted."""
+    """Load the artifact (and the draft artifact) and serve it until interrupted."""
     import uvicorn
 
     from ..generation.generator import Generator
 
     generator = Generator(artifact, provider=provider, threads=threads)
     engine = BatchEngine(generator, max_batch=max_batch)
+    vocab = generator.manifest.model.vocab_size
+    speculator = Speculator.open(vocab, prompt_lookup, draft, draft_tokens, provider, threads)
     name = model_name or Path(artifact).resolve().name
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         print(
@@ -597,7 +632,7 @@ def serve(
         )
     print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch})", file=sys.stderr)
     uvicorn.run(
-        create_app(engine, name, api_key, max_body_bytes),
+        create_app(engine, name, api_key, max_body_bytes, speculator),
         host=host,
         port=port,
         log_level="info",

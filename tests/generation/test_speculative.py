@@ -105,3 +105,35 @@ def test_stats_count_drafts_and_forwards():
         "target_forwards": 4,
         "tokens_per_forward": 3.0,
     }
+
+
+def test_prompt_lookup_searches_a_reference_before_the_prompt():
+    lookup = PromptLookup(reference=[7, 8, 9, 1, 2, 4])  # OpenAI's `prediction`, tokenized
+    assert lookup.propose([1, 2], 2) == [4, 1]
+    assert lookup.propose([5, 9], 3) == [1, 2, 4]
+
+
+def test_speculator_gives_each_request_its_drafter(tiny_artifact):
+    from qwen_deploy.errors import QwenDeployError
+    from qwen_deploy.generation.speculative import Speculator
+
+    vocab = 151936
+    plain = Speculator(vocab)
+    assert plain.drafter() is None
+    assert isinstance(plain.drafter(reference=[1, 2]), PromptLookup)  # a prediction drafts
+    assert plain.drafter("none", reference=[1, 2]) is None
+    with pytest.raises(QwenDeployError, match="start the server with --draft ART"):
+        plain.drafter("draft")
+    with pytest.raises(QwenDeployError, match="use one of: none, prompt_lookup, draft"):
+        plain.drafter("medusa")
+    draft = OnnxRuntimeBackend(tiny_artifact)
+    with_draft = Speculator(vocab, "draft", draft)
+    first, second = with_draft.drafter(), with_draft.drafter()
+    assert isinstance(first, DraftModel) and first.batch is not second.batch  # a cache each
+    assert isinstance(with_draft.drafter("prompt_lookup"), PromptLookup)
+    with pytest.raises(QwenDeployError, match="needs a draft artifact"):
+        Speculator(vocab, "draft")
+    with pytest.raises(QwenDeployError, match=r"vocabulary \(151936\) differs.*\(1000\)"):
+        Speculator(1000, draft=draft)
+    with pytest.raises(QwenDeployError, match="choose one drafter"):
+        Speculator.open(vocab, prompt_lookup=True, draft=tiny_artifact)

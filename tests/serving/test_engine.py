@@ -10,6 +10,7 @@ from qwen_deploy.errors import QwenDeployError
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.generation.requests import ContextLengthError
 from qwen_deploy.generation.sampling import SamplingParams
+from qwen_deploy.generation.speculative import PromptLookup
 from qwen_deploy.serving.engine import BatchEngine
 
 TEXTS = [
@@ -211,3 +212,68 @@ def test_decode_steps_keep_the_cache_on_the_backend(generator):
     if generator.backend.in_place:
         assert engine._batch.cache is cache
         assert {name: v.data_ptr() for name, v in cache.values.items()} == buffers
+
+
+def test_speculative_requests_run_beside_the_batch_with_their_solo_tokens(generator):
+    """A request with a drafter decodes on a batch of its own, a round per step, next to the
+    batched rows; greedy and seeded output equal plain decoding, and its statistics add up."""
+    prompts = [generator.prompt_ids(prompt=t) for t in TEXTS[:4]]
+    params = [
+        _params(generator, temperature=0, max_tokens=14, stop_token_ids=[]),
+        _params(generator, temperature=0.9, seed=5, max_tokens=12, stop_token_ids=[]),
+        _params(generator, temperature=0, max_tokens=10, stop_token_ids=[]),
+        _params(generator, temperature=0.8, seed=9, max_tokens=9, stop_token_ids=[]),
+    ]
+    expected = [
+        generator.generate(prompt=p, params=q) for p, q in zip(prompts, params, strict=True)
+    ]
+    # the drafts of request 0 are its own plain answer: every draft is right
+    drafters = [
+        PromptLookup(reference=expected[0].token_ids),
+        PromptLookup(),
+        None,
+        None,
+    ]
+    engine = BatchEngine(generator, max_batch=3)
+    outputs, queued = [], []
+    for prompt, p, drafter in zip(prompts, params, drafters, strict=True):
+        outputs.append([])
+        request = generator.prepare(prompt=prompt, params=p)
+        queued.append(engine.add(request, outputs[-1].append, drafter, draft_tokens=4))
+    steps = 0
+    while engine.step():
+        steps += 1
+        assert len(engine._running) + len(engine._speculating) <= 3  # one slot each
+    for deltas, result in zip(outputs, expected, strict=True):
+        assert [d.token_id for d in deltas] == result.token_ids
+        assert deltas[-1].finish_reason == "length"
+    right = queued[0].speculative
+    assert right.accepted == right.drafted > 0
+    # a forward gives the accepted drafts and one token more; the prefill gives the first
+    for request in queued[:2]:
+        stats = request.speculative
+        assert (
+            stats.tokens == 1 + stats.forwards + stats.accepted == len(request.state.completion_ids)
+        )
+    assert right.forwards <= -(-13 // 5)  # 13 tokens after the first, up to 5 per forward
+    total = engine.speculative
+    assert total.tokens == sum(len(d) for d in outputs[:2])
+    assert engine.active == 0 and engine.stats["finished"] == 4
+
+
+def test_a_failing_speculative_request_fails_alone(generator):
+    class Broken:
+        def propose(self, tokens, k):
+            raise RuntimeError("drafter lost")
+
+    params = _params(generator, temperature=0, max_tokens=6, stop_token_ids=[])
+    prompt = generator.prompt_ids(prompt=TEXTS[2])
+    engine = BatchEngine(generator, max_batch=2)
+    broken, plain = [], []
+    engine.add(generator.prepare(prompt=prompt, params=params), broken.append, Broken())
+    engine.add(generator.prepare(prompt=prompt, params=params), plain.append)
+    while engine.step():
+        pass
+    assert isinstance(broken[-1], QwenDeployError) and "drafter lost" in str(broken[-1])
+    assert [d.token_id for d in plain] == generator.generate(prompt=prompt, params=params).token_ids
+    assert engine.active == 0 and engine.stats["failed"] == 1

@@ -141,4 +141,10 @@ def test_eight_concurrent_streams_give_each_request_its_solo_greedy_text(served)
     assert peak_before == 1 and served.engine.stats["peak_batch"] > 1  # they really were batched
     wait_idle(served.engine)
     health = httpx.get(served.url + "/health").json()
-    assert health == {"status": "ok", "model": MODEL, "active": 0, "max_batch": 8}
+    assert {k: health[k] for k in ("status", "model", "active", "max_batch")} == {
+        "status": "ok",
+        "model": MODEL,
+        "active": 0,
+        "max_batch": 8,
+    }
+    assert health["speculative"]["target_forwards"] == 0  # no request asked for speculation

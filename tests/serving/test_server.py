@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 
 from qwen_deploy.generation.generator import Generator
+from qwen_deploy.generation.speculative import SpeculativeStats, Speculator
 from qwen_deploy.manifest import Manifest
 from qwen_deploy.serving.engine import BatchEngine
 from qwen_deploy.serving.server import create_app
@@ -102,7 +103,13 @@ def test_models_and_health(served):
     assert [m.id for m in served.client.models.list().data] == [MODEL]
     assert served.client.models.retrieve(MODEL).id == MODEL
     health = httpx.get(served.url + "/health").json()
-    assert health == {"status": "ok", "model": MODEL, "active": 0, "max_batch": 8}
+    assert health == {
+        "status": "ok",
+        "model": MODEL,
+        "active": 0,
+        "max_batch": 8,
+        "speculative": SpeculativeStats().to_dict() | health["speculative"],
+    }
 
 
 def test_chat_greedy_equals_the_generator(served):
@@ -383,6 +390,68 @@ def test_api_key_is_checked(served):
             bad.models.list()
 
 
+def test_speculative_requests_answer_as_plain_ones_and_report_acceptance(served):
+    """Per request: OpenAI's `prediction` (drafts looked up in the predicted text) and the
+    `speculative` extension; greedy answers equal the plain one, usage counts the drafts."""
+    chat = {"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 16}
+    plain = served.client.chat.completions.create(**chat)
+    text = plain.choices[0].message.content
+    assert plain.usage.completion_tokens_details is None  # nothing was drafted
+    before = httpx.get(served.url + "/health").json()["speculative"]
+    predicted = served.client.chat.completions.create(
+        **chat, prediction={"type": "content", "content": text}
+    )
+    assert predicted.choices[0].message.content == text
+    details, stats = predicted.usage.completion_tokens_details, predicted.usage.speculative
+    assert details.accepted_prediction_tokens == stats["accepted"] >= 8  # the answer was predicted
+    assert details.rejected_prediction_tokens == stats["drafted"] - stats["accepted"]
+    assert stats["tokens_per_forward"] > 2
+    stream = served.client.chat.completions.create(
+        **chat,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"speculative": "prompt_lookup"},
+    )
+    chunks, usage = _chunks(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert usage.speculative["target_forwards"] + 1 <= usage.completion_tokens == 16
+    after = httpx.get(served.url + "/health").json()["speculative"]
+    assert (
+        after["accepted"] - before["accepted"] == stats["accepted"] + usage.speculative["accepted"]
+    )
+    for value, words in [("draft", "--draft"), ("medusa", "prompt_lookup")]:
+        error = _raw(served, "/v1/chat/completions", {**chat, "speculative": value}, 400)
+        assert error["param"] == "speculative" and words in error["message"], error
+    error = _raw(
+        served,
+        "/v1/chat/completions",
+        {**chat, "prediction": {"type": "content", "content": [{"type": "image_url"}]}},
+        400,
+    )
+    assert error["param"] == "prediction"
+
+
+def test_a_server_with_a_draft_model_drafts_by_default(tiny_artifact):
+    """serve --draft: every request drafts with the draft artifact unless it opts out."""
+    generator = Generator(tiny_artifact)
+    draft = Generator(tiny_artifact).backend  # drafting for itself: every greedy draft is right
+    speculator = Speculator(generator.manifest.model.vocab_size, "draft", draft, draft_tokens=3)
+    engine = BatchEngine(generator, max_batch=2)
+    with (
+        running_server(engine, MODEL, speculator=speculator) as url,
+        openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client,
+    ):
+        chat = {"model": MODEL, "messages": MESSAGES, "temperature": 0, "max_tokens": 13}
+        drafted = client.chat.completions.create(**chat)
+        off = client.chat.completions.create(**chat, extra_body={"speculative": "none"})
+    expected = generator.generate(messages=MESSAGES, temperature=0, max_tokens=13)
+    assert drafted.choices[0].message.content == off.choices[0].message.content == expected.content
+    stats = drafted.usage.speculative
+    # 13 tokens: the prefill gives one, each of 3 forwards 3 drafts and one more
+    assert stats["accepted"] == stats["drafted"] == 9 and stats["target_forwards"] == 3
+    assert off.usage.completion_tokens_details is None
+
+
 def test_cli_serve_names_the_model_after_the_folder(tiny_artifact):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -391,7 +460,8 @@ def test_cli_serve_names_the_model_after_the_folder(tiny_artifact):
     command = [exe] if exe else [sys.executable, "-m", "qwen_deploy.cli"]
     env = {**os.environ, "QWEN_DEPLOY_API_KEY": "k1"}
     process = subprocess.Popen(
-        [*command, "serve", str(tiny_artifact), "--port", str(port), "--max-batch", "2"],
+        [*command, "serve", str(tiny_artifact), "--port", str(port), "--max-batch", "2"]
+        + ["--prompt-lookup", "--draft-tokens", "4"],
         env=env,
         stderr=subprocess.PIPE,
         text=True,
@@ -409,6 +479,11 @@ def test_cli_serve_names_the_model_after_the_folder(tiny_artifact):
             base_url=f"http://127.0.0.1:{port}/v1", api_key="k1", max_retries=0
         ) as client:
             assert [m.id for m in client.models.list().data] == [Path(tiny_artifact).name]
+            reply = client.chat.completions.create(
+                model=Path(tiny_artifact).name, messages=MESSAGES, max_tokens=6
+            )
+            spec = reply.usage.speculative  # --prompt-lookup: the default
+            assert spec["target_forwards"] + spec["accepted"] + 1 == 6
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
         assert httpx.get(f"http://127.0.0.1:{port}/health").json()["max_batch"] == 2
     finally:
