@@ -3,8 +3,9 @@
 Each engine lives in its own fresh process (spawned), so its peak RSS is its own and thread pools
 do not mix: qwen-deploy on the artifact; transformers eager `generate` on the source checkpoint
 (with --reference); onnxruntime-genai on its own fp32 CPU export of that checkpoint (when the
-package is installed). All decode greedily exactly `new_tokens` tokens from the same random
-prompt ids, so the work is identical. The engines take turns, one run each per repeat, so a
+package is installed); llama.cpp (llama-cpp-python) on each GGUF file given (--llama-gguf). All
+decode greedily exactly `new_tokens` tokens from the same random prompt ids, so the work is
+identical. The engines take turns, one run each per repeat, so a
 shared machine's changing load hits them alike; medians over the repeats are reported.
 
 Definitions: time to first token (TTFT) = prompt in -> first token out (prefill + one sample);
@@ -13,12 +14,19 @@ batch B = B * tokens / wall time of B requests submitted together to the continu
 engine that `serve` runs (prefill included); aggregate decode tokens/s leaves the prefills out
 (from the last request's first token on). The roofline is the decode speed if every step only
 had to stream the weights it reads (all but the embedding table) once from memory.
+
+Speculative decoding (--prompt-lookup, --draft) is measured on text, not random ids: a code edit
+whose prompt holds the code (what prompt lookup is for) and an open question, each answered by
+plain decoding and by every drafter at every k, alternating; end-to-end tokens/s (prefill
+included), the speedup over plain, whether the tokens equal plain decoding's, the acceptance
+rate and the tokens per target forward.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import resource
 import statistics
 import subprocess
@@ -37,6 +45,33 @@ from .manifest import Manifest
 
 ASSUMED_BANDWIDTH_GBS = 40.0  # this project's reference CPU machine
 PROMPT_SEED = 0
+LLAMA_CPP_BUILD = (
+    "llama-cpp-python is not installed; build it (8-11 minutes) with "
+    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON '
+    "-DGGML_AVX512_VBMI=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
+    '-DGGML_AMX_BF16=OFF" pip install llama-cpp-python, turning on only what /proc/cpuinfo '
+    "lists (a native build here dies with an illegal instruction: it emits AMX, and VBMI or "
+    "AVX-VNNI where a VM hides them)"
+)
+EDITED_CODE = '''def moving_average(values, window):
+    """Return the moving averages of `values` over `window` items."""
+    if window <= 0:
+        raise ValueError("window must be positive")
+    result = []
+    total = 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        if i >= window - 1:
+            result.append(total / window)
+    return result
+'''
+SPECULATIVE_WORKLOADS = {
+    "code edit": "Rename the function moving_average to rolling_mean and the parameter `values` "
+    "to `data` in this code. Reply with the full code only.\n\n" + EDITED_CODE,
+    "open question": "Explain how a hash map handles collisions, with a short Python example.",
+}
 
 
 @dataclass
@@ -47,6 +82,14 @@ class BenchConfig:
     batches: tuple[int, ...] = (4, 8)
     threads: int | None = None
     bandwidth_probe_mb: int = 1024  # larger than CPU caches, so the probe reads memory
+    prompt_lookup: bool = False  # speculative decoding variants (see the module docstring)
+    drafts: tuple[str, ...] = ()
+    draft_tokens: tuple[int, ...] = (6,)
+    speculative_tokens: int = 128
+
+    @property
+    def speculative(self) -> bool:
+        return self.prompt_lookup or bool(self.drafts)
 
     def check(self) -> None:
         for name in ("prompt_len", "new_tokens", "repeats"):
@@ -103,7 +146,49 @@ class QwenDeployRunner:
         self.ids = prompts(config, self.generator.manifest.model.vocab_size)
         self.params = SamplingParams(temperature=0, max_tokens=config.new_tokens)  # no stop ids
         self.new_tokens = config.new_tokens
+        self.variants = self._variants(config)
+        self.speculative_tokens = config.speculative_tokens
         self._timed(1)  # warm-up: first-run allocations and kernel choices
+
+    def _variants(self, config: BenchConfig) -> dict:
+        """Speculative variants: name -> (Speculator, method, k); "plain" first."""
+        from .generation.speculative import Speculator
+
+        if not config.speculative:
+            return {}
+        vocab = self.generator.manifest.model.vocab_size
+        variants = {"plain": (Speculator(vocab), "none", 0)}
+        for k in config.draft_tokens:
+            if config.prompt_lookup:
+                variants[f"prompt lookup k={k}"] = (Speculator(vocab), "prompt_lookup", k)
+        for draft in config.drafts:
+            speculator = Speculator.open(vocab, draft=draft, threads=config.threads)
+            for k in config.draft_tokens:
+                variants[f"draft {Path(draft).name} k={k}"] = (speculator, "draft", k)
+        return variants
+
+    def speculative(self) -> dict:
+        """One round of every variant on every workload: tokens/s, token ids, statistics."""
+        runs: dict[str, dict] = {}
+        for workload, question in SPECULATIVE_WORKLOADS.items():
+            messages = [{"role": "user", "content": question}]
+            self.generator.generate(messages=messages, temperature=0, max_tokens=4)  # warm-up
+            runs[workload] = {}
+            for name, (speculator, method, k) in self.variants.items():
+                start = time.perf_counter()
+                result = self.generator.generate(
+                    messages=messages,
+                    temperature=0,
+                    max_tokens=self.speculative_tokens,
+                    drafter=speculator.drafter(method),
+                    draft_tokens=k or 1,
+                )
+                runs[workload][name] = {
+                    "tok_s": result.completion_tokens / (time.perf_counter() - start),
+                    "token_ids": result.token_ids,
+                    "stats": result.speculative,
+                }
+        return runs
 
     def _timed(self, batch: int) -> tuple[float, list[float]]:
         states = self.generator.states(self.ids[:batch], [self.params] * batch)
@@ -210,17 +295,49 @@ class GenaiRunner:
         return self._timed(self.new_tokens)
 
 
+class LlamaCppRunner:
+    def __init__(self, gguf: str, config: BenchConfig):
+        from llama_cpp import Llama
+
+        threads = config.threads or os.cpu_count()  # llama.cpp's default is half the cores
+        self.llm = Llama(
+            model_path=gguf,
+            n_ctx=config.prompt_len + config.new_tokens + 16,
+            n_batch=max(config.prompt_len, 32),
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+        self.ids = prompts(config, self.llm.n_vocab())[0]
+        self.new_tokens = config.new_tokens
+        self._timed(2)
+
+    def _timed(self, new_tokens: int) -> dict:
+        self.llm.reset()  # no prefix reuse from the previous run
+        stamps = []
+        start = time.perf_counter()
+        for _ in self.llm.generate(self.ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            stamps.append(time.perf_counter())
+            if len(stamps) == new_tokens:  # exactly new_tokens, end of text or not
+                break
+        return _timings(start, stamps)
+
+    def single(self) -> dict:
+        return self._timed(self.new_tokens)
+
+
 RUNNERS = {
     "qwen-deploy": QwenDeployRunner,
     "transformers": TransformersRunner,
     "onnxruntime-genai": GenaiRunner,
+    "llama.cpp": LlamaCppRunner,
 }
 
 
-def _serve(engine: str, source: str, config: BenchConfig, conn) -> None:
+def _serve(kind: str, source: str, config: BenchConfig, conn) -> None:
     """Child process: load one engine, then answer (method, args) calls until ("stop", ())."""
     try:
-        runner = RUNNERS[engine](source, config)
+        runner = RUNNERS[kind](source, config)
     except BaseException:
         conn.send(("error", traceback.format_exc()))
         return
@@ -239,11 +356,12 @@ def _serve(engine: str, source: str, config: BenchConfig, conn) -> None:
 class EngineProcess:
     """One engine loaded in a fresh spawned process (its own peak RSS and thread pools)."""
 
-    def __init__(self, engine: str, source: str, config: BenchConfig):
+    def __init__(self, engine: str, source: str, config: BenchConfig, kind: str | None = None):
         context = multiprocessing.get_context("spawn")
         self.engine = engine
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_serve, args=(engine, source, config, child))
+        args = (kind or engine, source, config, child)
+        self.process = context.Process(target=_serve, args=args)
         self.process.start()
         child.close()
         self._receive()
@@ -349,6 +467,7 @@ def run_bench(
     genai_dir: str | Path | None = None,
     peers: Iterable[str] = ("transformers", "onnxruntime-genai"),
     log: Callable[[str], None] = lambda _: None,
+    llama_ggufs: Iterable[str | Path] = (),
 ) -> dict:
     """Measure the artifact and its peers; returns the report (see module docstring)."""
     config = config or BenchConfig()
@@ -357,6 +476,13 @@ def run_bench(
     source = Path(reference) if reference else Path(manifest.source.get("path", ""))
     engines: dict[str, EngineResult] = {"qwen-deploy": EngineResult()}
     sources = {"qwen-deploy": str(artifact)}
+    for gguf in llama_ggufs:
+        name = f"llama.cpp {Path(gguf).stem}"
+        engines[name] = EngineResult(skipped=_llama_cpp_missing(Path(gguf)))
+        if engines[name].skipped:
+            log(f"skipping {name}: {engines[name].skipped}")
+        else:
+            sources[name] = str(gguf)
     if "transformers" in peers:
         if reference is None:
             engines["transformers"] = EngineResult(skipped="no --reference checkpoint given")
@@ -372,15 +498,15 @@ def run_bench(
                 log(f"skipping onnxruntime-genai: {reason}")
             else:
                 sources["onnxruntime-genai"] = str(folder)
-        _measure(engines, sources, config, log)
+        speculative = _measure(engines, sources, config, log)
     bytes_per_token = weight_bytes_per_token(artifact)
     bandwidth = statistics.mean(
         [bandwidth_before, measured_bandwidth_gbs(config.bandwidth_probe_mb)]
     )
     ours = engines["qwen-deploy"]
     ratios = {}
-    for peer in ("onnxruntime-genai", "transformers"):
-        if peer in engines and engines[peer].decode_tok_s:
+    for peer in engines:
+        if peer != "qwen-deploy" and engines[peer].decode_tok_s:
             ratios[f"decode_vs_{peer}"] = ours.decode_tok_s / engines[peer].decode_tok_s
             ratios[f"ttft_vs_{peer}"] = engines[peer].ttft_s / ours.ttft_s  # > 1: we are faster
     for batch, numbers in ours.batches.items():
@@ -399,7 +525,19 @@ def run_bench(
         "measured_gemv_bandwidth_gbs": bandwidth,
         "engines": {name: asdict(result) for name, result in engines.items()},
         "ratios": ratios,
+        "speculative": speculative,
     }
+
+
+def _llama_cpp_missing(gguf: Path) -> str | None:
+    """Why llama.cpp cannot run `gguf` (None when it can)."""
+    if not gguf.is_file():
+        return f"GGUF file {gguf} not found"
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return LLAMA_CPP_BUILD
+    return None
 
 
 def _genai_source(source: Path, folder: Path, log: Callable[[str], None]) -> str | None:
@@ -414,14 +552,17 @@ def _measure(
     sources: dict[str, str],
     config: BenchConfig,
     log: Callable[[str], None],
-) -> None:
-    """Load every engine, then take turns (repeat by repeat) so load changes hit all alike."""
+) -> dict:
+    """Load every engine, then take turns (repeat by repeat) so load changes hit all alike;
+    returns the speculative comparison ({} without drafters)."""
     processes = {}
+    speculative_runs: list[dict] = []
     try:
         for name, source in sources.items():
             log(f"loading {name} from {source}")
             try:
-                processes[name] = EngineProcess(name, source, config)
+                kind = "llama.cpp" if name.startswith("llama.cpp") else name
+                processes[name] = EngineProcess(name, source, config, kind)
             except QwenDeployError as e:
                 if name == "qwen-deploy":
                     raise
@@ -435,6 +576,8 @@ def _measure(
             for batch in config.batches:
                 run = processes["qwen-deploy"].call("batch", batch)
                 engines["qwen-deploy"].runs.setdefault(str(batch), []).append(run)
+            if config.speculative:
+                speculative_runs.append(processes["qwen-deploy"].call("speculative"))
         for name, process in list(processes.items()):
             engines[name].peak_rss_mb = process.close()
             del processes[name]
@@ -445,6 +588,30 @@ def _measure(
         result = engines[name]
         result.ttft_s, result.decode_tok_s = _summary(result.runs["1"]).values()
         result.batches = {b: _summary(r) for b, r in result.runs.items() if b != "1"}
+    return _speculative_summary(speculative_runs)
+
+
+def _speculative_summary(runs: list[dict]) -> dict:
+    """Per workload and variant: median tokens/s, speedup over plain (medians of the same run),
+    identical tokens (every repeat) and the acceptance statistics."""
+    summary: dict[str, dict] = {}
+    for workload in runs[0] if runs else {}:
+        rates = {
+            name: statistics.median(run[workload][name]["tok_s"] for run in runs)
+            for name in runs[0][workload]
+        }
+        plain = [run[workload]["plain"]["token_ids"] for run in runs]
+        summary[workload] = {
+            name: {
+                "tok_s": rate,
+                "speedup": rate / rates["plain"],
+                "identical": [run[workload][name]["token_ids"] for run in runs] == plain,
+                "tokens": len(runs[-1][workload][name]["token_ids"]),
+                **(runs[-1][workload][name]["stats"] or {}),
+            }
+            for name, rate in rates.items()
+        }
+    return summary
 
 
 def format_report(report: dict) -> str:
@@ -480,4 +647,17 @@ def format_report(report: dict) -> str:
         f"{report['measured_gemv_bandwidth_gbs']:.1f} GB/s measured now"
     )
     lines += [f"{name}: {value:.2f}x" for name, value in report["ratios"].items()]
+    for workload, rows in report.get("speculative", {}).items():
+        lines.append(f"speculative, {workload} (greedy, end-to-end tokens/s, alternated):")
+        for name, row in rows.items():
+            same = "same tokens" if row["identical"] else "DIFFERENT tokens"
+            extra = (
+                f"  acceptance {row['acceptance_rate']:.2f}, "
+                f"{row['tokens_per_forward']:.2f} tok/forward"
+                if "acceptance_rate" in row
+                else ""
+            )
+            lines.append(
+                f"  {name:30s} {row['tok_s']:7.2f} tok/s {row['speedup']:5.2f}x  {same}{extra}"
+            )
     return "\n".join(lines)

@@ -460,8 +460,11 @@ def test_cli_serve_names_the_model_after_the_folder(tiny_artifact):
     command = [exe] if exe else [sys.executable, "-m", "qwen_deploy.cli"]
     env = {**os.environ, "QWEN_DEPLOY_API_KEY": "k1"}
     process = subprocess.Popen(
-        [*command, "serve", str(tiny_artifact), "--port", str(port), "--max-batch", "2"]
-        + ["--prompt-lookup", "--draft-tokens", "4"],
+        [
+            *command,
+            *("serve", str(tiny_artifact), "--port", str(port), "--max-batch", "2"),
+            *("--prompt-lookup", "--draft-tokens", "4"),
+        ],
         env=env,
         stderr=subprocess.PIPE,
         text=True,

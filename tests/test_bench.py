@@ -1,0 +1,57 @@
+"""`qwen-deploy bench`: each engine in its own process on the same work; the report's numbers."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from qwen_deploy.bench import LLAMA_CPP_BUILD, BenchConfig, format_report, run_bench
+
+
+def _config(**options) -> BenchConfig:
+    return BenchConfig(prompt_len=8, new_tokens=4, repeats=2, batches=(2,), **options)
+
+
+def test_speculative_variants_are_compared_with_plain_decoding(tiny_artifact):
+    config = _config(prompt_lookup=True, draft_tokens=(2, 4), speculative_tokens=12)
+    report = run_bench(tiny_artifact, config=config, peers=())
+    ours = report["engines"]["qwen-deploy"]
+    assert ours["decode_tok_s"] > 0 and len(ours["runs"]["1"]) == 2
+    assert set(ours["batches"]) == {"2"}
+    for workload in ("code edit", "open question"):
+        rows = report["speculative"][workload]
+        assert list(rows) == ["plain", "prompt lookup k=2", "prompt lookup k=4"]
+        assert rows["plain"]["speedup"] == 1.0 and "acceptance_rate" not in rows["plain"]
+        for name in ("prompt lookup k=2", "prompt lookup k=4"):
+            row = rows[name]
+            assert row["identical"] and row["tokens"] == 12, row
+            # the first token comes from the prefill, every other from a target forward
+            assert row["target_forwards"] + row["accepted"] + 1 == 12
+            assert row["speedup"] == pytest.approx(row["tok_s"] / rows["plain"]["tok_s"])
+    text = format_report(report)
+    assert "speculative, code edit" in text and "prompt lookup k=4" in text
+
+
+def test_llama_cpp_peer_is_skipped_with_the_reason(tiny_artifact, tmp_path, monkeypatch):
+    missing = tmp_path / "none.gguf"
+    report = run_bench(tiny_artifact, config=_config(), peers=(), llama_ggufs=[missing])
+    assert report["engines"]["llama.cpp none"]["skipped"] == f"GGUF file {missing} not found"
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
+    report = run_bench(tiny_artifact, config=_config(), peers=(), llama_ggufs=[gguf])
+    skipped = report["engines"]["llama.cpp model"]["skipped"]
+    assert skipped == LLAMA_CPP_BUILD and "-DGGML_AMX_TILE=OFF" in skipped
+    assert "decode_vs_llama.cpp model" not in report["ratios"]
+
+
+@pytest.mark.real
+def test_llama_cpp_runs_the_same_work_on_the_real_gguf(tiny_artifact, real_gguf):
+    pytest.importorskip("llama_cpp", reason=LLAMA_CPP_BUILD)
+    report = run_bench(tiny_artifact, config=_config(), peers=(), llama_ggufs=[real_gguf])
+    llama = report["engines"]["llama.cpp model"]
+    assert llama["skipped"] is None and llama["decode_tok_s"] > 0 and llama["ttft_s"] > 0
+    assert report["ratios"]["decode_vs_llama.cpp model"] == pytest.approx(
+        report["engines"]["qwen-deploy"]["decode_tok_s"] / llama["decode_tok_s"]
+    )
