@@ -17,9 +17,10 @@ from .options import force_option, json_option, output_option, quiet_option
 @output_option("Quantized artifact folder to create.")
 @click.option(
     "--mode",
-    type=click.Choice(["int8-weight", "int8-smoothquant"]),
+    type=click.Choice(["int8-weight", "int4-weight", "int8-smoothquant"]),
     required=True,
-    help="int8-weight: INT8 weights, onnxruntime's fastest CPU form; int8-smoothquant: "
+    help="int8-weight: INT8 weights, onnxruntime's fastest CPU form; int4-weight: INT4 "
+    "transformer weights (asymmetric, block 32; LM head and embedding INT8); int8-smoothquant: "
     "W8A8 Q/DQ graph for TensorRT (also runs on onnxruntime).",
 )
 @click.option(
@@ -36,7 +37,7 @@ from .options import force_option, json_option, output_option, quiet_option
     show_default=True,
     callback=lambda ctx, param, value: _alpha(value),
     help="SmoothQuant migration strength in [0, 1] for every layer; auto: int8-smoothquant "
-    "searches one per layer on the calibration set, int8-weight uses 0.5.",
+    "searches one per layer on the calibration set, the weight-only modes use 0.5.",
 )
 @click.option(
     "--keep-float",

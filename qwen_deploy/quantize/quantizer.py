@@ -21,7 +21,6 @@ from ..export.genai_config import write_genai_config
 from ..manifest import Manifest, producer_record
 from ..parity.prompts import load_prompts
 from .calibration import SAMPLE_TOKENS, collect_activations, load_calibration
-from .int8_weight import quantize_weight_only
 from .linears import find_linears
 from .quality import quality_report
 from .rewrite import GraphRewrite
@@ -29,8 +28,10 @@ from .search import Plan, measured_tensors, plan_smoothquant
 from .smoothing import Smoother
 from .smoothquant import quantize_smoothquant
 from .store import SourceTensors, TensorWriter, load_graph
+from .weight_only import quantize_weight_only
 
-MODES = ("int8-weight", "int8-smoothquant")
+MODES = ("int8-weight", "int4-weight", "int8-smoothquant")
+WEIGHT_ONLY_BITS = {"int8-weight": 8, "int4-weight": 4}
 FLOAT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 WEIGHT_ONLY_ALPHA = 0.5  # MatMulNBits quantizes activations per block at run time: mild smoothing
 # SmoothQuant's default float budget, a fraction of the linear weights (so >= 85.5% stay INT8).
@@ -66,11 +67,12 @@ def quantize_artifact(
     force: bool = False,
     progress: bool = True,
 ) -> Manifest:
-    """Write the INT8 artifact `out` from the fp32/fp16 artifact `source`; returns its manifest.
+    """Write the quantized artifact `out` from the fp32/fp16 artifact `source`; returns its
+    manifest.
 
     alpha: SmoothQuant's migration strength for every layer; None: SmoothQuant searches one per
-    group of layers, int8-weight uses WEIGHT_ONLY_ALPHA. keep_float: the fraction of the linear
-    weights SmoothQuant may leave in floating point, the most sensitive groups first (None:
+    group of layers, the weight-only modes use WEIGHT_ONLY_ALPHA. keep_float: the fraction of the
+    linear weights SmoothQuant may leave in floating point, the most sensitive groups first (None:
     KEEP_FLOAT). The manifest records the scheme under `quantization` and the measured cost
     against `source` under `quality` (on `quality_prompts`, default: the packaged parity prompts,
     and the packaged held-out text), with the gate's verdict.
@@ -156,8 +158,8 @@ def _quantize(
         bar.update(1)
 
     with bar:
-        if mode == "int8-weight":
-            details = quantize_weight_only(smoother, step)
+        if mode in WEIGHT_ONLY_BITS:
+            details = quantize_weight_only(smoother, step, WEIGHT_ONLY_BITS[mode])
         else:
             details = quantize_smoothquant(smoother, step)
     label = (
