@@ -131,7 +131,12 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    """This process's own peak RSS. Not getrusage's ru_maxrss: a spawned child inherits its
+    parent's (the bench parent's 1 GiB bandwidth probe showed as every engine's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs: an upper bound
 
 
 # -- engines: each lives in its own spawned process and answers `single` / `batch` calls --------

@@ -55,3 +55,19 @@ def test_llama_cpp_runs_the_same_work_on_the_real_gguf(tiny_artifact, real_gguf)
     assert report["ratios"]["decode_vs_llama.cpp model"] == pytest.approx(
         report["engines"]["qwen-deploy"]["decode_tok_s"] / llama["decode_tok_s"]
     )
+
+
+def test_peak_rss_is_the_engine_process_own():
+    """A spawned child inherits its parent's ru_maxrss; the bench reports the child's own."""
+    import multiprocessing
+
+    import numpy as np
+
+    from qwen_deploy.bench import _peak_rss_mb
+
+    ballast = np.ones(300 << 18, np.float32)  # 300 MB in this process
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        child = pool.apply(_peak_rss_mb)
+    assert ballast.sum() > 0 and _peak_rss_mb() > 300
+    assert child < 200, child
