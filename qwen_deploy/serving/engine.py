@@ -181,10 +181,10 @@ class BatchEngine:
         state = SequenceState(
             request.prompt_ids, params, self.generator.tokenizer, request.reasoning
         )
+        ids = list(request.prompt_ids)
         queued = EngineRequest(
-            next(self._ids), list(request.prompt_ids), state, emit, drafter=drafter
+            next(self._ids), ids, state, emit, drafter=drafter, draft_tokens=draft_tokens
         )
-        queued.draft_tokens = draft_tokens
         with self._cond:
             if self._closed:
                 raise QwenDeployError("the engine is shut down.")
