@@ -35,11 +35,11 @@ from _common import folder_bytes, median, table
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qwen_deploy.contract import MS_DOMAIN
 from qwen_deploy.manifest import Manifest
-from qwen_deploy.quantize.weight_only import matmul_nbits
 from qwen_deploy.quantize.linears import find_linears
 from qwen_deploy.quantize.rewrite import GraphRewrite
 from qwen_deploy.quantize.smoothquant import dequantized_weight, quantize_per_channel
 from qwen_deploy.quantize.store import SourceTensors, TensorWriter, load_graph
+from qwen_deploy.quantize.weight_only import matmul_nbits
 
 CLI = [str(Path(sys.executable).with_name("qwen-deploy"))]
 CANDIDATES = {
