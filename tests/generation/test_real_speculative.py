@@ -5,30 +5,17 @@ from __future__ import annotations
 
 import pytest
 
+from qwen_deploy.bench import EDITED_CODE
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.generation.speculative import DraftModel, PromptLookup
 from qwen_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 pytestmark = pytest.mark.real
-CODE = '''def moving_average(values, window):
-    """Return the moving averages of `values` over `window` items."""
-    if window <= 0:
-        raise ValueError("window must be positive")
-    result = []
-    total = 0.0
-    for i, value in enumerate(values):
-        total += value
-        if i >= window:
-            total -= values[i - window]
-        if i >= window - 1:
-            result.append(total / window)
-    return result
-'''
 EDIT = [
     {
         "role": "user",
         "content": "Rename the function moving_average to rolling_mean in this code. Reply "
-        "with the full code only.\n\n" + CODE,
+        "with the full code only.\n\n" + EDITED_CODE,
     }
 ]
 
