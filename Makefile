@@ -8,7 +8,7 @@ DEMO := demo
 REAL_MODEL ?= $(HOME)/.cache/qwen-deploy/qwen2.5-coder-0.5b-instruct
 export QWEN_DEPLOY_REAL_MODEL := $(REAL_MODEL)
 
-.PHONY: setup real-model test demo lint format clean triton-env cpp-deps interop-env
+.PHONY: setup real-model test demo lint format clean triton-env cpp-deps interop-env openvino-peer
 
 $(BIN)/qwen-deploy: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -72,6 +72,28 @@ triton-env: $(TRITON_ENV)/.ready
 	touch $@
 
 interop-env: .venv-genai/.ready .venv-optimum/.ready
+
+# OpenVINO int4 of the real model, a peer of `qwen-deploy bench --openvino`: optimum-intel exports
+# it in its own venv (it pulls torchvision and a CUDA torch: put back the CPU build, drop the rest);
+# openvino-genai, which runs it, goes into .venv (the `openvino` extra).
+OPENVINO_ENV := .venv-openvino
+OPENVINO_MODEL := $(REAL_MODEL)/openvino-int4
+$(OPENVINO_ENV)/.ready:
+	$(PY) -m venv $(OPENVINO_ENV)
+	$(OPENVINO_ENV)/bin/pip install -q torch==2.13.0 "optimum-intel[openvino]"
+	$(OPENVINO_ENV)/bin/pip freeze | grep -E '^(torchvision|nvidia-|cuda-|triton)' | cut -d= -f1 | \
+		xargs -r $(OPENVINO_ENV)/bin/pip uninstall -q -y
+	$(OPENVINO_ENV)/bin/pip install -q --force-reinstall --no-deps torch==2.13.0
+	touch $@
+
+$(OPENVINO_MODEL)/openvino_model.xml: | $(OPENVINO_ENV)/.ready $(REAL_MODEL)/checkpoint/config.json
+	rm -rf $(OPENVINO_MODEL).tmp
+	$(OPENVINO_ENV)/bin/optimum-cli export openvino --model $(REAL_MODEL)/checkpoint \
+		--task text-generation-with-past --weight-format int4 $(OPENVINO_MODEL).tmp
+	mv $(OPENVINO_MODEL).tmp $(OPENVINO_MODEL)
+
+openvino-peer: setup $(OPENVINO_MODEL)/openvino_model.xml
+	$(BIN)/pip install -q -e ".[openvino]"
 
 # Headers for the C++ example (examples/cpp): onnxruntime's and nlohmann/json from Debian packages.
 cpp-deps:

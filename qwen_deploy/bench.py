@@ -3,9 +3,10 @@
 Each engine lives in its own fresh process (spawned), so its peak RSS is its own and thread pools
 do not mix: qwen-deploy on the artifact; transformers eager `generate` on the source checkpoint
 (with --reference); onnxruntime-genai on its own fp32 CPU export of that checkpoint (when the
-package is installed); llama.cpp (llama-cpp-python) on each GGUF file given (--llama-gguf). All
-decode greedily exactly `new_tokens` tokens from the same random prompt ids, so the work is
-identical. The engines take turns, one run each per repeat, so a
+package is installed); llama.cpp (llama-cpp-python) on each GGUF file given (--llama-gguf);
+OpenVINO (openvino-genai) on each model folder given (--openvino, what `optimum-cli export openvino`
+writes). All decode greedily exactly `new_tokens` tokens from the same random prompt ids, so the
+work is identical. The engines take turns, one run each per repeat, so a
 shared machine's changing load hits them alike; medians over the repeats are reported.
 
 Definitions: time to first token (TTFT) = prompt in -> first token out (prefill + one sample);
@@ -17,9 +18,10 @@ had to stream the weights it reads (all but the embedding table) once from memor
 
 Speculative decoding (--prompt-lookup, --draft) is measured on text, not random ids: a code edit
 whose prompt holds the code (what prompt lookup is for) and an open question, each answered by
-plain decoding and by every drafter at every k, alternating; end-to-end tokens/s (prefill
-included), the speedup over plain, whether the tokens equal plain decoding's, the acceptance
-rate and the tokens per target forward.
+plain decoding and by every drafter at every k, alternating; tokens/s end to end (prefill
+included) and in the decode phase (after the first token, as for plain decode: the draft's own
+prefill falls in it), the speedups over plain, whether the tokens equal plain decoding's, the
+acceptance rate and the tokens per target forward.
 """
 
 from __future__ import annotations
@@ -53,6 +55,11 @@ LLAMA_CPP_BUILD = (
     "lists (a native build here dies with an illegal instruction: it emits AMX, and VBMI or "
     "AVX-VNNI where a VM hides them)"
 )
+OPENVINO_INSTALL = (
+    "openvino-genai is not installed (pip install 'qwen-deploy[openvino]'); export the model "
+    "with optimum-cli export openvino --weight-format int4 in a separate environment "
+    "(optimum-intel pulls a CUDA torch and pins transformers)"
+)
 EDITED_CODE = '''def moving_average(values, window):
     """Return the moving averages of `values` over `window` items."""
     if window <= 0:
@@ -84,7 +91,7 @@ class BenchConfig:
     bandwidth_probe_mb: int = 1024  # larger than CPU caches, so the probe reads memory
     prompt_lookup: bool = False  # speculative decoding variants (see the module docstring)
     drafts: tuple[str, ...] = ()
-    draft_tokens: tuple[int, ...] = (6,)
+    draft_tokens: tuple[int, ...] = ()  # () : each drafter's default_k
     speculative_tokens: int = 128
 
     @property
@@ -157,41 +164,50 @@ class QwenDeployRunner:
 
     def _variants(self, config: BenchConfig) -> dict:
         """Speculative variants: name -> (Speculator, method, k); "plain" first."""
-        from .generation.speculative import Speculator
+        from .generation.speculative import DraftModel, PromptLookup, Speculator
 
         if not config.speculative:
             return {}
         vocab = self.generator.manifest.model.vocab_size
         variants = {"plain": (Speculator(vocab), "none", 0)}
-        for k in config.draft_tokens:
+        for k in config.draft_tokens or (PromptLookup.default_k,):
             if config.prompt_lookup:
                 variants[f"prompt lookup k={k}"] = (Speculator(vocab), "prompt_lookup", k)
         for draft in config.drafts:
             speculator = Speculator.open(vocab, draft=draft, threads=config.threads)
-            for k in config.draft_tokens:
+            for k in config.draft_tokens or (DraftModel.default_k,):
                 variants[f"draft {Path(draft).name} k={k}"] = (speculator, "draft", k)
         return variants
 
     def speculative(self) -> dict:
-        """One round of every variant on every workload: tokens/s, token ids, statistics."""
+        """One round of every variant on every workload: end-to-end and decode-phase tokens/s,
+        token ids, statistics."""
+        from .generation.speculative import SpeculativeStats
+
         runs: dict[str, dict] = {}
         for workload, question in SPECULATIVE_WORKLOADS.items():
             messages = [{"role": "user", "content": question}]
             self.generator.generate(messages=messages, temperature=0, max_tokens=4)  # warm-up
             runs[workload] = {}
             for name, (speculator, method, k) in self.variants.items():
+                drafter, stats = speculator.drafter(method), SpeculativeStats()
+                token_ids, stamps = [], []
                 start = time.perf_counter()
-                result = self.generator.generate(
+                for delta in self.generator.stream(
                     messages=messages,
                     temperature=0,
                     max_tokens=self.speculative_tokens,
-                    drafter=speculator.drafter(method),
+                    drafter=drafter,
                     draft_tokens=k or 1,
-                )
+                    stats=stats,
+                ):
+                    stamps.append(time.perf_counter())
+                    token_ids.append(delta.token_id)
                 runs[workload][name] = {
-                    "tok_s": result.completion_tokens / (time.perf_counter() - start),
-                    "token_ids": result.token_ids,
-                    "stats": result.speculative,
+                    **_timings(start, stamps),
+                    "tok_s": len(stamps) / (stamps[-1] - start),
+                    "token_ids": token_ids,
+                    "stats": stats.to_dict() if drafter else None,
                 }
         return runs
 
@@ -331,11 +347,61 @@ class LlamaCppRunner:
         return self._timed(self.new_tokens)
 
 
+class OpenVinoRunner:
+    """openvino-genai's LLMPipeline on CPU with the f32 precision hint: it decodes faster here than
+    the default bf16 (AMX) hint, which speeds up prefill instead."""
+
+    def __init__(self, model_dir: str, config: BenchConfig):
+        import openvino as ov
+        import openvino_genai as og
+
+        self.og, self.ov = og, ov
+        self.pipe = og.LLMPipeline(
+            model_dir,
+            "CPU",
+            INFERENCE_NUM_THREADS=config.threads or os.cpu_count(),
+            INFERENCE_PRECISION_HINT="f32",
+        )
+        self.vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
+        self.ids = np.array(prompts(config, self.vocab)[:1], np.int64)
+        self.new_tokens = config.new_tokens
+        self._timed(2)
+
+    def _timed(self, new_tokens: int) -> dict:
+        # the pipeline keeps the last run's KV cache and reuses a shared prefix: a changed first
+        # token makes every run prefill the whole prompt, as the other engines do
+        self.ids[0, 0] = (self.ids[0, 0] + 1) % self.vocab
+        config = self.og.GenerationConfig()
+        config.max_new_tokens = config.min_new_tokens = new_tokens
+        config.do_sample, config.ignore_eos = False, True
+        stamps: list[float] = []
+        og = self.og
+
+        class Stamps(og.StreamerBase):
+            def write(self, token):
+                stamps.append(time.perf_counter())
+                return og.StreamingStatus.RUNNING
+
+            def end(self):
+                pass
+
+        inputs = og.TokenizedInputs(
+            self.ov.Tensor(self.ids), self.ov.Tensor(np.ones_like(self.ids))
+        )
+        start = time.perf_counter()
+        self.pipe.generate(inputs, config, Stamps())
+        return _timings(start, stamps)
+
+    def single(self) -> dict:
+        return self._timed(self.new_tokens)
+
+
 RUNNERS = {
     "qwen-deploy": QwenDeployRunner,
     "transformers": TransformersRunner,
     "onnxruntime-genai": GenaiRunner,
     "llama.cpp": LlamaCppRunner,
+    "openvino": OpenVinoRunner,
 }
 
 
@@ -473,6 +539,7 @@ def run_bench(
     peers: Iterable[str] = ("transformers", "onnxruntime-genai"),
     log: Callable[[str], None] = lambda _: None,
     llama_ggufs: Iterable[str | Path] = (),
+    openvino_dirs: Iterable[str | Path] = (),
 ) -> dict:
     """Measure the artifact and its peers; returns the report (see module docstring)."""
     config = config or BenchConfig()
@@ -481,13 +548,14 @@ def run_bench(
     source = Path(reference) if reference else Path(manifest.source.get("path", ""))
     engines: dict[str, EngineResult] = {"qwen-deploy": EngineResult()}
     sources = {"qwen-deploy": str(artifact)}
-    for gguf in llama_ggufs:
-        name = f"llama.cpp {Path(gguf).stem}"
-        engines[name] = EngineResult(skipped=_llama_cpp_missing(Path(gguf)))
+    files = [(f"llama.cpp {Path(f).stem}", f, _llama_cpp_missing) for f in llama_ggufs]
+    files += [(f"openvino {Path(d).name}", d, _openvino_missing) for d in openvino_dirs]
+    for name, path, missing in files:
+        engines[name] = EngineResult(skipped=missing(Path(path)))
         if engines[name].skipped:
             log(f"skipping {name}: {engines[name].skipped}")
         else:
-            sources[name] = str(gguf)
+            sources[name] = str(path)
     if "transformers" in peers:
         if reference is None:
             engines["transformers"] = EngineResult(skipped="no --reference checkpoint given")
@@ -545,6 +613,17 @@ def _llama_cpp_missing(gguf: Path) -> str | None:
     return None
 
 
+def _openvino_missing(folder: Path) -> str | None:
+    """Why OpenVINO cannot run `folder` (None when it can)."""
+    if not (folder / "openvino_model.xml").is_file():
+        return f"{folder} holds no openvino_model.xml (optimum-cli export openvino writes one)"
+    try:
+        import openvino_genai  # noqa: F401
+    except ImportError:
+        return OPENVINO_INSTALL
+    return None
+
+
 def _genai_source(source: Path, folder: Path, log: Callable[[str], None]) -> str | None:
     """Why onnxruntime-genai cannot run (None when its model is ready in `folder`)."""
     if not (source / "config.json").is_file():
@@ -566,7 +645,7 @@ def _measure(
         for name, source in sources.items():
             log(f"loading {name} from {source}")
             try:
-                kind = "llama.cpp" if name.startswith("llama.cpp") else name
+                kind = name.split(" ")[0]  # "llama.cpp <file>", "openvino <folder>"
                 processes[name] = EngineProcess(name, source, config, kind)
             except QwenDeployError as e:
                 if name == "qwen-deploy":
@@ -597,19 +676,24 @@ def _measure(
 
 
 def _speculative_summary(runs: list[dict]) -> dict:
-    """Per workload and variant: median tokens/s, speedup over plain (medians of the same run),
-    identical tokens (every repeat) and the acceptance statistics."""
+    """Per workload and variant: median tokens/s end to end and in the decode phase, speedups
+    over plain (medians of the same run), identical tokens (every repeat) and the acceptance
+    statistics."""
     summary: dict[str, dict] = {}
     for workload in runs[0] if runs else {}:
         rates = {
-            name: statistics.median(run[workload][name]["tok_s"] for run in runs)
+            name: {
+                key: statistics.median(run[workload][name][key] for run in runs)
+                for key in ("tok_s", "decode_tok_s")
+            }
             for name in runs[0][workload]
         }
         plain = [run[workload]["plain"]["token_ids"] for run in runs]
         summary[workload] = {
             name: {
-                "tok_s": rate,
-                "speedup": rate / rates["plain"],
+                **rate,
+                "speedup": rate["tok_s"] / rates["plain"]["tok_s"],
+                "decode_speedup": rate["decode_tok_s"] / rates["plain"]["decode_tok_s"],
                 "identical": [run[workload][name]["token_ids"] for run in runs] == plain,
                 "tokens": len(runs[-1][workload][name]["token_ids"]),
                 **(runs[-1][workload][name]["stats"] or {}),
@@ -653,7 +737,10 @@ def format_report(report: dict) -> str:
     )
     lines += [f"{name}: {value:.2f}x" for name, value in report["ratios"].items()]
     for workload, rows in report.get("speculative", {}).items():
-        lines.append(f"speculative, {workload} (greedy, end-to-end tokens/s, alternated):")
+        lines.append(
+            f"speculative, {workload} (greedy, alternated; tokens/s end to end and after the "
+            "first token):"
+        )
         for name, row in rows.items():
             same = "same tokens" if row["identical"] else "DIFFERENT tokens"
             extra = (
@@ -663,6 +750,8 @@ def format_report(report: dict) -> str:
                 else ""
             )
             lines.append(
-                f"  {name:30s} {row['tok_s']:7.2f} tok/s {row['speedup']:5.2f}x  {same}{extra}"
+                f"  {name:30s} {row['tok_s']:7.2f} tok/s {row['speedup']:5.2f}x  "
+                f"decode {row['decode_tok_s']:7.2f} tok/s {row['decode_speedup']:5.2f}x  "
+                f"{same}{extra}"
             )
     return "\n".join(lines)

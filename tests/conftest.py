@@ -84,6 +84,15 @@ def real_checkpoint(real_gguf) -> Path:
 
 
 @pytest.fixture(scope="session")
+def real_openvino() -> Path:
+    """OpenVINO's int4 export of the real model, as `make openvino-peer` wrote it."""
+    path = REAL_MODEL / "openvino-int4"
+    if not (path / "openvino_model.xml").is_file():
+        pytest.skip(f"no OpenVINO export of the real model ({path}): run `make openvino-peer`")
+    return path
+
+
+@pytest.fixture(scope="session")
 def real_artifact(real_checkpoint, tmp_path_factory):
     """Factory: real_artifact(**export kwargs) -> the real model exported (cached per kwargs)."""
     cache: dict[str, Path] = {}

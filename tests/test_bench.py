@@ -6,7 +6,13 @@ import sys
 
 import pytest
 
-from qwen_deploy.bench import LLAMA_CPP_BUILD, BenchConfig, format_report, run_bench
+from qwen_deploy.bench import (
+    LLAMA_CPP_BUILD,
+    OPENVINO_INSTALL,
+    BenchConfig,
+    format_report,
+    run_bench,
+)
 
 
 def _config(**options) -> BenchConfig:
@@ -29,6 +35,8 @@ def test_speculative_variants_are_compared_with_plain_decoding(tiny_artifact):
             # the first token comes from the prefill, every other from a target forward
             assert row["target_forwards"] + row["accepted"] + 1 == 12
             assert row["speedup"] == pytest.approx(row["tok_s"] / rows["plain"]["tok_s"])
+            plain_decode = rows["plain"]["decode_tok_s"]
+            assert row["decode_speedup"] == pytest.approx(row["decode_tok_s"] / plain_decode)
     text = format_report(report)
     assert "speculative, code edit" in text and "prompt lookup k=4" in text
 
@@ -46,6 +54,20 @@ def test_llama_cpp_peer_is_skipped_with_the_reason(tiny_artifact, tmp_path, monk
     assert "decode_vs_llama.cpp model" not in report["ratios"]
 
 
+def test_openvino_peer_is_skipped_with_the_reason(tiny_artifact, tmp_path, monkeypatch):
+    report = run_bench(tiny_artifact, config=_config(), peers=(), openvino_dirs=[tmp_path])
+    skipped = report["engines"][f"openvino {tmp_path.name}"]["skipped"]
+    assert (
+        skipped
+        == f"{tmp_path} holds no openvino_model.xml (optimum-cli export openvino writes one)"
+    )
+    (tmp_path / "openvino_model.xml").write_text("<net/>")
+    monkeypatch.setitem(sys.modules, "openvino_genai", None)  # as if not installed
+    report = run_bench(tiny_artifact, config=_config(), peers=(), openvino_dirs=[tmp_path])
+    assert report["engines"][f"openvino {tmp_path.name}"]["skipped"] == OPENVINO_INSTALL
+    assert not any("openvino" in ratio for ratio in report["ratios"])
+
+
 @pytest.mark.real
 def test_llama_cpp_runs_the_same_work_on_the_real_gguf(tiny_artifact, real_gguf):
     pytest.importorskip("llama_cpp", reason=LLAMA_CPP_BUILD)
@@ -54,6 +76,17 @@ def test_llama_cpp_runs_the_same_work_on_the_real_gguf(tiny_artifact, real_gguf)
     assert llama["skipped"] is None and llama["decode_tok_s"] > 0 and llama["ttft_s"] > 0
     assert report["ratios"]["decode_vs_llama.cpp model"] == pytest.approx(
         report["engines"]["qwen-deploy"]["decode_tok_s"] / llama["decode_tok_s"]
+    )
+
+
+@pytest.mark.real
+def test_openvino_runs_the_same_work_on_its_export_of_the_real_model(tiny_artifact, real_openvino):
+    pytest.importorskip("openvino_genai", reason=OPENVINO_INSTALL)
+    report = run_bench(tiny_artifact, config=_config(), peers=(), openvino_dirs=[real_openvino])
+    openvino = report["engines"]["openvino openvino-int4"]
+    assert openvino["skipped"] is None and openvino["decode_tok_s"] > 0 and openvino["ttft_s"] > 0
+    assert report["ratios"]["decode_vs_openvino openvino-int4"] == pytest.approx(
+        report["engines"]["qwen-deploy"]["decode_tok_s"] / openvino["decode_tok_s"]
     )
 
 

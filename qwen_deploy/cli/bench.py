@@ -35,6 +35,13 @@ from .options import json_option
     help="A GGUF file of the same model: adds llama.cpp (llama-cpp-python) as a peer; repeatable.",
 )
 @click.option(
+    "--openvino",
+    type=click.Path(path_type=Path),
+    multiple=True,
+    help="An OpenVINO model folder of the same model (optimum-cli export openvino): adds "
+    "openvino-genai as a peer; repeatable.",
+)
+@click.option(
     "--prompt-lookup", is_flag=True, help="Compare speculative decoding by prompt lookup."
 )
 @click.option(
@@ -47,9 +54,8 @@ from .options import json_option
     "--draft-tokens",
     type=click.IntRange(1, 32),
     multiple=True,
-    default=(6,),
-    show_default=True,
-    help="k for the speculative variants; repeatable.",
+    help="k for the speculative variants; repeatable [each drafter's default: 8 for prompt "
+    "lookup, 12 for a draft artifact].",
 )
 @click.option(
     "--speculative-tokens",
@@ -69,6 +75,7 @@ def bench(
     genai_dir: Path | None,
     no_genai: bool,
     llama_gguf: tuple[Path, ...],
+    openvino: tuple[Path, ...],
     prompt_lookup: bool,
     draft: tuple[Path, ...],
     draft_tokens: tuple[int, ...],
@@ -76,7 +83,8 @@ def bench(
     as_json: bool,
 ) -> None:
     """Time to first token, decode tokens/s (batch 1, 4, 8), peak RSS of ARTIFACT vs its peers
-    (transformers, onnxruntime-genai, llama.cpp); speculative decoding against plain decoding."""
+    (transformers, onnxruntime-genai, llama.cpp, OpenVINO); speculative decoding against plain
+    decoding."""
     from ..bench import BenchConfig, format_report, run_bench
 
     peers = ("transformers",) if no_genai else ("transformers", "onnxruntime-genai")
@@ -97,5 +105,6 @@ def bench(
         peers=peers,
         log=lambda m: click.echo(m, err=True),
         llama_ggufs=llama_gguf,
+        openvino_dirs=openvino,
     )
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

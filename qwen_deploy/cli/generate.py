@@ -38,7 +38,7 @@ def _speculation(
     generator,
     prompt_lookup: bool,
     draft: Path | None,
-    draft_tokens: int,
+    draft_tokens: int | None,
     provider: str,
     threads: int | None,
 ) -> dict:
@@ -75,7 +75,7 @@ def generate(
     system: str | None,
     prompt_lookup: bool,
     draft: Path | None,
-    draft_tokens: int,
+    draft_tokens: int | None,
     raw: bool,
     as_json: bool,
     **sampling,
@@ -112,7 +112,7 @@ def chat(
     system: str | None,
     prompt_lookup: bool,
     draft: Path | None,
-    draft_tokens: int,
+    draft_tokens: int | None,
     **sampling,
 ) -> None:
     """Interactive multi-turn chat with ARTIFACT (/exit or end of input quits, /reset clears)."""

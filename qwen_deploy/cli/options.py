@@ -54,9 +54,8 @@ def speculative_options(command):
         click.option(
             "--draft-tokens",
             type=click.IntRange(1, 32),
-            default=6,
-            show_default=True,
-            help="Tokens drafted per target forward.",
+            default=None,
+            help="Tokens drafted per target forward [8 with --prompt-lookup, 12 with --draft].",
         ),
     ]
     for option in reversed(options):

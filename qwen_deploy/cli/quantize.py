@@ -54,6 +54,12 @@ from .options import force_option, json_option, output_option, quiet_option
     help="Calibration prompts to use (at most).",
 )
 @click.option(
+    "--gptq",
+    is_flag=True,
+    help="int4-weight: GPTQ rounding, each channel's error compensated through the calibration "
+    "inputs (real 0.5B: top-1 0.968 vs 0.936, perplexity +1.8% vs +1.1%; calibration 4x longer).",
+)
+@click.option(
     "--quality-prompts",
     type=click.Path(path_type=Path),
     default=None,
@@ -71,14 +77,15 @@ def quantize(
     alpha: float | None,
     keep_float: float | None,
     samples: int,
+    gptq: bool,
     quality_prompts: Path | None,
     force: bool,
     as_json: bool,
     quiet: bool,
 ) -> None:
-    """Quantize an fp32/fp16 ARTIFACT to INT8 and report the quality cost against it.
+    """Quantize an fp32/fp16 ARTIFACT to INT8 or INT4 and report the quality cost against it.
 
-    Both modes calibrate (SmoothQuant smoothing: the INT8 kernels quantize activations too).
+    Every mode calibrates (SmoothQuant smoothing: the INT8 kernels quantize activations too).
     Exits 1 when the artifact fails its quality gate; the artifact is kept, marked failed."""
     from ..quantize.quality import format_report, gate_message
     from ..quantize.quantizer import quantize_artifact
@@ -91,6 +98,7 @@ def quantize(
         alpha=alpha,
         keep_float=keep_float,
         samples=samples,
+        gptq=gptq,
         quality_prompts=quality_prompts,
         force=force,
         progress=not quiet,

@@ -62,7 +62,7 @@ def serve(
     max_body_bytes: int,
     prompt_lookup: bool,
     draft: Path | None,
-    draft_tokens: int,
+    draft_tokens: int | None,
 ) -> None:
     """Serve ARTIFACT over an OpenAI-compatible HTTP API with continuous batching.
 

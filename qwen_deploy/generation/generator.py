@@ -21,7 +21,7 @@ from ..runtime.decode import Batch
 from .requests import PreparedRequest, RequestBuilder
 from .sampling import SamplingParams, TokenLogprob, token_logprob
 from .sequence import SequenceState, StreamDelta
-from .speculative import DRAFT_TOKENS, Drafter, Speculation, SpeculativeStats
+from .speculative import Drafter, Speculation, SpeculativeStats
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Generator(RequestBuilder):
         messages: list[dict] | None = None,
         params: SamplingParams | None = None,
         drafter: Drafter | None = None,
-        draft_tokens: int = DRAFT_TOKENS,
+        draft_tokens: int | None = None,
         stats: SpeculativeStats | None = None,
         request: PreparedRequest | None = None,
         **overrides,
@@ -79,8 +79,8 @@ class Generator(RequestBuilder):
         """Yield one StreamDelta per generated token; the last one has a finish_reason.
 
         `request` (from `prepare`) replaces prompt/messages/params. With a `drafter`
-        (speculative.py) up to `draft_tokens` tokens are drafted per target forward: the same
-        output, fewer forwards; `stats` (if given) counts the acceptance."""
+        (speculative.py) up to `draft_tokens` tokens (None: its default_k) are drafted per target
+        forward: the same output, fewer forwards; `stats` (if given) counts the acceptance."""
         state = self._state(request or self.prepare(prompt, messages, params, **overrides))
         yield from self._one(state, drafter, draft_tokens, stats or SpeculativeStats())
 
@@ -90,7 +90,7 @@ class Generator(RequestBuilder):
         messages: list[dict] | None = None,
         params: SamplingParams | None = None,
         drafter: Drafter | None = None,
-        draft_tokens: int = DRAFT_TOKENS,
+        draft_tokens: int | None = None,
         request: PreparedRequest | None = None,
         **overrides,
     ) -> GenerationResult:
@@ -105,7 +105,7 @@ class Generator(RequestBuilder):
         return result
 
     def _one(
-        self, state: SequenceState, drafter: Drafter | None, k: int, stats: SpeculativeStats
+        self, state: SequenceState, drafter: Drafter | None, k: int | None, stats: SpeculativeStats
     ) -> Iterator[StreamDelta]:
         if drafter is None:
             for deltas in self.run([state]):

@@ -27,11 +27,12 @@ from ..runtime.backend import Backend, open_backend
 from ..runtime.decode import Batch
 from .sequence import SequenceState, StreamDelta
 
-DRAFT_TOKENS = 6  # k: tokens drafted per target forward
 METHODS = ("none", "prompt_lookup", "draft")
 
 
 class Drafter(Protocol):
+    default_k: int  # tokens drafted per target forward unless the caller says otherwise
+
     def propose(self, tokens: list[int], k: int) -> list[int]:
         """Up to k tokens likely to follow `tokens` (the prompt and every token so far)."""
 
@@ -74,6 +75,8 @@ class PromptLookup:
     `max_ngram` down to 1) occurred, and what followed it there; `reference` tokens (a predicted
     answer) are searched as if they came before the prompt."""
 
+    default_k = 8  # real 0.5B, code edit: 3.05x at k 8 and 12, 2.96x at 16; no loss on prose
+
     def __init__(self, max_ngram: int = 3, reference: list[int] | None = None):
         self.max_ngram = max_ngram
         self.reference = list(reference or [])
@@ -96,6 +99,11 @@ def _windows(seq: np.ndarray, n: int) -> np.ndarray:
 class DraftModel:
     """Drafts greedily with a second artifact; its cache follows the accepted text (what it
     drafted beyond that is truncated away before the next proposal)."""
+
+    # real 0.5B, int8 drafting for fp32 (acceptance 0.9-0.99): 1.35-1.55x at k 8, 1.47-1.83x at
+    # 12, 1.33-1.94x at 16; each draft token costs a draft forward, so longer drafts pay off
+    # only while the draft keeps agreeing
+    default_k = 12
 
     def __init__(self, backend: Backend, target_vocab: int):
         check_vocab(backend, target_vocab)
@@ -125,9 +133,15 @@ class Speculation:
     in one target forward. Callers stop when `state.finished`."""
 
     def __init__(
-        self, batch: Batch, state: SequenceState, drafter: Drafter, k: int, stats: SpeculativeStats
+        self,
+        batch: Batch,
+        state: SequenceState,
+        drafter: Drafter,
+        k: int | None,
+        stats: SpeculativeStats,
     ):
-        self.batch, self.state, self.drafter, self.k, self.stats = batch, state, drafter, k, stats
+        self.batch, self.state, self.drafter, self.stats = batch, state, drafter, stats
+        self.k = k or drafter.default_k
         self.tokens = list(state.prompt_ids)  # the prompt and every token generated
         self.last: int | None = None  # the newest token, not yet fed to the model
 
@@ -165,12 +179,13 @@ class Speculation:
 @dataclass
 class Speculator:
     """The speculative decoding a command or server offers: its default method, the draft
-    artifact's backend (for "draft") and k; a fresh drafter per request."""
+    artifact's backend (for "draft") and k (None: each drafter's default_k); a fresh drafter per
+    request."""
 
     target_vocab: int
     method: str | None = None  # None, "prompt_lookup" or "draft"
     draft: Backend | None = None
-    draft_tokens: int = DRAFT_TOKENS
+    draft_tokens: int | None = None
 
     def __post_init__(self):
         if self.method not in (None, *METHODS[1:]):
@@ -186,7 +201,7 @@ class Speculator:
         target_vocab: int,
         prompt_lookup: bool = False,
         draft: str | Path | None = None,
-        draft_tokens: int = DRAFT_TOKENS,
+        draft_tokens: int | None = None,
         provider: str = "cpu",
         threads: int | None = None,
     ) -> Speculator:

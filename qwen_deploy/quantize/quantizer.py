@@ -21,6 +21,7 @@ from ..export.genai_config import write_genai_config
 from ..manifest import Manifest, producer_record
 from ..parity.prompts import load_prompts
 from .calibration import SAMPLE_TOKENS, collect_activations, load_calibration
+from .gptq import GPTQ_TOKENS
 from .linears import find_linears
 from .quality import quality_report
 from .rewrite import GraphRewrite
@@ -63,6 +64,7 @@ def quantize_artifact(
     alpha: float | None = None,
     keep_float: float | None = None,
     samples: int = 128,
+    gptq: bool = False,
     quality_prompts: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
@@ -73,7 +75,8 @@ def quantize_artifact(
     alpha: SmoothQuant's migration strength for every layer; None: SmoothQuant searches one per
     group of layers, the weight-only modes use WEIGHT_ONLY_ALPHA. keep_float: the fraction of the
     linear weights SmoothQuant may leave in floating point, the most sensitive groups first (None:
-    KEEP_FLOAT). The manifest records the scheme under `quantization` and the measured cost
+    KEEP_FLOAT). gptq: int4-weight rounds by GPTQ (gptq.py) instead of to the nearest. The
+    manifest records the scheme under `quantization` and the measured cost
     against `source` under `quality` (on `quality_prompts`, default: the packaged parity prompts,
     and the packaged held-out text), with the gate's verdict.
     """
@@ -84,6 +87,8 @@ def quantize_artifact(
         raise QwenDeployError(
             f"--alpha must be within [0, 1] or 'auto' (a search per layer), got {alpha}."
         )
+    if gptq and mode != "int4-weight":
+        raise QwenDeployError("--gptq applies to --mode int4-weight only.")
     if keep_float is not None and mode != "int8-smoothquant":
         raise QwenDeployError("--keep-float applies to --mode int8-smoothquant only.")
     if keep_float is not None and not 0.0 <= keep_float < 1.0:
@@ -105,7 +110,7 @@ def quantize_artifact(
         rw = GraphRewrite(model, SourceTensors(source, model), writer)
         budget = KEEP_FLOAT if keep_float is None else keep_float
         try:
-            details = _quantize(rw, source, mode, dtype, alpha, budget, prompts, progress)
+            details = _quantize(rw, source, mode, dtype, alpha, budget, prompts, gptq, progress)
             details["calibration"] = {"source": origin, "samples": len(prompts)}
             rw.finish()
         finally:
@@ -132,6 +137,7 @@ def _quantize(
     alpha: float | None,
     budget: float,
     prompts: list[dict],
+    gptq: bool,
     progress: bool,
 ) -> dict:
     """Calibrate, choose each group's smoothing, then quantize in the chosen form; returns the
@@ -143,7 +149,7 @@ def _quantize(
         measured_tensors(smoother) if searched else smoother.activations,
         prompts,
         progress,
-        SAMPLE_TOKENS if searched else 0,
+        SAMPLE_TOKENS if searched else GPTQ_TOKENS if gptq else 0,
     )
     if searched:
         plan = plan_smoothquant(smoother, activations, alpha, budget, progress)
@@ -159,7 +165,8 @@ def _quantize(
 
     with bar:
         if mode in WEIGHT_ONLY_BITS:
-            details = quantize_weight_only(smoother, step, WEIGHT_ONLY_BITS[mode])
+            rows = activations.rows if gptq else None
+            details = quantize_weight_only(smoother, step, WEIGHT_ONLY_BITS[mode], rows)
         else:
             details = quantize_smoothquant(smoother, step)
     label = (

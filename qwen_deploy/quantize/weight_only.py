@@ -35,6 +35,7 @@ import onnx
 from onnx import helper
 
 from ..contract import MS_DOMAIN
+from .gptq import gptq_int4, hessian
 from .linears import EMBEDDING, Linear
 from .rewrite import GraphRewrite
 from .smoothing import Smoother
@@ -72,16 +73,37 @@ def quantize_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndar
     return codes, scales
 
 
+def int4_grid(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, uint4 zero point) of each block along the last axis of `w`: the range with the
+    least squared error among SHRINK fractions of min-max (shrunk about its middle)."""
+    lo, hi = w.min(axis=-1), w.max(axis=-1)
+    best = np.full(lo.shape, np.inf, np.float32)
+    scales = np.ones(lo.shape, np.float32)
+    zeros = np.zeros(lo.shape, np.uint8)
+    for fraction in SHRINK:
+        span = (hi - lo) * fraction
+        s = np.where(span > 0, span / 15.0, 1.0)
+        z = np.clip(np.rint(-(lo + (hi - lo - span) / 2) / s), 0, 15)
+        q = np.clip(np.rint(w / s[..., None]) + z[..., None], 0, 15)
+        error = np.square((q - z[..., None]) * s[..., None] - w).sum(axis=-1)
+        better = error < best
+        best = np.where(better, error, best)
+        scales[better], zeros[better] = s[better], z[better]
+    return scales, zeros
+
+
 def quantize_blocks_int4(
-    weight: np.ndarray, block: int
+    weight: np.ndarray, block: int, h: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Asymmetric 4-bit codes of a [K, N] weight in MatMulNBits order, unpacked.
 
     Returns (codes uint8 [N, blocks, block] in 0..15, scales float32 [N, blocks], zero points
     uint8 [N, blocks]); dequantized weight^T = (codes - zero point) * scale, K zero-padded to
-    whole blocks. Per block the range with the least squared error among SHRINK fractions of
-    min-max (shrunk about its middle) wins.
+    whole blocks. Each block's grid comes from int4_grid; with the input's Hessian `h` the codes
+    are GPTQ's (gptq.py), else the nearest.
     """
+    if h is not None:
+        return gptq_int4(np.asarray(weight, np.float32), h, block, lambda w: int4_grid(w.T))
     k, n = weight.shape
     blocks = -(-k // block)
     codes = np.empty((n, blocks, block), np.uint8)
@@ -92,19 +114,9 @@ def quantize_blocks_int4(
         w = np.zeros((b - a, blocks * block), np.float32)
         w[:, :k] = np.asarray(weight[:, a:b], np.float32).T
         w = w.reshape(b - a, blocks, block)
-        lo, hi = w.min(axis=-1), w.max(axis=-1)
-        best = np.full(lo.shape, np.inf, np.float32)
-        for fraction in SHRINK:
-            span = (hi - lo) * fraction
-            s = np.where(span > 0, span / 15.0, 1.0)
-            z = np.clip(np.rint(-(lo + (hi - lo - span) / 2) / s), 0, 15)
-            q = np.clip(np.rint(w / s[..., None]) + z[..., None], 0, 15)
-            error = np.square((q - z[..., None]) * s[..., None] - w).sum(axis=-1)
-            better = error < best
-            best = np.where(better, error, best)
-            codes[a:b][better] = q[better].astype(np.uint8)
-            scales[a:b][better] = s[better]
-            zeros[a:b][better] = z[better].astype(np.uint8)
+        s, z = int4_grid(w)
+        codes[a:b] = np.clip(np.rint(w / s[..., None]) + z[..., None], 0, 15)
+        scales[a:b], zeros[a:b] = s, z
     return codes, scales, zeros
 
 
@@ -138,6 +150,7 @@ def matmul_nbits(
     block: int = BLOCK_SIZE,
     accuracy_level: int = ACCURACY_LEVEL,
     bits: int = 8,
+    h: np.ndarray | None = None,
 ) -> onnx.NodeProto:
     """A MatMulNBits node (bits 8: symmetric; 4: asymmetric, packed) computing `lin` on `x` from
     its [K, N] `weight`, the bias folded in (its Add is removed); the caller puts the node where
@@ -151,7 +164,7 @@ def matmul_nbits(
             rw.initializer(lin.weight + ".scale", scales.astype(scale_dtype)),
         ]
     else:
-        codes, scales, zeros = quantize_blocks_int4(weight, block)
+        codes, scales, zeros = quantize_blocks_int4(weight, block, h)
         inputs = [
             x,
             rw.initializer(lin.weight + ".int4", pack_nibbles(codes)),
@@ -176,18 +189,27 @@ def matmul_nbits(
 
 
 def quantize_weight_only(
-    smoother: Smoother, step: Callable[[str], None] = lambda _: None, bits: int = 8
+    smoother: Smoother,
+    step: Callable[[str], None] = lambda _: None,
+    bits: int = 8,
+    rows: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Rewrite every linear layer (after `smoother.apply`) and the embedding; returns the scheme.
-    bits 4: INT4 but for INT8_ROLES."""
+    bits 4: INT4 but for INT8_ROLES, GPTQ-rounded where `rows` has calibration inputs of the
+    layer."""
     rw = smoother.rw
+    rows = rows or {}
     for group in smoother.groups:
         nodes, x = smoother.smoothed_input(group)
+        h = None
+        if bits == 4 and group.input in rows:
+            smooth = group.smooth if group.smooth is not None else 1.0
+            h = hessian(rows[group.input] / smooth)
         for i, lin in enumerate(group.linears):
             step(lin.weight)
             weight = smoother.weight(lin, group)
             if bits == 4 and lin.role not in INT8_ROLES:
-                options = {"block": INT4_BLOCK_SIZE, "bits": 4}
+                options = {"block": INT4_BLOCK_SIZE, "bits": 4, "h": h}
             else:
                 options = {}
             matmul = matmul_nbits(rw, lin, x, weight, smoother.dtype, **options)
@@ -213,6 +235,7 @@ def quantize_weight_only(
             "block_size": INT4_BLOCK_SIZE,
             "lm_head": f"int8, block {BLOCK_SIZE}" if head else False,
             "int8_roles": list(INT8_ROLES),
+            "rounding": "gptq" if rows else "nearest",
         }
     return scheme
 

@@ -32,7 +32,7 @@ from ..errors import QwenDeployError
 from ..generation.generator import Generator
 from ..generation.requests import PreparedRequest
 from ..generation.sequence import SequenceState, StreamDelta
-from ..generation.speculative import DRAFT_TOKENS, Drafter, Speculation, SpeculativeStats
+from ..generation.speculative import Drafter, Speculation, SpeculativeStats
 from ..runtime.decode import Batch
 
 Emit = Callable[[StreamDelta | BaseException], None]
@@ -51,7 +51,7 @@ class EngineRequest:
     cancelled: bool = False
     pending: int | None = None  # last sampled token, fed to the model at the next decode step
     drafter: Drafter | None = None  # speculative decoding on a batch of its own
-    draft_tokens: int = DRAFT_TOKENS
+    draft_tokens: int | None = None
     speculation: Speculation | None = None  # made at its first round
     speculative: SpeculativeStats = dataclasses.field(default_factory=SpeculativeStats)
 
@@ -171,7 +171,7 @@ class BatchEngine:
         request: PreparedRequest,
         emit: Emit,
         drafter: Drafter | None = None,
-        draft_tokens: int = DRAFT_TOKENS,
+        draft_tokens: int | None = None,
     ) -> EngineRequest:
         """Queue a request (generator.prepare); it joins the running batch at the next step (with
         a `drafter`: it is decoded speculatively, `draft_tokens` per round, on its own batch).
@@ -196,7 +196,7 @@ class BatchEngine:
         self,
         request: PreparedRequest,
         drafter: Drafter | None = None,
-        draft_tokens: int = DRAFT_TOKENS,
+        draft_tokens: int | None = None,
     ) -> EngineStream:
         """Queue a prepared request from asyncio code (as `add`); iterate the returned stream
         for its deltas."""

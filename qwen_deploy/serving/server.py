@@ -29,7 +29,7 @@ from ..errors import QwenDeployError
 from ..generation.requests import ContextLengthError, PreparedRequest
 from ..generation.sampling import SamplingParams, TokenLogprob
 from ..generation.sequence import StreamDelta
-from ..generation.speculative import DRAFT_TOKENS, Drafter, Speculator
+from ..generation.speculative import Drafter, Speculator
 from ..generation.tool_calls import ToolCall, ToolCallStream, plan_tools
 from .engine import BatchEngine, EngineStream
 from .openai_schema import (
@@ -612,7 +612,7 @@ def serve(
     max_body_bytes: int = MAX_BODY_BYTES,
     prompt_lookup: bool = False,
     draft: str | Path | None = None,
-    draft_tokens: int = DRAFT_TOKENS,
+    draft_tokens: int | None = None,
 ) -> None:
     """Load the artifact (and the draft artifact) and serve it until interrupted."""
     import uvicorn

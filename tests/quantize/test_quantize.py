@@ -230,6 +230,41 @@ def test_int4_range_search_beats_min_max_and_onnxruntime_reads_the_layout():
     np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ dequant, atol=1e-3)
 
 
+def test_gptq_lowers_the_output_error_and_is_nearest_rounding_without_correlation():
+    from qwen_deploy.quantize.gptq import hessian
+    from qwen_deploy.quantize.weight_only import quantize_blocks_int4
+
+    rng = np.random.default_rng(0)
+    k, n, block = 96, 40, 32
+    w = rng.normal(size=(k, n)).astype(np.float32)
+    x = rng.normal(size=(2000, k)) @ rng.normal(size=(k, k)) * 0.3 + rng.normal(size=(2000, k))
+    x[:, 7] = 0.0  # an input channel calibration never saw
+
+    def output_error(h):
+        codes, scales, zeros = quantize_blocks_int4(w, block, h)
+        dequant = (codes.astype(np.float32) - zeros[..., None]) * scales[..., None]
+        return np.square(x @ w - x @ dequant.reshape(n, -1)[:, :k].T).mean()
+
+    nearest = quantize_blocks_int4(w, block)
+    uncorrelated = quantize_blocks_int4(w, block, np.eye(k))  # nothing to compensate through
+    assert all(np.array_equal(a, b) for a, b in zip(nearest, uncorrelated, strict=True))
+    assert output_error(hessian(x)) < 0.8 * output_error(None)
+
+
+def test_cli_gptq_rounds_int4_differently_and_says_so(quantized, tmp_path):
+    source, nearest = quantized("int4-weight", "onnx")
+    out = tmp_path / "gptq"
+    args = ["quantize", str(source), "-o", str(out), "--mode", "int4-weight", "--gptq", "--quiet"]
+    result = CliRunner().invoke(main, args)
+    manifest = Manifest.load(out)  # the random model's gate verdict is beside the point here
+    assert result.exit_code == (0 if manifest.quality["passed"] else 1), result.output
+    assert manifest.quantization["rounding"] == "gptq"
+    assert Manifest.load(nearest).quantization["rounding"] == "nearest"
+    name = "model.layers.0.mlp.up_proj.weight.int4"
+    codes = [SourceTensors(o, load_graph(o, "model.onnx")).array(name) for o in (nearest, out)]
+    assert codes[0].shape == codes[1].shape and (codes[0] != codes[1]).mean() > 0.05
+
+
 def test_int4_weight_graph_is_int4_but_an_int8_head_and_embedding(quantized):
     from qwen_deploy.quantize.weight_only import INT8_ROLES
 
@@ -500,6 +535,7 @@ def _no_output(out: Path) -> bool:
         ({"alpha": 1.5}, "--alpha must be within [0, 1]"),
         ({"alpha": -0.1}, "--alpha must be within [0, 1]"),
         ({"samples": 0}, "--samples must be at least 1"),
+        ({"gptq": True}, "--gptq applies to --mode int4-weight only"),
         ({"calibration": "missing.jsonl"}, "does not exist"),
         ({"calibration": "prompts.csv"}, "must be .txt"),
         ({"calibration": "bad.jsonl"}, "line 2 is not valid JSON"),

@@ -263,6 +263,8 @@ def test_speculative_requests_run_beside_the_batch_with_their_solo_tokens(genera
 
 def test_a_failing_speculative_request_fails_alone(generator):
     class Broken:
+        default_k = 4
+
         def propose(self, tokens, k):
             raise RuntimeError("drafter lost")
 
