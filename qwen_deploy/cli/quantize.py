@@ -60,6 +60,13 @@ from .options import force_option, json_option, output_option, quiet_option
     "inputs (real 0.5B: top-1 0.968 vs 0.936, perplexity +1.8% vs +1.1%; calibration 4x longer).",
 )
 @click.option(
+    "--block-size",
+    type=click.Choice(["32", "64", "128"]),
+    default=None,
+    help="int4-weight: input channels per scale and zero point [32]. Larger blocks decode faster "
+    "(fewer scales to apply) and lose more accuracy; see docs/DESIGN.md for measurements.",
+)
+@click.option(
     "--quality-prompts",
     type=click.Path(path_type=Path),
     default=None,
@@ -78,6 +85,7 @@ def quantize(
     keep_float: float | None,
     samples: int,
     gptq: bool,
+    block_size: str | None,
     quality_prompts: Path | None,
     force: bool,
     as_json: bool,
@@ -99,6 +107,7 @@ def quantize(
         keep_float=keep_float,
         samples=samples,
         gptq=gptq,
+        block_size=int(block_size) if block_size else None,
         quality_prompts=quality_prompts,
         force=force,
         progress=not quiet,

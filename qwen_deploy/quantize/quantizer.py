@@ -8,6 +8,7 @@ decides what a failed gate means (the CLI exits 1).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from .search import Plan, measured_tensors, plan_smoothquant
 from .smoothing import Smoother
 from .smoothquant import quantize_smoothquant
 from .store import SourceTensors, TensorWriter, load_graph
-from .weight_only import quantize_weight_only
+from .weight_only import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, quantize_weight_only
 
 MODES = ("int8-weight", "int4-weight", "int8-smoothquant")
 WEIGHT_ONLY_BITS = {"int8-weight": 8, "int4-weight": 4}
@@ -56,6 +57,12 @@ def _check_source(source: Path) -> Manifest:
     return manifest
 
 
+@dataclass
+class Int4Options:
+    gptq: bool  # GPTQ rounding (gptq.py) instead of the nearest
+    block: int  # input channels per scale and zero point
+
+
 def quantize_artifact(
     source: str | Path,
     out: str | Path,
@@ -65,6 +72,7 @@ def quantize_artifact(
     keep_float: float | None = None,
     samples: int = 128,
     gptq: bool = False,
+    block_size: int | None = None,
     quality_prompts: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
@@ -75,7 +83,8 @@ def quantize_artifact(
     alpha: SmoothQuant's migration strength for every layer; None: SmoothQuant searches one per
     group of layers, the weight-only modes use WEIGHT_ONLY_ALPHA. keep_float: the fraction of the
     linear weights SmoothQuant may leave in floating point, the most sensitive groups first (None:
-    KEEP_FLOAT). gptq: int4-weight rounds by GPTQ (gptq.py) instead of to the nearest. The
+    KEEP_FLOAT). gptq: int4-weight rounds by GPTQ (gptq.py) instead of to the nearest;
+    block_size: its INT4 block (INT4_BLOCK_SIZES; default INT4_BLOCK_SIZE). The
     manifest records the scheme under `quantization` and the measured cost
     against `source` under `quality` (on `quality_prompts`, default: the packaged parity prompts,
     and the packaged held-out text), with the gate's verdict.
@@ -89,6 +98,13 @@ def quantize_artifact(
         )
     if gptq and mode != "int4-weight":
         raise QwenDeployError("--gptq applies to --mode int4-weight only.")
+    if block_size is not None and mode != "int4-weight":
+        raise QwenDeployError("--block-size applies to --mode int4-weight only.")
+    if block_size is not None and block_size not in INT4_BLOCK_SIZES:
+        raise QwenDeployError(
+            f"--block-size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))}, "
+            f"got {block_size}."
+        )
     if keep_float is not None and mode != "int8-smoothquant":
         raise QwenDeployError("--keep-float applies to --mode int8-smoothquant only.")
     if keep_float is not None and not 0.0 <= keep_float < 1.0:
@@ -110,7 +126,8 @@ def quantize_artifact(
         rw = GraphRewrite(model, SourceTensors(source, model), writer)
         budget = KEEP_FLOAT if keep_float is None else keep_float
         try:
-            details = _quantize(rw, source, mode, dtype, alpha, budget, prompts, gptq, progress)
+            int4 = Int4Options(gptq, block_size or INT4_BLOCK_SIZE)
+            details = _quantize(rw, source, mode, dtype, alpha, budget, prompts, int4, progress)
             details["calibration"] = {"source": origin, "samples": len(prompts)}
             rw.finish()
         finally:
@@ -137,7 +154,7 @@ def _quantize(
     alpha: float | None,
     budget: float,
     prompts: list[dict],
-    gptq: bool,
+    int4: Int4Options,
     progress: bool,
 ) -> dict:
     """Calibrate, choose each group's smoothing, then quantize in the chosen form; returns the
@@ -149,7 +166,7 @@ def _quantize(
         measured_tensors(smoother) if searched else smoother.activations,
         prompts,
         progress,
-        SAMPLE_TOKENS if searched else GPTQ_TOKENS if gptq else 0,
+        SAMPLE_TOKENS if searched else GPTQ_TOKENS if int4.gptq else 0,
     )
     if searched:
         plan = plan_smoothquant(smoother, activations, alpha, budget, progress)
@@ -165,8 +182,9 @@ def _quantize(
 
     with bar:
         if mode in WEIGHT_ONLY_BITS:
-            rows = activations.rows if gptq else None
-            details = quantize_weight_only(smoother, step, WEIGHT_ONLY_BITS[mode], rows)
+            rows = activations.rows if int4.gptq else None
+            bits = WEIGHT_ONLY_BITS[mode]
+            details = quantize_weight_only(smoother, step, bits, rows, int4.block)
         else:
             details = quantize_smoothquant(smoother, step)
     label = (

@@ -42,6 +42,7 @@ from .smoothing import Smoother
 
 BLOCK_SIZE = 64
 INT4_BLOCK_SIZE = 32  # onnxruntime's quantizer and GPTQ/AWQ default; llama.cpp's Q4 sub-blocks
+INT4_BLOCK_SIZES = (32, 64, 128)  # --block-size: larger blocks decode faster, lose more
 # int4-weight keeps these INT8, as llama.cpp's Q4_K_M keeps its output layer, attn_v and ffn_down
 # at 6 bits: on the real 0.5B model all-INT4 linears (LM head aside) lost top-1 0.906 and +5.8%
 # perplexity, with v_proj and down_proj INT8 too 0.936 and +1.1% (artifact 551 vs 508 MB)
@@ -193,6 +194,7 @@ def quantize_weight_only(
     step: Callable[[str], None] = lambda _: None,
     bits: int = 8,
     rows: dict[str, np.ndarray] | None = None,
+    int4_block: int = INT4_BLOCK_SIZE,
 ) -> dict:
     """Rewrite every linear layer (after `smoother.apply`) and the embedding; returns the scheme.
     bits 4: INT4 but for INT8_ROLES, GPTQ-rounded where `rows` has calibration inputs of the
@@ -209,7 +211,7 @@ def quantize_weight_only(
             step(lin.weight)
             weight = smoother.weight(lin, group)
             if bits == 4 and lin.role not in INT8_ROLES:
-                options = {"block": INT4_BLOCK_SIZE, "bits": 4, "h": h}
+                options = {"block": int4_block, "bits": 4, "h": h}
             else:
                 options = {}
             matmul = matmul_nbits(rw, lin, x, weight, smoother.dtype, **options)
@@ -232,7 +234,7 @@ def quantize_weight_only(
             "weights": "int4 asymmetric (uint4 zero point, range searched), per output channel "
             "and block of input channels",
             "bits": 4,
-            "block_size": INT4_BLOCK_SIZE,
+            "block_size": int4_block,
             "lm_head": f"int8, block {BLOCK_SIZE}" if head else False,
             "int8_roles": list(INT8_ROLES),
             "rounding": "gptq" if rows else "nearest",

@@ -536,6 +536,8 @@ def _no_output(out: Path) -> bool:
         ({"alpha": -0.1}, "--alpha must be within [0, 1]"),
         ({"samples": 0}, "--samples must be at least 1"),
         ({"gptq": True}, "--gptq applies to --mode int4-weight only"),
+        ({"block_size": 64}, "--block-size applies to --mode int4-weight only"),
+        ({"mode": "int4-weight", "block_size": 48}, "--block-size must be one of 32, 64, 128"),
         ({"calibration": "missing.jsonl"}, "does not exist"),
         ({"calibration": "prompts.csv"}, "must be .txt"),
         ({"calibration": "bad.jsonl"}, "line 2 is not valid JSON"),
