@@ -23,7 +23,8 @@ error (SHRINK: clipping a block's outlier costs less than coarsening its other 3
 as MatMulNBits expects: two codes per byte, the lower K index in the low nibble; zero points two
 per byte, the even block in the low nibble, ceil(blocks / 2) bytes per output channel. The LM
 head, whose error reaches every logit, v_proj and down_proj stay INT8 (INT8_ROLES), and so does
-the embedding.
+the embedding. With calibration rows of each layer's input, the codes are GPTQ's instead of the
+nearest (gptq.py; `quantize --gptq`), on the same grids.
 """
 
 from __future__ import annotations
