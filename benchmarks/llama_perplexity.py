@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen_deploy.manifest import Manifest
-from qwen_deploy.quantize.quality import TEXTS, load_texts
+from qwen_deploy.quantize.quality import TEXTS, load_texts, token_nll
 
 
 def requantize(source: Path, kind: str, folder: Path) -> Path:
@@ -55,10 +55,7 @@ def nll(gguf: Path, passages: dict[str, list[int]], threads: int) -> dict[str, n
     for name, ids in passages.items():
         llm.reset()
         llm.eval(ids)
-        logits = np.asarray(llm.scores[: len(ids) - 1], np.float64)
-        top = logits.max(axis=-1, keepdims=True)
-        log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=-1))
-        out[name] = log_z - logits[np.arange(len(ids) - 1), ids[1:]]
+        out[name] = token_nll(llm.scores[: len(ids) - 1], ids[1:])
     return out
 
 

@@ -68,26 +68,27 @@ def test_openvino_peer_is_skipped_with_the_reason(tiny_artifact, tmp_path, monke
     assert not any("openvino" in ratio for ratio in report["ratios"])
 
 
+def _assert_peer_measured(report: dict, peer: str) -> None:
+    """`peer` ran (no skip), its numbers are real, and the ratio is ours over its own."""
+    engine = report["engines"][peer]
+    assert engine["skipped"] is None and engine["decode_tok_s"] > 0 and engine["ttft_s"] > 0
+    assert report["ratios"][f"decode_vs_{peer}"] == pytest.approx(
+        report["engines"]["qwen-deploy"]["decode_tok_s"] / engine["decode_tok_s"]
+    )
+
+
 @pytest.mark.real
 def test_llama_cpp_runs_the_same_work_on_the_real_gguf(tiny_artifact, real_gguf):
     pytest.importorskip("llama_cpp", reason=LLAMA_CPP_BUILD)
     report = run_bench(tiny_artifact, config=_config(), peers=(), llama_ggufs=[real_gguf])
-    llama = report["engines"]["llama.cpp model"]
-    assert llama["skipped"] is None and llama["decode_tok_s"] > 0 and llama["ttft_s"] > 0
-    assert report["ratios"]["decode_vs_llama.cpp model"] == pytest.approx(
-        report["engines"]["qwen-deploy"]["decode_tok_s"] / llama["decode_tok_s"]
-    )
+    _assert_peer_measured(report, "llama.cpp model")
 
 
 @pytest.mark.real
 def test_openvino_runs_the_same_work_on_its_export_of_the_real_model(tiny_artifact, real_openvino):
     pytest.importorskip("openvino_genai", reason=OPENVINO_INSTALL)
     report = run_bench(tiny_artifact, config=_config(), peers=(), openvino_dirs=[real_openvino])
-    openvino = report["engines"]["openvino openvino-int4"]
-    assert openvino["skipped"] is None and openvino["decode_tok_s"] > 0 and openvino["ttft_s"] > 0
-    assert report["ratios"]["decode_vs_openvino openvino-int4"] == pytest.approx(
-        report["engines"]["qwen-deploy"]["decode_tok_s"] / openvino["decode_tok_s"]
-    )
+    _assert_peer_measured(report, "openvino openvino-int4")
 
 
 def test_peak_rss_is_the_engine_process_own():

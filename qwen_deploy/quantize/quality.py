@@ -97,7 +97,7 @@ def _compare(reference: np.ndarray, candidate: np.ndarray, chunk: int = 8) -> di
     )
 
 
-def _nll(logits: np.ndarray, targets: list[int]) -> np.ndarray:
+def token_nll(logits: np.ndarray, targets: list[int]) -> np.ndarray:
     """-log p(target) per row, the softmax taken in float64 a block of rows at a time."""
     out = []
     for a in range(0, len(targets), ROW_BLOCK):
@@ -133,7 +133,7 @@ def _score_text(
             logits = batch.extend(np.array([chunk]))[0]
             targets = ids[a + 1 : end + 1]  # the last chunk's last row predicts nothing
             logits = logits[: len(targets)]
-            nll.append(_nll(logits, targets))
+            nll.append(token_nll(logits, targets))
             top.append(logits.argmax(axis=-1))
         out[name] = np.concatenate(nll), np.concatenate(top)
     return out
