@@ -116,6 +116,7 @@ class EngineResult:
     peak_rss_mb: float | None = None
     runs: dict = field(default_factory=dict)
     skipped: str | None = None
+    weights: dict | None = None  # llama.cpp: what its file holds (gguf_weights)
 
 
 def prompts(config: BenchConfig, vocab: int) -> list[list[int]]:
@@ -479,6 +480,29 @@ def weight_bytes_per_token(artifact: str | Path) -> int:
     return total
 
 
+def gguf_weights(gguf: str | Path) -> dict | None:
+    """Bytes of the tensors a llama.cpp decode step reads (all but the embedding table, unless
+    the LM head is tied to it) and the count of weight matrices of each type; None without the
+    `gguf` package or a readable file. The file type's name alone misleads: a "Q4_K_M" file of
+    a model whose rows are not a multiple of 256 (Qwen2.5-0.5B: 896) stores those matrices in
+    llama.cpp's fallback type, Q5_0 (5.5 bits per weight)."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    try:
+        tensors = GGUFReader(gguf).tensors
+    except (ValueError, IndexError, OSError):  # unreadable: llama.cpp's own load says why
+        return None
+    tied = not any(t.name == "output.weight" for t in tensors)
+    read = [t for t in tensors if t.name != "token_embd.weight" or tied]
+    types: dict[str, int] = {}
+    for t in read:
+        if len(t.shape) > 1:  # weight matrices; norms and biases are F32 vectors
+            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {"bytes_per_token": sum(int(t.n_bytes) for t in read), "types": types}
+
+
 def measured_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
     """Bandwidth now: a float32 matrix-vector product over 1 GiB, larger than CPU caches."""
     matrix = np.ones(size_mb << 18, np.float32).reshape(-1, 1024)  # size_mb MiB of float32
@@ -556,6 +580,9 @@ def run_bench(
             log(f"skipping {name}: {engines[name].skipped}")
         else:
             sources[name] = str(path)
+    for gguf in llama_ggufs:
+        if f"llama.cpp {Path(gguf).stem}" in sources:
+            engines[f"llama.cpp {Path(gguf).stem}"].weights = gguf_weights(gguf)
     if "transformers" in peers:
         if reference is None:
             engines["transformers"] = EngineResult(skipped="no --reference checkpoint given")
@@ -722,6 +749,12 @@ def format_report(report: dict) -> str:
             f"{name:20s} {engine['ttft_s']:8.3f} {engine['decode_tok_s']:13.2f} {share:12.0%} "
             f"{engine['peak_rss_mb']:12.0f}"
         )
+        if engine.get("weights"):
+            types = ", ".join(f"{t} {n}" for t, n in engine["weights"]["types"].items())
+            lines.append(
+                f"{'':20s} {engine['weights']['bytes_per_token'] / 1e9:.2f} GB of weights per "
+                f"token (weight matrices: {types})"
+            )
     ours = report["engines"]["qwen-deploy"]
     for batch, numbers in ours["batches"].items():
         lines.append(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 
 from qwen_deploy.bench import (
@@ -11,6 +12,7 @@ from qwen_deploy.bench import (
     OPENVINO_INSTALL,
     BenchConfig,
     format_report,
+    gguf_weights,
     run_bench,
 )
 
@@ -54,6 +56,47 @@ def test_llama_cpp_peer_is_skipped_with_the_reason(tiny_artifact, tmp_path, monk
     assert "decode_vs_llama.cpp model" not in report["ratios"]
 
 
+def _write_gguf(path, tensors: dict) -> None:
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "qwen2")
+    for name, (data, kind) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_gguf_weights_counts_what_a_decode_step_reads(tmp_path):
+    pytest.importorskip("gguf", reason="reading GGUF headers needs the gguf extra")
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    rng = np.random.default_rng(0)
+    embedding = rng.normal(size=(16, 64)).astype(np.float16)
+    q = quants.quantize(rng.normal(size=(64, 64)).astype(np.float32), T.Q8_0)
+    head = quants.quantize(rng.normal(size=(16, 64)).astype(np.float32), T.Q5_0)
+    norm = np.ones(64, np.float32)
+    layer = {"blk.0.attn_q.weight": (q, T.Q8_0), "blk.0.attn_norm.weight": (norm, T.F32)}
+    _write_gguf(
+        tmp_path / "untied.gguf",
+        {"token_embd.weight": (embedding, T.F16), **layer, "output.weight": (head, T.Q5_0)},
+    )
+    _write_gguf(tmp_path / "tied.gguf", {"token_embd.weight": (embedding, T.F16), **layer})
+    untied, tied = gguf_weights(tmp_path / "untied.gguf"), gguf_weights(tmp_path / "tied.gguf")
+    assert untied == {  # the embedding table is read a row per token: not counted
+        "bytes_per_token": q.nbytes + norm.nbytes + head.nbytes,
+        "types": {"Q8_0": 1, "Q5_0": 1},
+    }
+    assert tied == {  # ... unless it is the LM head too
+        "bytes_per_token": embedding.nbytes + q.nbytes + norm.nbytes,
+        "types": {"F16": 1, "Q8_0": 1},
+    }
+    (tmp_path / "broken.gguf").write_bytes(b"GGUF")
+    assert gguf_weights(tmp_path / "broken.gguf") is None
+
+
 def test_openvino_peer_is_skipped_with_the_reason(tiny_artifact, tmp_path, monkeypatch):
     report = run_bench(tiny_artifact, config=_config(), peers=(), openvino_dirs=[tmp_path])
     skipped = report["engines"][f"openvino {tmp_path.name}"]["skipped"]
@@ -82,6 +125,10 @@ def test_llama_cpp_runs_the_same_work_on_the_real_gguf(tiny_artifact, real_gguf)
     pytest.importorskip("llama_cpp", reason=LLAMA_CPP_BUILD)
     report = run_bench(tiny_artifact, config=_config(), peers=(), llama_ggufs=[real_gguf])
     _assert_peer_measured(report, "llama.cpp model")
+    # the real "Q4_K_M" download: 896-wide rows fall back to Q5_0, the LM head is Q8_0
+    weights = report["engines"]["llama.cpp model"]["weights"]
+    assert weights["types"]["Q5_0"] > weights["types"]["Q4_K"] and weights["types"]["Q8_0"] >= 1
+    assert "GB of weights per token (weight matrices: " in format_report(report)
 
 
 @pytest.mark.real

@@ -230,9 +230,29 @@ def test_int4_range_search_beats_min_max_and_onnxruntime_reads_the_layout():
     np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ dequant, atol=1e-3)
 
 
+def test_int4_scale_refit_beats_every_shrunk_range():
+    from qwen_deploy.quantize.weight_only import SHRINK, int4_grid
+
+    w = np.random.default_rng(1).normal(size=(24, 7, 32)).astype(np.float32)
+
+    def error(s, z):
+        q = np.clip(np.rint(w / s[..., None]) + z[..., None], 0, 15) - z[..., None]
+        return np.square(q * s[..., None] - w).sum(-1)
+
+    lo, hi = w.min(-1), w.max(-1)
+    ranges = []
+    for fraction in SHRINK:  # each candidate range as found, without a refit
+        span = (hi - lo) * fraction
+        s = span / 15
+        ranges.append(error(s, np.clip(np.rint(-(lo + (hi - lo - span) / 2) / s), 0, 15)))
+    best_range, refit = np.min(ranges, axis=0), error(*int4_grid(w))
+    assert np.all(refit <= best_range + 1e-6)
+    assert (refit < best_range - 1e-6).mean() > 0.5 and refit.sum() < 0.99 * best_range.sum()
+
+
 def test_gptq_lowers_the_output_error_and_is_nearest_rounding_without_correlation():
     from qwen_deploy.quantize.gptq import hessian
-    from qwen_deploy.quantize.weight_only import quantize_blocks_int4
+    from qwen_deploy.quantize.weight_only import int4_grid, quantize_blocks_int4
 
     rng = np.random.default_rng(0)
     k, n, block = 96, 40, 32
@@ -245,9 +265,13 @@ def test_gptq_lowers_the_output_error_and_is_nearest_rounding_without_correlatio
         dequant = (codes.astype(np.float32) - zeros[..., None]) * scales[..., None]
         return np.square(x @ w - x @ dequant.reshape(n, -1)[:, :k].T).mean()
 
-    nearest = quantize_blocks_int4(w, block)
-    uncorrelated = quantize_blocks_int4(w, block, np.eye(k))  # nothing to compensate through
-    assert all(np.array_equal(a, b) for a, b in zip(nearest, uncorrelated, strict=True))
+    # nothing to compensate through: the nearest codes on the range-searched grid
+    codes, scales, zeros = quantize_blocks_int4(w, block, np.eye(k))
+    blocks = w.T.reshape(n, k // block, block)
+    grid = int4_grid(blocks, refit=False)
+    assert np.array_equal(scales, grid[0]) and np.array_equal(zeros, grid[1])
+    nearest = np.clip(np.rint(blocks / scales[..., None]) + zeros[..., None], 0, 15)
+    assert np.array_equal(codes, nearest)
     assert output_error(hessian(x)) < 0.8 * output_error(None)
 
 
