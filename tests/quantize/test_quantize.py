@@ -8,6 +8,7 @@ thresholds are not loose here is itself tested: a 10% error in one layer's scale
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -140,6 +141,26 @@ def test_thresholds_catch_a_ten_percent_error_in_one_layer(quantized, tmp_path):
     report = quality_report(source, broken, "int8-weight", progress=False)
     assert not report["passed"]
     assert any(f.startswith(("cosine", "top1")) for f in report["failures"])
+
+
+def test_the_source_is_measured_again_only_when_it_changes(quantized, tmp_path):
+    """A second report on the same source reuses its measurement and gives the same numbers;
+    a changed source file is measured anew."""
+    source, out = quantized("int8-weight", "gqa")
+    copy = shutil.copytree(source, tmp_path / "source")
+    report = functools.partial(quality_report, prompts=PROMPTS[:1], steps=2, progress=False)
+    first = report(copy, out, "int8-weight")
+    assert report(copy, out, "int8-weight") == first
+    model = onnx.load(str(copy / "model.onnx"), load_external_data=False)
+    norm = next(t for t in model.graph.initializer if t.name == "model.norm.weight")
+    where = {e.key: e.value for e in norm.external_data}
+    weights = np.memmap(copy / where["location"], np.uint8, "r+", int(where["offset"]))
+    norm_bytes = weights[: int(where["length"])].view(np.float32)
+    norm_bytes *= 2  # the final norm's weight doubled, in place
+    weights.flush()
+    changed = report(copy, out, "int8-weight")
+    assert changed["perplexity"]["reference"] != first["perplexity"]["reference"]
+    assert changed["kl_max"] > 10 * first["kl_max"]  # logits twice as sharp as the candidate's
 
 
 def test_int8_codes_are_nearest_within_half_a_step():
