@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -496,11 +497,9 @@ def gguf_weights(gguf: str | Path) -> dict | None:
         return None
     tied = not any(t.name == "output.weight" for t in tensors)
     read = [t for t in tensors if t.name != "token_embd.weight" or tied]
-    types: dict[str, int] = {}
-    for t in read:
-        if len(t.shape) > 1:  # weight matrices; norms and biases are F32 vectors
-            types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-    return {"bytes_per_token": sum(int(t.n_bytes) for t in read), "types": types}
+    # weight matrices only: norms and biases are F32 vectors
+    types = Counter(t.tensor_type.name for t in read if len(t.shape) > 1)
+    return {"bytes_per_token": sum(int(t.n_bytes) for t in read), "types": dict(types)}
 
 
 def measured_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
@@ -572,17 +571,17 @@ def run_bench(
     source = Path(reference) if reference else Path(manifest.source.get("path", ""))
     engines: dict[str, EngineResult] = {"qwen-deploy": EngineResult()}
     sources = {"qwen-deploy": str(artifact)}
-    files = [(f"llama.cpp {Path(f).stem}", f, _llama_cpp_missing) for f in llama_ggufs]
-    files += [(f"openvino {Path(d).name}", d, _openvino_missing) for d in openvino_dirs]
-    for name, path, missing in files:
+    files = [
+        (f"llama.cpp {Path(f).stem}", f, _llama_cpp_missing, gguf_weights) for f in llama_ggufs
+    ]
+    files += [(f"openvino {Path(d).name}", d, _openvino_missing, None) for d in openvino_dirs]
+    for name, path, missing, weights in files:
         engines[name] = EngineResult(skipped=missing(Path(path)))
         if engines[name].skipped:
             log(f"skipping {name}: {engines[name].skipped}")
         else:
             sources[name] = str(path)
-    for gguf in llama_ggufs:
-        if f"llama.cpp {Path(gguf).stem}" in sources:
-            engines[f"llama.cpp {Path(gguf).stem}"].weights = gguf_weights(gguf)
+            engines[name].weights = weights(path) if weights else None
     if "transformers" in peers:
         if reference is None:
             engines["transformers"] = EngineResult(skipped="no --reference checkpoint given")

@@ -212,10 +212,9 @@ def _source_results(
     and again whenever a file of the source artifact changes."""
     global _last_source
     folder = Path(reference).resolve()
-    files = tuple(
-        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(folder.iterdir())
-    )
-    key = (str(folder), files, tuple(map(tuple, ids)), steps, tuple(map(tuple, texts.values())))
+    stats = [(f.name, f.stat()) for f in sorted(folder.iterdir())]
+    files = tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats)
+    key = (str(folder), files, tuple(map(tuple, ids)), steps)  # the texts follow from the files
     if _last_source is None or _last_source[0] != key:
         _last_source = None  # the previous source's logits go before this one's are made
         source = open_backend(reference)

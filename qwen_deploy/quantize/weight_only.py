@@ -82,25 +82,27 @@ def int4_grid(w: np.ndarray, refit: bool = True) -> tuple[np.ndarray, np.ndarray
     found and, with `refit`, with its scale refit by least squares to the codes it gave (as
     llama.cpp's K-quants refit theirs)."""
     lo, hi = w.min(axis=-1), w.max(axis=-1)
-    candidates = []
+    best = np.full(lo.shape, np.inf, np.float32)
+    scales = np.ones(lo.shape, np.float32)
+    zeros = np.zeros(lo.shape, np.uint8)
+
+    def consider(s: np.ndarray, z: np.ndarray) -> np.ndarray:
+        """Keep (s, z) where it beats the best grid so far; returns its centered codes."""
+        q = _centered_codes(w, s, z)
+        error = np.square(q * s[..., None] - w).sum(axis=-1)
+        better = error < best
+        best[better], scales[better], zeros[better] = error[better], s[better], z[better]
+        return q
+
     for fraction in SHRINK:
         span = (hi - lo) * fraction
         s = np.where(span > 0, span / 15.0, 1.0)
         z = np.clip(np.rint(-(lo + (hi - lo - span) / 2) / s), 0, 15)
-        candidates.append((s, z))
+        q = consider(s, z)
         if refit:  # the scale minimizing |q s - w| for the codes q this range gave
-            q = _centered_codes(w, s, z)
             num, den = (q * w).sum(axis=-1), (q * q).sum(axis=-1)
             fit = num / np.where(den > 0, den, 1.0)
-            candidates.append((np.where((num > 0) & (den > 0), fit, s), z))
-    best = np.full(lo.shape, np.inf, np.float32)
-    scales = np.ones(lo.shape, np.float32)
-    zeros = np.zeros(lo.shape, np.uint8)
-    for s, z in candidates:
-        error = np.square(_centered_codes(w, s, z) * s[..., None] - w).sum(axis=-1)
-        better = error < best
-        best = np.where(better, error, best)
-        scales[better], zeros[better] = s[better], z[better]
+            consider(np.where((num > 0) & (den > 0), fit, s), z)
     return scales, zeros
 
 
