@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -71,84 +72,116 @@ class ModelSpec:
         return inv
 
 
-def _rope(config: dict) -> tuple[float, str, float]:
+def _rope(config: dict, origin: str) -> tuple[float, str, float]:
     """RoPE theta and scaling from either spelling: transformers 4 or transformers 5."""
     params = config.get("rope_parameters")
     scaling = config.get("rope_scaling")
     if isinstance(params, dict) and "rope_theta" in params:
-        theta = params["rope_theta"]
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        factor = params.get("factor", 1.0)
+        block, prefix = params, "rope_parameters."
+        theta = _number(params, "rope_theta", origin, prefix=prefix)
     elif "rope_theta" in config:
-        theta = config["rope_theta"]
-        rope_type, factor = "default", 1.0
-        if isinstance(scaling, dict):
-            rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-            factor = scaling.get("factor", 1.0)
+        theta = _number(config, "rope_theta", origin)
+        block, prefix = (scaling, "rope_scaling.") if isinstance(scaling, dict) else ({}, "")
     else:
         raise CheckpointError(
-            "config.json has no RoPE theta: expected 'rope_theta' (transformers 4) or "
+            f"{origin} has no RoPE theta: expected 'rope_theta' (transformers 4) or "
             "'rope_parameters.rope_theta' (transformers 5). Add the model's value "
             "(Qwen2.5: 1000000)."
         )
+    rope_type = block.get("rope_type", block.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         field = "rope_parameters.rope_type" if params else "rope_scaling.type"
         raise CheckpointError(
-            f"config.json {field} is {rope_type!r}; qwen-deploy implements "
+            f"{origin} {field} is {rope_type!r}; qwen-deploy implements "
             f"{', '.join(SUPPORTED_ROPE_TYPES)}. Remove the scaling block to export the model "
             "with its native context length."
         )
-    return float(theta), rope_type, float(factor or 1.0)
+    factor = _number(block, "factor", origin, 1.0, prefix)
+    return theta, rope_type, factor
 
 
-def _require(config: dict, key: str) -> int:
-    if key not in config:
-        raise CheckpointError(f"config.json lacks required field '{key}'.")
-    return config[key]
+def _field(config: dict, key: str, origin: str, default: object, prefix: str) -> object:
+    """config[key], or `default` when absent or null (a None default: the field is required)."""
+    value = config.get(key)
+    if value is not None:
+        return value
+    if default is None:
+        raise CheckpointError(f"{origin} lacks required field '{prefix}{key}'.")
+    return default
 
 
-def spec_from_config(config: dict) -> ModelSpec:
-    """Validate a Qwen2 config.json and turn it into a ModelSpec."""
+def _count(
+    config: dict, key: str, origin: str, default: int | None = None, prefix: str = ""
+) -> int:
+    """A size field: a positive JSON integer (a string or float here would fail deep in export)."""
+    value = _field(config, key, origin, default, prefix)
+    if type(value) is not int or value < 1:
+        raise CheckpointError(
+            f"{origin} field '{prefix}{key}' is {json.dumps(value)}; it must be a positive integer."
+        )
+    return value
+
+
+def _number(
+    config: dict, key: str, origin: str, default: float | None = None, prefix: str = ""
+) -> float:
+    """A positive finite JSON number (RoPE theta and factor, RMSNorm epsilon)."""
+    value = _field(config, key, origin, default, prefix)
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        raise CheckpointError(
+            f"{origin} field '{prefix}{key}' is {json.dumps(value)}; it must be a positive number."
+        )
+    return float(value)
+
+
+def spec_from_config(config: dict, origin: str = "config.json") -> ModelSpec:
+    """Validate a Qwen2 config.json (`origin` names it in messages) and turn it into a
+    ModelSpec."""
     archs = config.get("architectures") or []
     if config.get("model_type") != "qwen2" or not set(archs) & set(SUPPORTED_ARCHITECTURES):
         raise CheckpointError(
-            f"config.json describes model_type={config.get('model_type')!r}, "
+            f"{origin} describes model_type={config.get('model_type')!r}, "
             f"architectures={archs}; qwen-deploy exports Qwen2ForCausalLM "
             "(model_type 'qwen2') only."
         )
     if config.get("use_sliding_window"):
         raise CheckpointError(
-            "config.json use_sliding_window is true; qwen-deploy exports full attention only. "
+            f"{origin} use_sliding_window is true; qwen-deploy exports full attention only. "
             "Set it to false (Qwen2.5 checkpoints ship it false) or use a runtime with "
             "sliding-window support."
         )
     act = config.get("hidden_act", "silu")
     if act != "silu":
-        raise CheckpointError(f"config.json hidden_act is {act!r}; Qwen2 uses 'silu'.")
-    hidden = _require(config, "hidden_size")
-    heads = _require(config, "num_attention_heads")
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_dim = config.get("head_dim") or hidden // heads
+        raise CheckpointError(f"{origin} hidden_act is {act!r}; Qwen2 uses 'silu'.")
+    hidden = _count(config, "hidden_size", origin)
+    heads = _count(config, "num_attention_heads", origin)
+    kv_heads = _count(config, "num_key_value_heads", origin, heads)
+    head_dim = _count(config, "head_dim", origin, hidden // heads)
     if heads % kv_heads:
         raise CheckpointError(
-            f"config.json num_attention_heads={heads} is not a multiple of "
+            f"{origin} num_attention_heads={heads} is not a multiple of "
             f"num_key_value_heads={kv_heads}."
         )
-    theta, rope_type, factor = _rope(config)
+    tie = config.get("tie_word_embeddings", False)
+    if not isinstance(tie, bool):
+        raise CheckpointError(
+            f"{origin} field 'tie_word_embeddings' is {json.dumps(tie)}; it must be true or false."
+        )
+    theta, rope_type, factor = _rope(config, origin)
     return ModelSpec(
-        num_layers=_require(config, "num_hidden_layers"),
+        num_layers=_count(config, "num_hidden_layers", origin),
         hidden_size=hidden,
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        intermediate_size=_require(config, "intermediate_size"),
-        vocab_size=_require(config, "vocab_size"),
+        intermediate_size=_count(config, "intermediate_size", origin),
+        vocab_size=_count(config, "vocab_size", origin),
         rope_theta=theta,
         rope_type=rope_type,
         rope_factor=factor,
-        rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(config.get("max_position_embeddings", 32768)),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        rms_norm_eps=_number(config, "rms_norm_eps", origin, 1e-6),
+        max_position_embeddings=_count(config, "max_position_embeddings", origin, 32768),
+        tie_word_embeddings=tie,
     )
 
 
@@ -180,6 +213,30 @@ def expected_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def read_text(path: Path) -> str:
+    """A checkpoint's text file; one that is not UTF-8 is one line naming it and the byte."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(
+            f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+            "restore the file from the model's source."
+        ) from e
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON file as an object; a damaged file is one line naming it."""
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({e}); restore the file from the model's source."
+        ) from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object.")
+    return data
+
+
 class Checkpoint:
     """A validated Hugging Face Qwen2 checkpoint folder; tensors are read lazily by memory map."""
 
@@ -195,18 +252,15 @@ class Checkpoint:
             raise CheckpointError(
                 f"{self.path} has no config.json; is this a Hugging Face checkpoint folder?"
             )
-        try:
-            self.config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
-        self.spec = spec_from_config(self.config)
+        self.config = read_json(config_path)
+        self.spec = spec_from_config(self.config, str(config_path))
         self.tensors = self._index_tensors()
         self._validate_tensors()
 
     def _weight_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            weight_map = read_json(index).get("weight_map", {})
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (self.path / f).is_file()]
             if missing:
@@ -260,27 +314,36 @@ class Checkpoint:
     @cached_property
     def generation_config(self) -> dict:
         path = self.path / "generation_config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json(path) if path.is_file() else {}
 
     @cached_property
     def tokenizer_config(self) -> dict:
         path = self.path / "tokenizer_config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_json(path) if path.is_file() else {}
 
-    @cached_property
+    @property
     def chat_template(self) -> str | None:
         """The chat template from chat_template.jinja, chat_template.json or tokenizer_config."""
+        return self._chat_template_and_origin[0]
+
+    @property
+    def chat_template_origin(self) -> str:
+        """The file (and field) chat_template comes from, for messages about it."""
+        return self._chat_template_and_origin[1]
+
+    @cached_property
+    def _chat_template_and_origin(self) -> tuple[str | None, str]:
         jinja = self.path / "chat_template.jinja"
         if jinja.is_file():
-            return jinja.read_text()
+            return read_text(jinja), str(jinja)
         js = self.path / "chat_template.json"
         if js.is_file():
-            return json.loads(js.read_text()).get("chat_template")
+            return read_json(js).get("chat_template"), f"{js} field chat_template"
         template = self.tokenizer_config.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             named = {t["name"]: t["template"] for t in template}
             template = named.get("default", next(iter(named.values()), None))
-        return template
+        return template, f"{self.path / 'tokenizer_config.json'} field chat_template"
 
     def tokenizer_files(self) -> list[Path]:
         return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]

@@ -141,3 +141,58 @@ def test_cli_reports_error_on_stderr_with_exit_2(small, tmp_path):
     assert result.exit_code == 2
     assert "error:" in result.stderr and "no config.json" in result.stderr
     assert "Traceback" not in result.output
+
+
+def _cli_export_error(source: Path, out: Path) -> str:
+    """stderr of an `export` that must fail as a user error: exit 2, one line, no traceback."""
+    result = CliRunner().invoke(main, ["export", str(source), "-o", str(out), "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and not out.exists()
+    return result.stderr
+
+
+@pytest.mark.parametrize(
+    "changes, field, shown, expected",
+    [
+        ({"hidden_size": "sixty-four"}, "hidden_size", '"sixty-four"', "a positive integer"),
+        ({"num_hidden_layers": 2.5}, "num_hidden_layers", "2.5", "a positive integer"),
+        ({"num_key_value_heads": 0}, "num_key_value_heads", "0", "a positive integer"),
+        ({"vocab_size": True}, "vocab_size", "true", "a positive integer"),
+        ({"rms_norm_eps": "1e-6"}, "rms_norm_eps", '"1e-6"', "a positive number"),
+        (
+            {"rope_parameters": {"rope_type": "default", "rope_theta": "1e6"}},
+            "rope_parameters.rope_theta",
+            '"1e6"',
+            "a positive number",
+        ),
+        ({"tie_word_embeddings": "no"}, "tie_word_embeddings", '"no"', "true or false"),
+    ],
+)
+def test_config_value_of_the_wrong_type(small, tmp_path, changes, field, shown, expected):
+    _edit_config(small, **changes)
+    assert _cli_export_error(small, tmp_path / "out") == (
+        f"error: {small / 'config.json'} field '{field}' is {shown}; it must be {expected}.\n"
+    )
+
+
+def test_config_not_json(small, tmp_path):
+    (small / "config.json").write_text('{"hidden_size": 64,')
+    assert _cli_export_error(small, tmp_path / "out") == (
+        f"error: {small / 'config.json'} is not valid JSON (Expecting property name enclosed in "
+        "double quotes: line 1 column 20 (char 19)); restore the file from the model's source.\n"
+    )
+
+
+def test_config_not_utf8(small, tmp_path):
+    (small / "config.json").write_bytes(b'{"model_type": "qwen2\xff"}')
+    assert _cli_export_error(small, tmp_path / "out") == (
+        f"error: {small / 'config.json'} is not UTF-8 text (byte 0xff at offset 21); "
+        "restore the file from the model's source.\n"
+    )
+
+
+def test_config_not_an_object(small, tmp_path):
+    (small / "config.json").write_text("[1, 2]")
+    assert _cli_export_error(small, tmp_path / "out") == (
+        f"error: {small / 'config.json'} holds a JSON list, not an object.\n"
+    )
