@@ -29,8 +29,15 @@ def export(
     checkpoint: Path, out: Path, precision: str, attention: str, force: bool, quiet: bool
 ) -> None:
     """Export a Hugging Face Qwen2 CHECKPOINT folder to an ONNX artifact with KV cache."""
+    from ..checkpoint.huggingface import Checkpoint
     from ..export import export_checkpoint
+    from ..generation.chat_template import ChatTemplate
 
+    # the template is compiled before any weight is written: a syntax error would otherwise
+    # surface only at generate/serve (export may not import generation: docs/DESIGN.md, Layout)
+    ckpt = Checkpoint(checkpoint)
+    if ckpt.chat_template:
+        ChatTemplate(ckpt.chat_template, {}, f"the chat template in {ckpt.chat_template_origin}")
     manifest = export_checkpoint(
         checkpoint, out, precision=precision, attention=attention, force=force, progress=not quiet
     )
@@ -44,12 +51,21 @@ def export(
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @json_option("the manifest")
-def inspect(artifact: Path, as_json: bool) -> None:
-    """Show what an ARTIFACT's manifest says."""
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Read every file and check its hash against the manifest (a full read).",
+)
+@quiet_option
+def inspect(artifact: Path, as_json: bool, verify: bool, quiet: bool) -> None:
+    """Show what an ARTIFACT's manifest says (its files' sizes are always checked)."""
     from ..inspect import manifest_table
     from ..manifest import Manifest
 
     manifest = Manifest.load(artifact)
+    if verify:
+        manifest.verify(artifact, progress=not quiet)
+        click.echo(f"verified {len(manifest.files)} files of {artifact}: intact", err=True)
     if as_json:
         click.echo(json.dumps(manifest.to_dict(), indent=2))
     else:

@@ -25,7 +25,7 @@ import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import ArtifactError, QwenDeployError
-from ..manifest import Manifest
+from ..manifest import MANIFEST, Manifest
 from .tokenizer import load_special_tokens
 
 TEMPLATE_FILENAME = "<template>"  # what jinja2 calls a template made from a string in tracebacks
@@ -171,20 +171,23 @@ def _template_line(error: BaseException) -> int | None:
 class ChatTemplate:
     """A compiled chat template plus the special tokens it sees as variables (bos_token, ...)."""
 
-    def __init__(self, template: str, special_tokens: dict[str, str]):
+    def __init__(
+        self, template: str, special_tokens: dict[str, str], origin: str = "the chat template"
+    ):
+        """Compiles `template` now, so that a broken one stops export and serve before any work;
+        `origin` names where it came from in that error."""
         if not isinstance(template, str) or not template.strip():
-            raise ChatTemplateError(
-                "the chat template is empty; it must be a Jinja template string."
-            )
+            raise ChatTemplateError(f"{origin} is empty; it must be a Jinja template string.")
         self.source = template
         self.special_tokens = dict(special_tokens)
         try:
             self._template = _environment().from_string(template)
         except jinja2.TemplateSyntaxError as e:
+            problem = (e.message or "invalid syntax").rstrip(".")
             raise ChatTemplateError(
-                f"the chat template has a Jinja syntax error at line {e.lineno}: {e.message}; "
-                "fix chat_template in the checkpoint's tokenizer_config.json (or "
-                "chat_template.jinja) and re-export."
+                f"{origin} has a Jinja syntax error at line {e.lineno}: {problem}; fix the "
+                "template in the checkpoint (chat_template.jinja, or chat_template in "
+                "tokenizer_config.json) and export it again."
             ) from e
 
     @classmethod
@@ -197,7 +200,8 @@ class ChatTemplate:
                 "send a plain prompt instead of chat messages, or add chat_template to the "
                 "checkpoint's tokenizer_config.json and re-export."
             )
-        return cls(manifest.chat_template, load_special_tokens(folder))
+        origin = f"the chat template in {Path(folder) / MANIFEST}"
+        return cls(manifest.chat_template, load_special_tokens(folder), origin)
 
     def render(
         self,

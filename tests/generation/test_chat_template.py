@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -205,7 +204,7 @@ def test_kwargs_override_special_tokens_like_transformers(templates):
 
 
 def test_syntax_error_names_the_line():
-    with pytest.raises(ChatTemplateError, match=r"syntax error at line 2: .*re-export"):
+    with pytest.raises(ChatTemplateError, match=r"syntax error at line 2: .*export it again"):
         ChatTemplate("{{ bos_token }}\n{% if messages %}never closed", {})
 
 
@@ -274,14 +273,16 @@ def test_bad_messages_are_clear_errors():
         template.render([{"role": "user", "content": "a"}], tools=["get_weather"])
 
 
-def _artifact_copy(tiny_artifact, tmp_path, chat_template):
-    """The tiny artifact's manifest and tokenizer config with another chat template."""
-    for name in ("manifest.json", "tokenizer_config.json"):
-        shutil.copy2(tiny_artifact / name, tmp_path / name)
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
+def _artifact_copy(tiny_artifact, out, chat_template):
+    """The tiny artifact (its files linked) with another chat template in its manifest."""
+    out.mkdir()
+    for file in tiny_artifact.iterdir():
+        if file.name != "manifest.json":
+            (out / file.name).symlink_to(file)
+    manifest = json.loads((tiny_artifact / "manifest.json").read_text())
     manifest["chat_template"] = chat_template
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    return tmp_path
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
 
 
 def test_from_artifact_renders_like_transformers_on_the_source(
@@ -301,9 +302,14 @@ def test_from_artifact_renders_like_transformers_on_the_source(
 
 
 def test_from_artifact_with_broken_or_missing_template(tiny_artifact, tmp_path):
-    broken = _artifact_copy(tiny_artifact, tmp_path, "{% for m in messages %}{{ m.content }}")
-    with pytest.raises(ChatTemplateError, match=r"syntax error at line 1: .*endfor"):
+    broken = _artifact_copy(
+        tiny_artifact, tmp_path / "broken", "{% for m in messages %}{{ m.content }}"
+    )
+    with pytest.raises(
+        ChatTemplateError,
+        match=r"in .*/broken/manifest.json has a Jinja syntax error at line 1: .*endfor",
+    ):
         ChatTemplate.from_artifact(broken)
-    none = _artifact_copy(tiny_artifact, tmp_path, None)
+    none = _artifact_copy(tiny_artifact, tmp_path / "none", None)
     with pytest.raises(ArtifactError, match=r"has no chat template .* plain prompt"):
         ChatTemplate.from_artifact(none)
