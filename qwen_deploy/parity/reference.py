@@ -10,11 +10,14 @@ them and the exporter writes them).
 from __future__ import annotations
 
 import types
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import QwenDeployError
+from ..checkpoint.huggingface import Checkpoint
+from ..errors import CheckpointError, QwenDeployError
+from ..manifest import Manifest
 
 REFERENCE_DTYPES = ("float32", "float64")
 FLOAT64_ATTENTION = "qwen_deploy_float64_eager"
@@ -37,6 +40,27 @@ def _float64_attention(module, query, key, value, attention_mask, scaling, dropo
 def _float64_rms_norm(self, hidden_states):
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
     return self.weight * (hidden_states * (variance + self.variance_epsilon).rsqrt())
+
+
+def check_reference(reference: str | Path, manifest: Manifest) -> None:
+    """Refuse a reference that is not the artifact's model, before any forward pass.
+
+    The folder is read as export reads it (config.json and tensor shapes), so a missing folder
+    is never taken for a Hub id, and every architecture number is compared with the manifest's:
+    another model would run for minutes and then fail parity numerically, naming nothing."""
+    spec = Checkpoint(reference).spec
+    differ = [
+        f"{f.name} {getattr(spec, f.name)}, the artifact {getattr(manifest.model, f.name)}"
+        for f in fields(spec)
+        if getattr(spec, f.name) != getattr(manifest.model, f.name)
+    ]
+    if differ:
+        source = manifest.source.get("path")
+        raise CheckpointError(
+            f"reference {reference} has {'; '.join(differ)}: parity compares the same model; "
+            "pass the checkpoint the artifact was exported from"
+            + (f" ({source})." if source else ".")
+        )
 
 
 def _load_model(checkpoint: str | Path, dtype: str):

@@ -24,7 +24,7 @@ from ..runtime.padding import left_pad
 from .metrics import merge_metrics
 from .presets import PRESETS, Tolerance, preset_for
 from .prompts import load_prompts
-from .reference import TorchReference, chat_prompt_ids
+from .reference import TorchReference, chat_prompt_ids, check_reference
 
 
 @dataclass
@@ -172,6 +172,7 @@ def run_parity(
     if preset not in PRESETS:
         raise QwenDeployError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     tolerance = PRESETS[preset].override(**(overrides or {}))
+    check_reference(reference, manifest)
     candidate = open_backend(artifact, provider=provider, backend=backend)  # fails fast
     rows = token_rows or chat_prompt_ids(reference, load_prompts(prompts_file))
     sides = _Sides(

@@ -162,3 +162,36 @@ def test_float64_reference_computes_in_float64(tiny_checkpoint):
     logits32 = TorchReference(tiny_checkpoint).forward(ids, mask, pos)
     assert logits64.dtype == np.float64 and logits32.dtype == np.float32
     assert 0 < np.abs(logits64 - logits32).max() < 1e-4
+
+
+def _parity_error(artifact, reference) -> str:
+    """stderr of a `parity` refused as a user error: exit 2, one line, no traceback."""
+    result = _parity(artifact, reference)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return result.stderr
+
+
+def test_parity_missing_reference_is_not_taken_for_a_hub_id(tiny_artifact, tmp_path):
+    missing = tmp_path / "Qwen" / "nope"
+    assert _parity_error(tiny_artifact, missing) == (
+        f"error: checkpoint folder {missing} does not exist; pass the folder that holds "
+        "config.json and the safetensors files.\n"
+    )
+
+
+def test_parity_reference_with_broken_config(tiny_artifact, tmp_path):
+    (tmp_path / "config.json").write_text("{oops")
+    assert _parity_error(tiny_artifact, tmp_path) == (
+        f"error: {tmp_path / 'config.json'} is not valid JSON (Expecting property name enclosed "
+        "in double quotes: line 1 column 2 (char 1)); restore the file from the model's source.\n"
+    )
+
+
+def test_parity_refuses_another_model_before_running_it(tiny_artifact, tiny_checkpoint, checkpoint):
+    other = checkpoint(vocab=1024, hidden=32, tokenizer=False)
+    assert _parity_error(tiny_artifact, other) == (
+        f"error: reference {other} has hidden_size 32, the artifact 64; head_dim 8, the artifact "
+        "16; vocab_size 1024, the artifact 151936: parity compares the same model; pass the "
+        f"checkpoint the artifact was exported from ({tiny_checkpoint.resolve()}).\n"
+    )
