@@ -106,7 +106,7 @@ def build_candidate(
     rw.finish()
     writer.close()
     onnx.save_model(model, str(out / manifest.model_file))
-    shutil.copy2(source / "manifest.json", out / "manifest.json")
+    Manifest.read(source).save(out)
 
 
 class Decoder:

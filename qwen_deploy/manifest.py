@@ -11,10 +11,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from . import __version__
 from .checkpoint.huggingface import ModelSpec
 from .contract import kv_pairs
 from .errors import ArtifactError
+from .integrity import check_sizes, file_records, verify_hashes
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -60,6 +63,7 @@ class Manifest:
     quality: dict | None = None
     engine: dict | None = None
     producer: dict = field(default_factory=dict)
+    files: dict[str, dict] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
@@ -82,10 +86,22 @@ class Manifest:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def save(self, folder: Path) -> None:
+        """Write manifest.json with the size and hash of every file now in `folder`: save it
+        after the artifact's last file."""
+        self.files = file_records(folder)
         (Path(folder) / MANIFEST).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> Manifest:
+        """Read the manifest and check that every file it records is there at its size."""
+        manifest = cls.read(folder)
+        manifest.check_files(folder)
+        return manifest
+
+    @classmethod
+    def read(cls, folder: str | Path) -> Manifest:
+        """The manifest as written, its files unchecked: for a stage that rewrites a file and
+        saves the manifest again."""
         path = Path(folder) / MANIFEST
         if not Path(folder).is_dir():
             raise ArtifactError(
@@ -98,8 +114,42 @@ class Manifest:
             )
         try:
             return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(f"{path} is malformed ({e}); re-export the artifact.") from e
+
+    def rewrite_hint(self) -> str:
+        """How to get an intact copy: re-run the stage that wrote this artifact."""
+        if self.engine:
+            return "rebuild it with `qwen-deploy build`"
+        if self.producer.get("stage") == "quantize":
+            return "re-run `qwen-deploy quantize` on its source"
+        return "re-export it with `qwen-deploy export`"
+
+    def check_files(self, folder: str | Path) -> None:
+        """Sizes only (a stat per file). Artifacts written before files were recorded get an
+        existence check of their model and weight files."""
+        if self.files:
+            check_sizes(folder, self.files, self.rewrite_hint())
+            return
+        for name in [self.model_file, *self.data_files]:
+            path = Path(folder) / name
+            if not path.is_file() or path.stat().st_size == 0:
+                state = "missing" if not path.is_file() else "empty"
+                raise ArtifactError(
+                    f"artifact {folder} is incomplete: {name} is {state}; {self.rewrite_hint()}."
+                )
+
+    def verify(self, folder: str | Path, progress: bool = False) -> None:
+        """Every recorded file read and hashed against the manifest (a full read)."""
+        if not self.files:
+            raise ArtifactError(
+                f"artifact {folder} records no file hashes (written by an older qwen-deploy); "
+                f"{self.rewrite_hint()} to record them."
+            )
+        total = sum(record["size"] for record in self.files.values())
+        bar = tqdm(total=total, desc="verify", unit="B", unit_scale=True, disable=not progress)
+        with bar:
+            verify_hashes(folder, self.files, self.rewrite_hint(), bar.update)
 
     @property
     def pad_id(self) -> int:

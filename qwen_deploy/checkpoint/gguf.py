@@ -84,7 +84,7 @@ def convert_gguf(
     if dtype not in DTYPES:
         raise QwenDeployError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, [gguf_path])
     _require_packages()
     source = GGUFFile(Path(gguf_path))
     config = model_config(source, dtype)
@@ -96,7 +96,7 @@ def convert_gguf(
     }
     tokenizer = build_tokenizer(source)
     del source  # gguf parses the vocabulary into ~1M small arrays (0.5 GB): gone before the weights
-    with staged_output(out, force) as tmp:
+    with staged_output(out, force, [gguf_path]) as tmp:
         for name, data in side_files.items():
             _write_json(tmp / name, data)
         tokenizer.save(str(tmp / "tokenizer.json"))

@@ -142,7 +142,7 @@ def export_checkpoint(
             f"attention {attention!r} is not one of {', '.join(ATTENTION_FORMS)}."
         )
     out = Path(out)
-    check_output(out, force)
+    check_output(out, force, [source])
     ckpt = Checkpoint(source)
     dtype = np.dtype(DTYPES[precision])
     bar = tqdm(total=ckpt.spec.num_layers + 2, desc="export", unit="group", disable=not progress)
@@ -153,7 +153,7 @@ def export_checkpoint(
         if on_layer:
             on_layer(name)
 
-    with staged_output(out, force) as tmp:
+    with staged_output(out, force, [source]) as tmp:
         data = ExternalData(tmp, DATA_FILE)
         try:
 
@@ -171,6 +171,6 @@ def export_checkpoint(
         copied = [file.name for file in ckpt.tokenizer_files()]
         copy_side_files(ckpt.path, tmp, copied)
         manifest = build_manifest(ckpt, precision, attention, [DATA_FILE], copied)
-        manifest.save(tmp)
         write_genai_config(manifest, tmp)
+        manifest.save(tmp)  # last: it records every file's size and hash
     return manifest

@@ -113,15 +113,13 @@ def quantize_artifact(
         )
     prompts, origin = load_calibration(calibration, samples)
     held_out = load_prompts(quality_prompts) if quality_prompts is not None else None
-    if out.resolve() == source.resolve():
-        raise QwenDeployError("the output folder must differ from the source artifact.")
-    check_output(out, force)
+    check_output(out, force, [source])
     manifest = _check_source(source)
     model = load_graph(source, manifest.model_file)
     find_linears(model.graph)  # refuses graphs without exporter-named linear layers
     dtype = np.dtype(FLOAT_DTYPES[manifest.precision])
 
-    with staged_output(out, force) as tmp:
+    with staged_output(out, force, [source]) as tmp:
         writer = TensorWriter(tmp, DATA_FILE)
         rw = GraphRewrite(model, SourceTensors(source, model), writer)
         budget = KEEP_FLOAT if keep_float is None else keep_float
@@ -141,8 +139,8 @@ def quantize_artifact(
         manifest.save(tmp)  # the quality run loads the new artifact through its manifest
         report = quality_report(source, tmp, mode, held_out, progress=progress)
         manifest.quality = {**report, "layers": layers}
-        manifest.save(tmp)
         write_genai_config(manifest, tmp)
+        manifest.save(tmp)  # last: it records every file's size and hash
     return manifest
 
 

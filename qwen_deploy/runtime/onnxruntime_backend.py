@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import onnxruntime.capi.onnxruntime_pybind11_state as ortstate
+from google.protobuf.message import DecodeError
 
 from ..contract import LOGITS_TO_KEEP, is_past
-from ..errors import QwenDeployError
+from ..errors import ArtifactError, QwenDeployError
 from ..manifest import Manifest
 from .backend import PROVIDERS, Capabilities
 from .fp32_compute import fp32_compute
@@ -84,17 +86,36 @@ def disabled_optimizers(manifest: Manifest) -> list[str]:
     return ["CommonSubexpressionElimination"] if quantization.get("format") == "QDQ" else []
 
 
+# What onnxruntime and onnx raise on a damaged model or weight file (flipped bytes that kept the
+# file's size, which only `inspect --verify` would name).
+_LOAD_ERRORS = (
+    ortstate.Fail,
+    ortstate.InvalidProtobuf,
+    ortstate.InvalidGraph,
+    ortstate.NoSuchFile,
+    ValueError,
+    DecodeError,
+)
+
+
 def create_session(
     folder: Path, manifest: Manifest, options: ort.SessionOptions, provider: str
 ) -> ort.InferenceSession:
     """The artifact's onnxruntime session (fp16 on CPU computes in float32: fp32_compute.py)."""
     model_path = folder / manifest.model_file
     providers, disabled = [PROVIDERS[provider]], disabled_optimizers(manifest)
-    if provider == "cpu" and manifest.precision == "fp16":
-        return fp32_compute(model_path).session(options, providers, disabled)
-    return ort.InferenceSession(
-        str(model_path), options, providers=providers, disabled_optimizers=disabled
-    )
+    try:
+        if provider == "cpu" and manifest.precision == "fp16":
+            return fp32_compute(model_path).session(options, providers, disabled)
+        return ort.InferenceSession(
+            str(model_path), options, providers=providers, disabled_optimizers=disabled
+        )
+    except _LOAD_ERRORS as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ArtifactError(
+            f"onnxruntime cannot load artifact {folder} ({reason}); `qwen-deploy inspect "
+            f"{folder} --verify` names the damaged file; {manifest.rewrite_hint()}."
+        ) from e
 
 
 @dataclass

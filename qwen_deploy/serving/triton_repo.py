@@ -18,7 +18,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..artifact import staged_output
+from ..artifact import MARKER, check_output, staged_output
 from ..errors import QwenDeployError
 from ..manifest import Manifest, TensorSpec
 from ..runtime.backend import PROVIDERS
@@ -192,6 +192,8 @@ def _copy_artifact(artifact: Path, manifest: Manifest, dst: Path) -> None:
         if path.is_dir():
             target.mkdir(exist_ok=True)
             continue
+        if path.name == MARKER:  # the repository's own marker says who wrote it
+            continue
         if target.relative_to(dst).as_posix() in weights:
             try:
                 os.link(path, target)
@@ -264,17 +266,21 @@ def write_repository(
     provider: str | None = None,
     python_env: str | Path | None = None,
     force: bool = False,
+    progress: bool = False,
 ) -> TritonRepository:
-    """Write the model repository `out` for `artifact` (atomically: all or nothing)."""
+    """Write the model repository `out` for `artifact` (atomically: all or nothing), after
+    checking every byte of the artifact against its manifest."""
     artifact = Path(artifact)
     manifest = Manifest.load(artifact)
     name = name or default_name(artifact)
     provider = provider or ("cuda" if backend == "tensorrt" else "cpu")
     _check_options(manifest, name, backend, max_batch, instances, provider)
     env = _check_python_env(python_env)
+    check_output(out, force, [artifact])
+    manifest.verify(artifact, progress)  # a copy of damaged weights would fail only at load
     decoder = f"{name}_decoder"
     plugins = [f"{decoder}/{VERSION}/{lib}" for lib in _engine_plugins(manifest, artifact)]
-    with staged_output(out, force) as tmp:
+    with staged_output(out, force, [artifact]) as tmp:
         _copy_artifact(artifact, manifest, tmp / decoder / VERSION)
         (tmp / decoder / "config.pbtxt").write_text(
             decoder_config(manifest, decoder, backend, max_batch, instances, provider)

@@ -285,7 +285,8 @@ def build_engine(
         )
     options = resolve_options(options, source)
     profiles = profile_shapes(source, options)
-    check_output(out, force)
+    check_output(out, force, [artifact])
+    source.verify(artifact, progress)  # TensorRT would build damaged weights into the engine
     trt = import_tensorrt()
     device = CudaDriver().info()  # clear error when there is no GPU, before TensorRT's own
     logger = trt.Logger(trt.Logger.WARNING)
@@ -327,7 +328,7 @@ def build_engine(
         )
     if options.timing_cache is not None:
         _save_timing_cache(config, options.timing_cache)
-    with staged_output(out, force) as tmp:
+    with staged_output(out, force, [artifact]) as tmp:
         plan_bytes = memoryview(plan)  # TensorRT's host memory, not copied
         (tmp / PLAN_FILE).write_bytes(plan_bytes)
         plugin_files = []

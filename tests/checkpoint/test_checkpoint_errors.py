@@ -105,8 +105,9 @@ def test_existing_output_refused_without_force(small, tmp_path):
     with pytest.raises(QwenDeployError, match=r"already exists.*--force"):
         export_checkpoint(small, out, progress=False)
     assert (out / "keep.txt").read_text() == "mine"
-    export_checkpoint(small, out, progress=False, force=True)
-    assert (out / "manifest.json").is_file() and not (out / "keep.txt").exists()
+    with pytest.raises(QwenDeployError, match=r"--force replaces only a folder qwen-deploy"):
+        export_checkpoint(small, out, progress=False, force=True)  # not ours: kept
+    assert (out / "keep.txt").read_text() == "mine"
 
 
 def test_interrupted_export_leaves_nothing(small, tmp_path):

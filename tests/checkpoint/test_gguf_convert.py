@@ -313,8 +313,12 @@ def test_existing_output_needs_force(tiny, tmp_path):
     (out / "keep.txt").write_text("mine")
     _convert_fails(model, out, r"already exists; .*--force")
     assert (out / "keep.txt").read_text() == "mine"
-    convert_gguf(model, out, force=True, progress=False)
-    assert not (out / "keep.txt").exists() and Checkpoint(out).spec.num_layers == 2
+    _convert_fails(model, out, r"--force replaces only a folder qwen-deploy wrote", force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # empty: --force may fill it, and replace what it wrote
+    for _ in range(2):
+        convert_gguf(model, out, force=True, progress=False)
+        assert Checkpoint(out).spec.num_layers == 2
 
 
 def test_cli_converts_to_bf16(tiny, tmp_path):

@@ -14,6 +14,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qwen_deploy.manifest import MANIFEST, Manifest
+
 
 def _link_all(src: Path, out: Path, skip: tuple[str, ...] = ()) -> None:
     out.mkdir(parents=True)
@@ -25,8 +27,9 @@ def _link_all(src: Path, out: Path, skip: tuple[str, ...] = ()) -> None:
 def _edit_graph(src: Path, out: Path, edit) -> Path:
     model = onnx.load(str(src / "model.onnx"), load_external_data=False)
     edit(model.graph)
-    _link_all(src, out, skip=("model.onnx",))
+    _link_all(src, out, skip=("model.onnx", MANIFEST))
     onnx.save(model, str(out / "model.onnx"))
+    Manifest.read(src).save(out)  # records the edited graph's size and hash
     return out
 
 

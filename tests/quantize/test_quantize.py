@@ -138,6 +138,7 @@ def test_thresholds_catch_a_ten_percent_error_in_one_layer(quantized, tmp_path):
     assert scale.data_location != TensorProto.EXTERNAL  # tiny: stored inline
     scale.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scale) * 1.1, scale.name))
     onnx.save_model(model, str(broken / "model.onnx"))
+    Manifest.read(broken).save(broken)
     report = quality_report(source, broken, "int8-weight", progress=False)
     assert not report["passed"]
     assert any(f.startswith(("cosine", "top1")) for f in report["failures"])

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 
 from qwen_deploy.errors import QwenDeployError
+from qwen_deploy.manifest import Manifest
 from qwen_deploy.runtime.onnxruntime_backend import GROW_STEP, OnnxRuntimeBackend
 
 
@@ -130,6 +131,7 @@ def test_artifact_without_logits_to_keep_still_loads_and_slices(artifact, tmp_pa
     old = tmp_path / "old"
     shutil.copytree(folder, old)
     onnx.save_model(model, str(old / "model.onnx"))
+    Manifest.read(old).save(old)
     old_backend, new_backend = OnnxRuntimeBackend(old), OnnxRuntimeBackend(folder)
     ids, mask, positions = left_padded(5, pad=1)
     for capacity in (None, 8):

@@ -24,6 +24,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from qwen_deploy.artifact import MARKER
 from qwen_deploy.cli import main
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.manifest import Manifest
@@ -80,7 +81,7 @@ def test_repository_layout(tiny_artifact, tmp_path):
 
     # the decoder's version folder is the complete artifact, byte for byte
     version = out / "fin_r1_decoder" / "1"
-    files = sorted(p.name for p in tiny_artifact.iterdir())
+    files = sorted(p.name for p in tiny_artifact.iterdir() if p.name != MARKER)
     assert sorted(p.name for p in version.iterdir()) == files
     for name in files:
         assert (version / name).read_bytes() == (tiny_artifact / name).read_bytes()

@@ -139,7 +139,7 @@ def test_engine_manifest_round_trip(manifest, tmp_path):
         "10.15.1.29", H100.to_dict(), o, profiles, ["plugins/libx.so"], manifest, 12.34
     )
     engine_manifest(manifest, record).save(tmp_path)
-    loaded = Manifest.load(tmp_path)
+    loaded = Manifest.read(tmp_path)  # the record alone: no model.plan here
     assert loaded.model_file == PLAN_FILE and loaded.data_files == []
     assert loaded.inputs == manifest.inputs and loaded.outputs == manifest.outputs
     e = loaded.engine
