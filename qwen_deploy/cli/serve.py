@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -26,13 +27,23 @@ from .options import (
     show_default=True,
     help="Interface to listen on (0.0.0.0 exposes the server to the network).",
 )
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True, help="TCP port, 1-65535.")
 @click.option("--model-name", help="Model id clients send (default: the artifact folder's name).")
 @click.option(
     "--api-key",
     envvar="QWEN_DEPLOY_API_KEY",
-    help="Require 'Authorization: Bearer KEY' (or set QWEN_DEPLOY_API_KEY).",
+    help="Require 'Authorization: Bearer KEY' on every route but /health, /docs included (or "
+    "set QWEN_DEPLOY_API_KEY).",
 )
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="A Host name a keyless localhost server also answers (repeatable); it answers only "
+    "localhost, 127.0.0.1 and [::1] otherwise, against DNS rebinding.",
+)
+@click.option("--no-docs", is_flag=True, help="Serve no /docs and /openapi.json.")
 @click.option(
     "--max-batch",
     type=click.IntRange(min=1),
@@ -56,6 +67,8 @@ def serve(
     port: int,
     model_name: str | None,
     api_key: str | None,
+    allowed_hosts: tuple[str, ...],
+    no_docs: bool,
     max_batch: int,
     provider: str,
     threads: int | None,
@@ -69,8 +82,11 @@ def serve(
     --prompt-lookup or --draft makes speculative decoding the requests' default; a request
     chooses with "speculative": "none" | "prompt_lookup" | "draft", and OpenAI's "prediction"
     (predicted output) drafts from its text."""
+    from ..serving.server import API_KEY_ENV
     from ..serving.server import serve as run_server
 
+    if api_key is None and os.environ.get(API_KEY_ENV) == "":
+        api_key = ""  # click reads an empty variable as unset: refused like an empty --api-key
     run_server(
         artifact,
         host=host,
@@ -84,6 +100,8 @@ def serve(
         prompt_lookup=prompt_lookup,
         draft=draft,
         draft_tokens=draft_tokens,
+        allowed_hosts=allowed_hosts,
+        docs=not no_docs,
     )
 
 

@@ -23,6 +23,14 @@ class ContextLengthError(QwenDeployError):
     """A prompt leaves no room to generate within the model's context length."""
 
 
+class TemplateKwargsError(QwenDeployError):
+    """Chat template kwargs that would replace the request's own messages, tools or prompt."""
+
+
+# what prepare() itself hands the template: kwargs may not override them
+TEMPLATE_ARGUMENTS = ("prompt", "messages", "tools", "add_generation_prompt")
+
+
 @dataclass(frozen=True)
 class PreparedRequest:
     """What a model needs to run one request."""
@@ -65,6 +73,12 @@ class RequestBuilder:
         that opens the output or that the prompt opened, so models that do not think are
         unaffected); a raw prompt only when it opened a think block itself. `max_context` lowers
         the model's limit (a server's)."""
+        taken = sorted(set(template_kwargs or {}) & set(TEMPLATE_ARGUMENTS))
+        if taken:
+            raise TemplateKwargsError(
+                f"chat template kwargs may not set {', '.join(taken)}: the request's own fields "
+                "give them; send the value there instead."
+            )
         ids = self.prompt_ids(prompt, messages, tools, **(template_kwargs or {}))
         if suffix:
             ids += self.tokenizer.encode(suffix)

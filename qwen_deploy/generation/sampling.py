@@ -2,9 +2,10 @@
 
 The processing order is the one transformers' `generate` applies: repetition penalty (over prompt
 and generated ids), then the warpers temperature, top-k, top-p, min-p. OpenAI-style presence and
-frequency penalties (over generated ids only) come right after the repetition penalty. Each step
-keeps only the still-finite logits in play, so top-p/min-p sort a top-k survivor set, not the
-whole vocabulary.
+frequency penalties (over generated ids only) come right after the repetition penalty, and
+OpenAI's logit_bias before all of them, on the raw logits (after a structured-output mask), as
+OpenAI and vLLM add it. Each step keeps only the still-finite logits in play, so top-p/min-p sort
+a top-k survivor set, not the whole vocabulary.
 """
 
 from __future__ import annotations
@@ -46,12 +47,14 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k: the sampled token's and the top k alternatives'
     grammar: str | None = None  # llguidance grammar the output must follow (structured.py)
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias in [-100, 100]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logit_bias = _token_biases(self.logit_bias)
         self.validate()
 
     @classmethod
@@ -74,7 +77,15 @@ class SamplingParams:
                 f"{', '.join(cls.__dataclass_fields__)}."
             )
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        params = cls(**values)
+        vocab = manifest.model.vocab_size
+        outside = sorted(t for t in params.logit_bias if t >= vocab)
+        if outside:
+            raise QwenDeployError(
+                f"logit_bias must use token ids of this model's vocabulary, [0, {vocab}); "
+                f"{outside[:5]} are outside it."
+            )
+        return params
 
     def replace(self, **overrides) -> SamplingParams:
         """A validated copy with `overrides` applied (None values are ignored)."""
@@ -144,6 +155,31 @@ def token_logprob(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
     return TokenLogprob(int(token), float(logp[token]), [(int(i), float(logp[i])) for i in best])
 
 
+def _token_biases(bias: object) -> dict[int, float]:
+    """logit_bias as {token id: bias}; OpenAI's JSON sends the ids as strings."""
+    if not isinstance(bias, dict):
+        raise QwenDeployError(
+            f"logit_bias must be an object of token id -> bias, got {type(bias).__name__}."
+        )
+    out = {}
+    for key, value in bias.items():
+        token = key if isinstance(key, int) and not isinstance(key, bool) else None
+        if isinstance(key, str) and key.isascii() and key.isdigit():
+            token = int(key)
+        if token is None or token < 0:
+            raise QwenDeployError(
+                f"logit_bias must map token ids (integers >= 0, as strings in JSON) to biases; "
+                f"{key!r} is not a token id."
+            )
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and -100 <= value <= 100):  # NaN fails the comparison too
+            raise QwenDeployError(
+                f"logit_bias must map token ids to biases in [-100, 100]; {key!r} has {value!r}."
+            )
+        out[token] = float(value)
+    return out
+
+
 def _number(name: str, value, valid: str, ok) -> None:
     if (
         isinstance(value, bool)
@@ -179,6 +215,13 @@ def presence_frequency_penalty(
     keep = tokens < logits.shape[-1]
     tokens, counts = tokens[keep], counts[keep]
     logits[tokens] -= (counts * frequency + presence).astype(np.float32)
+    return logits
+
+
+def logit_bias(logits: np.ndarray, ids: np.ndarray, biases: np.ndarray) -> np.ndarray:
+    """OpenAI's logit_bias: add each id's bias (ids past the logits are padding: skipped)."""
+    keep = ids < logits.shape[-1]
+    logits[ids[keep]] += biases[keep]
     return logits
 
 
@@ -236,6 +279,8 @@ class Sampler:
         self.params = params
         self.constraint = constraint
         self._prompt_seen = np.unique(np.asarray(prompt_ids, np.int64))  # once, not per token
+        self._bias_ids = np.fromiter(params.logit_bias, np.int64, len(params.logit_bias))
+        self._biases = np.fromiter(params.logit_bias.values(), np.float32, len(params.logit_bias))
         self.generated: list[int] = []
         self.rng = np.random.default_rng(params.seed)
         self.last_logprob: TokenLogprob | None = None  # of the last token, when params ask
@@ -246,6 +291,8 @@ class Sampler:
         x = np.array(logits, dtype=np.float32)  # a copy: callers' logits stay untouched
         if self.constraint is not None:  # first, so no warper can leave only forbidden tokens
             self.constraint.apply(x)
+        if len(self._bias_ids):
+            x = logit_bias(x, self._bias_ids, self._biases)
         if p.repetition_penalty != 1.0:
             seen = np.concatenate([self._prompt_seen, np.asarray(self.generated, np.int64)])
             x = repetition_penalty(x, seen, p.repetition_penalty)

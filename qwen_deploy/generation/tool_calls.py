@@ -121,6 +121,17 @@ class ToolCallStream:
         return parsed if parsed else (held, [])
 
 
+FUNCTION_SHAPE = '{"type": "function", "function": {"name": ...}}'
+
+
+class ToolError(ValueError):
+    """A request's tools or tool_choice that cannot be served; `param` names which."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class ToolPlan:
     """What a request's `tools` and `tool_choice` mean for the prompt and the answer."""
@@ -136,11 +147,15 @@ class ToolPlan:
 def plan_tools(tools: list[dict] | None, choice: str | dict | None) -> ToolPlan:
     """OpenAI's tool_choice: "auto" (default) parses calls, "none" hides the tools, "required"
     and a named function force a call by writing its opening after the generation prompt.
-    Raises ValueError naming what is wrong."""
-    names = frozenset(_function_name(tool) for tool in tools or [])
+    Raises ToolError naming the parameter and what is wrong."""
+    declared = [_function_name(tool) for tool in tools or []]
+    if None in declared:
+        index = declared.index(None)
+        raise ToolError(f"tools.{index}", f"a tool must be {FUNCTION_SHAPE}; tools.{index} is not.")
+    names = frozenset(n for n in declared if n)
     if not names:
         if choice not in (None, "none", "auto"):
-            raise ValueError("tool_choice needs tools: declare them in `tools`.")
+            raise ToolError("tool_choice", "tool_choice needs tools: declare them in `tools`.")
         return ToolPlan(None, frozenset())
     if choice in (None, "auto"):
         return ToolPlan(tools, names)
@@ -148,23 +163,24 @@ def plan_tools(tools: list[dict] | None, choice: str | dict | None) -> ToolPlan:
         return ToolPlan(None, frozenset())
     if choice == "required":
         return ToolPlan(tools, names, OPEN + "\n")
-    forced = _function_name(choice) if isinstance(choice, dict) else None
+    forced = _function_name(choice)
     if forced is None:
-        raise ValueError(
-            f"tool_choice {choice!r} is not one of 'auto', 'none', 'required' or "
-            '{"type": "function", "function": {"name": ...}}.'
+        raise ToolError(
+            "tool_choice",
+            f"tool_choice {choice!r} is not one of 'auto', 'none', 'required' or {FUNCTION_SHAPE}.",
         )
     if forced not in names:
-        raise ValueError(f"tool_choice names {forced!r}, which is not among the declared tools.")
+        raise ToolError(
+            "tool_choice",
+            f"tool_choice names {forced!r}, which is not among the declared tools; declare it in "
+            "`tools` or name one of them.",
+        )
     return ToolPlan(tools, names, f'{OPEN}\n{{"name": {json.dumps(forced)}, "arguments": {{')
 
 
-def _function_name(tool: dict) -> str | None:
-    """The function name of a {"type": "function", "function": {"name": ...}} entry."""
-    function = tool.get("function") if isinstance(tool, dict) else None
+def _function_name(entry: object) -> str | None:
+    """The function name of a {"type": "function", "function": {"name": ...}} entry; None if it
+    is not one."""
+    function = entry.get("function") if isinstance(entry, dict) else None
     name = function.get("name") if isinstance(function, dict) else None
-    if not isinstance(name, str) or not name:
-        raise ValueError(
-            f'a tool must be {{"type": "function", "function": {{"name": ...}}}}: {tool!r}'
-        )
-    return name
+    return name if isinstance(name, str) and name else None

@@ -3,7 +3,14 @@
 Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or SSE with `stream: true`
 ending in `data: [DONE]`), GET /v1/models, GET /health. Streams send one chunk per generated token,
 so a client can count tokens; with `stream_options.include_usage` a last chunk carries usage.
-Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: any error a request
+causes is a 4xx naming its parameter; 500 is kept for the server's own failures.
+
+Exposure guards: an API key covers every route but /health (the docs too); a keyless server on
+loopback answers only loopback Host names (a web page that rebinds its DNS name to 127.0.0.1
+cannot reach it); a connection whose request has not fully arrived within `request_timeout` of
+opening (or of its previous response) is closed, since uvicorn's keep-alive timer stops at the
+first byte and a half-sent request would hold the connection forever.
 """
 
 from __future__ import annotations
@@ -11,26 +18,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import re
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+import h11
+import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import QwenDeployError
-from ..generation.requests import ContextLengthError, PreparedRequest
+from ..generation.requests import ContextLengthError, PreparedRequest, TemplateKwargsError
 from ..generation.sampling import SamplingParams, TokenLogprob
 from ..generation.sequence import StreamDelta
 from ..generation.speculative import Drafter, Speculator
-from ..generation.tool_calls import ToolCall, ToolCallStream, plan_tools
+from ..generation.tool_calls import ToolCall, ToolCallStream, ToolError, plan_tools
+from ..manifest import Manifest
 from .engine import BatchEngine, EngineStream
 from .openai_schema import (
     ChatCompletionRequest,
@@ -43,6 +56,9 @@ from .openai_schema import (
 
 API_KEY_ENV = "QWEN_DEPLOY_API_KEY"
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a full 32k-token context is ~130 KB of text
+KEEP_ALIVE_S = 5  # an idle connection between requests is closed after this (uvicorn's default)
+REQUEST_TIMEOUT_S = 30.0  # a request's head and body must arrive within this
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 # OpenAI's "developer" role is its newer name for "system"; chat templates know only these four
 ROLES = {
     "system": "system",
@@ -135,6 +151,111 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+class HostCheck:
+    """ASGI middleware: requests whose Host header is not in `allowed` (names, any port) get 400
+    before anything reads them."""
+
+    def __init__(self, app, allowed: Collection[str]):
+        self.app, self.allowed = app, frozenset(allowed)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        raw = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        host = _host_name(raw)
+        if host in self.allowed:
+            return await self.app(scope, receive, send)
+        body = error_body(
+            f"Host {raw!r} is not served here: a server without an API key on localhost answers "
+            f"only {', '.join(sorted(self.allowed))} (a guard against DNS rebinding); add the "
+            "name with --allowed-host, or set --api-key.",
+            code="invalid_host",
+        )
+        await JSONResponse(body, 400)(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """A Host header's name without its port, lowercased ("[::1]:8000" -> "[::1]")."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[: host.find("]") + 1] if "]" in host else host
+    return host.partition(":")[0]
+
+
+def host_allow_list(
+    host: str, api_key: str | None, extra: Sequence[str] = ()
+) -> frozenset[str] | None:
+    """The Host names a server bound to `host` answers; None: any. Only a keyless server on a
+    loopback address is restricted: its clients are local, so any other name is a rebinding."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost
+        loopback = False
+    if api_key or not loopback:
+        return None
+    names = {f"[{n}]" if ":" in n and not n.startswith("[") else n for n in extra}
+    return LOOPBACK_HOSTS | {n.lower() for n in names}
+
+
+def _timed_h11(seconds: float) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol that closes a connection whose request (head and body) has not
+    fully arrived `seconds` after the connection opened or its previous response ended."""
+
+    class TimedH11(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _watch(self) -> None:
+            """Arm the deadline while a request is awaited (not re-armed per byte: a slow
+            trickle of bytes gets no longer); disarm it once the request is in."""
+            awaited = self.conn.their_state in (h11.IDLE, h11.SEND_BODY)
+            if awaited and self._deadline is None and not self.transport.is_closing():
+                self._deadline = self.loop.call_later(seconds, self.transport.close)
+            elif not awaited and self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+    return TimedH11
+
+
+def server_config(
+    app: FastAPI, request_timeout: float = REQUEST_TIMEOUT_S, **options
+) -> uvicorn.Config:
+    """uvicorn's configuration with this server's connection timeouts."""
+    return uvicorn.Config(
+        app, http=_timed_h11(request_timeout), timeout_keep_alive=KEEP_ALIVE_S, **options
+    )
+
+
+def artifact_warnings(manifest: Manifest) -> list[str]:
+    """What a client should know about the artifact served: a failed quantization gate."""
+    quality = manifest.quality or {}
+    if quality.get("passed") is not False:
+        return []
+    failures = "; ".join(quality.get("failures") or []) or "see `qwen-deploy inspect`"
+    return [
+        f"this artifact failed its quantization quality gate ({quality.get('preset')}: "
+        f"{failures}); its answers may be worse than its source model's: quantize it again "
+        "(`quantize` prints what to try) or serve the source artifact."
+    ]
+
+
 def _param_of(error: QwenDeployError) -> str | None:
     """The sampling parameter a SamplingParams error names (its message starts `name=`)."""
     match = re.match(r"(\w+)(=| must)", str(error))
@@ -190,12 +311,11 @@ class OpenAIServer:
                 param="n",
             )
 
-    def sampling_params(self, body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    def sampling_params(self, body: SamplingFields) -> SamplingParams:
         try:
             overrides = body.sampling_overrides()
         except FieldError as e:
             raise OpenAIError(400, str(e), param=e.param) from e
-        overrides["max_tokens"] = max_tokens
         try:
             return SamplingParams.from_defaults(self.generator.manifest, **overrides)
         except QwenDeployError as e:
@@ -207,6 +327,8 @@ class OpenAIServer:
             return self.generator.prepare(**kwargs, max_context=self.engine.max_context)
         except ContextLengthError as e:
             raise OpenAIError(400, str(e), param=param, code="context_length_exceeded") from e
+        except TemplateKwargsError as e:
+            raise OpenAIError(400, str(e), param="chat_template_kwargs") from e
         except (ValueError, TypeError, QwenDeployError) as e:
             raise OpenAIError(400, str(e), param=param) from e
 
@@ -234,16 +356,12 @@ class OpenAIServer:
     # -- endpoints -----------------------------------------------------------------------------
     async def chat(self, body: ChatCompletionRequest, request: Request):
         self.check_common(body)
-        limit = body.max_completion_tokens
-        params = self.sampling_params(body, body.max_tokens if limit is None else limit)
+        params = self.sampling_params(body)
         try:
-            plan = plan_tools(body.tools, body.tool_choice)
-        except ValueError as e:
-            raise OpenAIError(400, str(e), param="tool_choice") from e
-        try:
-            messages = [_templated(i, m) for i, m in enumerate(body.messages)]
-        except (ValueError, TypeError) as e:
-            raise OpenAIError(400, str(e), param="messages") from e
+            plan = plan_tools(body.tool_dicts(), body.tool_choice)
+        except ToolError as e:
+            raise OpenAIError(400, str(e), param=e.param) from e
+        messages = [_templated(i, m) for i, m in enumerate(body.messages)]
         prepared = self.prepare(
             "messages",
             messages=messages,
@@ -356,7 +474,7 @@ class OpenAIServer:
             )
         if body.suffix:
             raise OpenAIError(400, "suffix is not supported by this server.", param="suffix")
-        params = self.sampling_params(body, body.max_tokens)
+        params = self.sampling_params(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -459,7 +577,11 @@ def _templated(index: int, message: ChatMessage) -> dict[str, Any]:
             f"{', '.join(ROLES)}.",
             param=f"messages.{index}.role",
         )
-    return {**message.for_template(), "role": ROLES[message.role]}
+    try:
+        return {**message.for_template(), "role": ROLES[message.role]}
+    except FieldError as e:
+        param = f"messages.{index}.{e.param}"
+        raise OpenAIError(400, f"{param}: {e}", param=param) from e
 
 
 def _usage(stream: EngineStream, completion_tokens: int) -> dict:
@@ -504,8 +626,11 @@ def _api_key_check(api_key: str | None) -> Callable[[Request], None]:
             return
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), api_key.encode()
+        token = token.strip()
+        if (
+            scheme.lower() != "bearer"
+            or not token
+            or not hmac.compare_digest(token.encode(), api_key.encode())
         ):
             raise OpenAIError(
                 401,
@@ -516,25 +641,70 @@ def _api_key_check(api_key: str | None) -> Callable[[Request], None]:
     return check
 
 
+def _validation_error(e: RequestValidationError) -> JSONResponse:
+    """A body pydantic refused: 400 naming the field as the client sent it (pydantic's union and
+    type tags, such as `str` in stop.str, are not fields)."""
+    errors = e.errors()
+    first = errors[0] if errors else {}
+    cause = first.get("ctx", {}).get("error")
+    if first.get("type") == "json_invalid":
+        return JSONResponse(error_body(f"the request body is not valid JSON ({cause})."), 400)
+    if isinstance(cause, FieldError):  # our own validators name the field and the fix
+        return JSONResponse(error_body(str(cause), param=cause.param), 400)
+    param = _field(first, e.body)
+    problems = dict.fromkeys(
+        x.get("msg", "invalid value") for x in errors if _field(x, e.body) == param
+    )
+    message = f"{param or 'body'}: {' or '.join(problems)}."
+    return JSONResponse(error_body(message, param=param), 400)
+
+
+def _field(error: dict, body: Any) -> str | None:
+    """The dotted path (messages.0.content) of the part of `body` a pydantic error is about."""
+    path, node = [], body
+    for key in error.get("loc", ())[1:]:  # after "body"
+        if (isinstance(node, dict) and key in node) or (
+            isinstance(node, list) and isinstance(key, int) and 0 <= key < len(node)
+        ):
+            node = node[key]
+        else:
+            if error.get("type") == "missing":
+                path.append(str(key))
+            break
+        path.append(str(key))
+    return ".".join(path) or None
+
+
 def create_app(
     engine: BatchEngine,
     model_name: str,
     api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     speculator: Speculator | None = None,
+    allowed_hosts: Collection[str] | None = None,
+    docs: bool = True,
 ) -> FastAPI:
-    """The FastAPI app; its lifespan starts and stops the engine's worker thread. `speculator`:
-    the speculative decoding requests get by default and may choose (none without it)."""
+    """The FastAPI app; its lifespan starts and stops the engine's worker thread (and prints the
+    artifact's warnings). `speculator`: the speculative decoding requests get by default and may
+    choose (none without it); `allowed_hosts`: the Host names answered (None: any, see
+    host_allow_list); `docs`: /docs and /openapi.json, behind the API key like the API."""
     server = OpenAIServer(engine, model_name, speculator)
+    warnings = artifact_warnings(engine.manifest)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         engine.start()
         yield
         engine.close()
 
-    app = FastAPI(title="qwen-deploy", lifespan=lifespan)
+    app = FastAPI(
+        title="qwen-deploy", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     app.add_middleware(BodyLimit, limit=max_body_bytes)
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=allowed_hosts)  # outermost: before the body
     app.state.server = server
     auth = [Depends(_api_key_check(api_key))]
 
@@ -544,14 +714,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        if first.get("type") == "json_invalid":
-            message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error')})."
-            return JSONResponse(error_body(message), status_code=400)
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        param = ".".join(loc) or None
-        message = f"{param or 'body'}: {first.get('msg', 'invalid value')}"
-        return JSONResponse(error_body(message, param=param), status_code=400)
+        return _validation_error(e)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -572,7 +735,18 @@ def create_app(
             "active": engine.active,
             "max_batch": engine.max_batch,
             "speculative": engine.speculative.to_dict(),  # over finished speculative requests
+            "warnings": warnings,
         }
+
+    if docs:
+
+        @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+        async def openapi() -> dict:
+            return app.openapi()
+
+        @app.get("/docs", dependencies=auth, include_in_schema=False)
+        async def swagger() -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title="qwen-deploy")
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
@@ -600,6 +774,17 @@ def create_app(
     return app
 
 
+def check_options(port: int, api_key: str | None) -> None:
+    """Refuse options that cannot work before anything is loaded."""
+    if not 1 <= port <= 65535:
+        raise QwenDeployError(f"--port {port} is not a TCP port: use one in 1-65535.")
+    if api_key is not None and not api_key.strip():
+        raise QwenDeployError(
+            f"the API key is empty (--api-key or {API_KEY_ENV}): give a non-empty key, or unset "
+            "both to serve without one."
+        )
+
+
 def serve(
     artifact: str | Path,
     host: str = "127.0.0.1",
@@ -613,28 +798,33 @@ def serve(
     prompt_lookup: bool = False,
     draft: str | Path | None = None,
     draft_tokens: int | None = None,
+    allowed_hosts: Sequence[str] = (),
+    docs: bool = True,
 ) -> None:
     """Load the artifact (and the draft artifact) and serve it until interrupted."""
-    import uvicorn
-
     from ..generation.generator import Generator
 
+    check_options(port, api_key)
     generator = Generator(artifact, provider=provider, threads=threads)
     engine = BatchEngine(generator, max_batch=max_batch)
     vocab = generator.manifest.model.vocab_size
     speculator = Speculator.open(vocab, prompt_lookup, draft, draft_tokens, provider, threads)
     name = model_name or Path(artifact).resolve().name
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    hosts = host_allow_list(host, api_key, allowed_hosts)
+    if hosts is None and not api_key:
         print(
             f"warning: serving on {host} without an API key; anyone who can reach this port "
             f"can use the model (set --api-key or {API_KEY_ENV}).",
             file=sys.stderr,
         )
     print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch})", file=sys.stderr)
-    uvicorn.run(
-        create_app(engine, name, api_key, max_body_bytes, speculator),
-        host=host,
-        port=port,
-        log_level="info",
-        timeout_graceful_shutdown=5,
+    app = create_app(engine, name, api_key, max_body_bytes, speculator, hosts, docs)
+    server = uvicorn.Server(
+        server_config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
     )
+    server.run()
+    if not server.started:
+        raise QwenDeployError(
+            f"could not listen on {host}:{port} (uvicorn's error above says why): free the port "
+            "or choose another --port or --host."
+        )

@@ -25,7 +25,7 @@ from qwen_deploy.generation.generator import Generator
 from qwen_deploy.generation.speculative import SpeculativeStats, Speculator
 from qwen_deploy.manifest import Manifest
 from qwen_deploy.serving.engine import BatchEngine
-from qwen_deploy.serving.server import create_app
+from qwen_deploy.serving.server import REQUEST_TIMEOUT_S, create_app, server_config
 
 MODEL = "tiny-qwen"
 MESSAGES = [
@@ -51,15 +51,24 @@ def _port_is_free(port: int) -> bool:
 
 @contextlib.contextmanager
 def running_server(
-    engine: BatchEngine, name: str, api_key: str | None = None, **app_options
+    engine: BatchEngine,
+    name: str,
+    api_key: str | None = None,
+    request_timeout: float = REQUEST_TIMEOUT_S,
+    **app_options,
 ) -> Iterator[str]:
-    """uvicorn in a thread on a free localhost port; stopped, port freed, engine idle at exit."""
+    """uvicorn in a thread on a free localhost port, configured as `serve` configures it;
+    stopped, port freed, engine idle at exit."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds its own
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(create_app(engine, name, api_key, **app_options), log_level="warning")
+        server_config(
+            create_app(engine, name, api_key, **app_options),
+            request_timeout=request_timeout,
+            log_level="warning",
+        )
     )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -109,6 +118,7 @@ def test_models_and_health(served):
         "active": 0,
         "max_batch": 8,
         "speculative": SpeculativeStats().to_dict() | health["speculative"],
+        "warnings": [],
     }
 
 

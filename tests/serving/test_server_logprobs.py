@@ -120,7 +120,12 @@ def test_bad_logprobs_requests_are_refused(served):
     chat = {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}
     for extra, param, words in [
         ({"top_logprobs": 3}, "top_logprobs", "needs logprobs: true"),
-        ({"logprobs": True, "top_logprobs": 21}, "logprobs", "[0, 20]"),
+        (
+            {"logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+            "top_logprobs=21 is out of range: it must be an integer in [0, 20].",
+        ),
+        ({"top_logprobs": -1}, "top_logprobs", "top_logprobs=-1 is out of range"),
     ]:
         response = httpx.post(served.url + "/v1/chat/completions", json={**chat, **extra})
         assert response.status_code == 400
