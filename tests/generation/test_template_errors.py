@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,9 +67,12 @@ def test_serve_refuses_an_artifact_whose_template_does_not_compile(tiny_artifact
     manifest = json.loads((tiny_artifact / MANIFEST).read_text())
     manifest["chat_template"] = "{% if messages %}{{ messages[0].content }\n{% endif %}"
     (broken / MANIFEST).write_text(json.dumps(manifest))
+    with socket.socket() as free:  # a port nothing listens on, should the server start
+        free.bind(("127.0.0.1", 0))
+        port = str(free.getsockname()[1])
     command = "from qwen_deploy.cli import main; main()"
     result = subprocess.run(
-        [sys.executable, "-c", command, "serve", str(broken), "--port", "0"],
+        [sys.executable, "-c", command, "serve", str(broken), "--port", port],
         capture_output=True,
         text=True,
         timeout=120,
