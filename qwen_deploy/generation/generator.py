@@ -99,7 +99,7 @@ class Generator(RequestBuilder):
         stats = SpeculativeStats()
         for _ in self._one(state, drafter, draft_tokens, stats):
             pass
-        result = _result(state)
+        result = generation_result(state)
         if drafter is not None:
             result.speculative = stats.to_dict()
         return result
@@ -124,7 +124,7 @@ class Generator(RequestBuilder):
         states = self.states(prompts, params)
         for _ in self.run(states):
             pass
-        return [_result(s) for s in states]
+        return [generation_result(s) for s in states]
 
     def states(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[SequenceState]:
         """One checked SequenceState per token-id prompt (context limit applied)."""
@@ -174,7 +174,8 @@ class Generator(RequestBuilder):
         return Batch(self.backend, len(states), min(width + longest, self.max_context))
 
 
-def _result(state: SequenceState) -> GenerationResult:
+def generation_result(state: SequenceState) -> GenerationResult:
+    """A finished sequence as the caller sees it."""
     return GenerationResult(
         token_ids=list(state.completion_ids),
         text=state.text,

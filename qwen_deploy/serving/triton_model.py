@@ -1,9 +1,11 @@
-"""Triton Python-backend model: qwen-deploy's Generator behind Triton (copied as model.py).
+"""Triton Python-backend model: qwen-deploy's batching engine behind Triton (copied as model.py).
 
 `qwen-deploy triton` copies this file into the repository; it runs only inside Triton's Python
-backend stub (which provides `triton_python_backend_utils`). The model is decoupled: each request
-gets one response, or with `stream` one response per generated token, then a final flag. A bad
-request gets a Triton error response and the model goes on serving the next one.
+backend stub (which provides `triton_python_backend_utils`). The model is decoupled: `execute`
+hands each request to the instance's BatchEngine (the scheduler `qwen-deploy serve` runs) and
+returns, so concurrent requests decode in one batch; each gets one response, or with `stream` one
+response per generated token, then a final flag. A bad request gets a Triton error response and
+the model goes on serving the next one.
 
 Inputs (all optional TYPE_STRING [1] unless said): text_input (raw prompt), messages (JSON chat
 messages), sampling_parameters (JSON object: SamplingParams fields, plus `tools` and
@@ -21,8 +23,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from qwen_deploy.errors import QwenDeployError
-from qwen_deploy.generation.generator import Generator
+from qwen_deploy.generation.generator import Generator, generation_result
+from qwen_deploy.generation.requests import PreparedRequest
+from qwen_deploy.generation.sequence import StreamDelta
 from qwen_deploy.runtime.backend import open_backend
+from qwen_deploy.serving.engine import BatchEngine, EngineRequest
 
 TEMPLATE_KEYS = ("tools", "chat_template_kwargs")
 
@@ -76,6 +81,61 @@ def _response(
     )
 
 
+class _Reply:
+    """Where one request's deltas go, from the engine's worker thread: a response per token
+    (stream) or one at the end; a client that went away cancels its request."""
+
+    def __init__(self, sender, engine: BatchEngine, stream: bool, prompt_tokens: int):
+        self.sender, self.engine, self.stream = sender, engine, stream
+        self.prompt_tokens = prompt_tokens
+        self.request: EngineRequest | None = None  # set once the engine took it
+
+    def emit(self, item: StreamDelta | BaseException) -> None:
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if isinstance(item, BaseException):
+            _fail(self.sender, item)
+            return
+        if self.sender.is_cancelled():  # no more deltas arrive once the engine knows
+            if self.request is not None:
+                self.engine.cancel(self.request)
+            self.sender.send(flags=final)
+            return
+        if self.stream:
+            tokens = [] if item.token_id is None else [item.token_id]
+            self.sender.send(
+                _response(
+                    item.text,
+                    item.content,
+                    item.reasoning_content,
+                    tokens,
+                    item.finish_reason,
+                    self.prompt_tokens,
+                ),
+                flags=final if item.finish_reason else 0,
+            )
+        elif item.finish_reason and self.request is not None:
+            r = generation_result(self.request.state)
+            self.sender.send(
+                _response(
+                    r.text,
+                    r.content,
+                    r.reasoning_content or "",
+                    r.token_ids,
+                    r.finish_reason,
+                    r.prompt_tokens,
+                ),
+                flags=final,
+            )
+
+
+def _fail(sender, error: BaseException) -> None:
+    message = str(error) if isinstance(error, QwenDeployError) else f"internal error: {error!r}"
+    sender.send(
+        pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
+        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+    )
+
+
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
@@ -84,22 +144,26 @@ class TritonPythonModel:
         provider = params.get("provider", "cpu")
         device_id = int(args.get("model_instance_device_id", 0))
         self.generator = Generator(folder, backend=open_backend(folder, provider, None, device_id))
+        self.engine = BatchEngine(self.generator, max_batch=int(params.get("max_batch", 8)))
+        self.engine.start()
 
     def execute(self, requests):
+        """Hand each request to the instance's engine and return at once: the engine's worker
+        batches them with the requests already decoding and sends their responses."""
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self._serve(request, sender)
+                prepared, stream = self._prepare(request)
+                reply = _Reply(sender, self.engine, stream, len(prepared.prompt_ids))
+                reply.request = self.engine.add(prepared, reply.emit)
             except Exception as e:  # the request fails, the model keeps serving
-                message = str(e) if isinstance(e, QwenDeployError) else f"internal error: {e!r}"
-                sender.send(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(message)),
-                    flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
-                )
+                _fail(sender, e)
         return None
 
-    def _serve(self, request, sender) -> None:
-        gen = self.generator
+    def finalize(self) -> None:
+        self.engine.close()  # requests still in flight get an error response
+
+    def _prepare(self, request) -> tuple[PreparedRequest, bool]:
         prompt = _string(request, "text_input")
         messages = _json(request, "messages", list)
         sampling = _json(request, "sampling_parameters", dict) or {}
@@ -113,44 +177,11 @@ class TritonPythonModel:
         kwargs = template.get("chat_template_kwargs") or {}
         if not isinstance(kwargs, dict):
             raise QwenDeployError("sampling_parameters.chat_template_kwargs must be a JSON object.")
-        prepared = gen.prepare(
+        prepared = self.generator.prepare(
             prompt=prompt,
             messages=messages,
             tools=template.get("tools"),
             template_kwargs=kwargs,
             **sampling,
         )
-        ids = prepared.prompt_ids
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        if not stream:
-            r = gen.generate(request=prepared)
-            sender.send(
-                _response(
-                    r.text,
-                    r.content,
-                    r.reasoning_content or "",
-                    r.token_ids,
-                    r.finish_reason,
-                    r.prompt_tokens,
-                ),
-                flags=final,
-            )
-            return
-        for delta in gen.stream(request=prepared):
-            if sender.is_cancelled():  # the client went away: stop generating for it
-                break
-            tokens = [] if delta.token_id is None else [delta.token_id]
-            sender.send(
-                _response(
-                    delta.text,
-                    delta.content,
-                    delta.reasoning_content,
-                    tokens,
-                    delta.finish_reason,
-                    len(ids),
-                ),
-                flags=final if delta.finish_reason else 0,
-            )
-            if delta.finish_reason:
-                return
-        sender.send(flags=final)
+        return prepared, stream

@@ -147,15 +147,21 @@ def decoder_config(
 
 
 def generate_config(
-    name: str, artifact_rel: str, instances: int, provider: str, python_env: Path | None
+    name: str,
+    artifact_rel: str,
+    instances: int,
+    provider: str,
+    python_env: Path | None,
+    max_batch: int = 8,
 ) -> str:
-    """config.pbtxt of the Python-backend text generation model (decoupled: it can stream)."""
+    """config.pbtxt of the Python-backend text generation model (decoupled: it streams, and each
+    instance batches up to `max_batch` concurrent requests on one engine)."""
     text = f'name: {_quote(name)}\nbackend: "python"\nmax_batch_size: 0\n'
     text += "model_transaction_policy {\n  decoupled: true\n}\n"
     text += _block("input", [_tensor(*t) for t in GENERATE_INPUTS])
     text += _block("output", [_tensor(*t) for t in GENERATE_OUTPUTS])
     text += _block("instance_group", [f"  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}"])
-    params = {"artifact": artifact_rel, "provider": provider}
+    params = {"artifact": artifact_rel, "provider": provider, "max_batch": str(max_batch)}
     if python_env is not None:
         params["EXECUTION_ENV_PATH"] = str(python_env)
     return text + _parameters(params)
@@ -288,7 +294,7 @@ def write_repository(
         (tmp / name / VERSION).mkdir(parents=True)
         shutil.copy2(MODEL_TEMPLATE, tmp / name / VERSION / "model.py")
         (tmp / name / "config.pbtxt").write_text(
-            generate_config(name, f"../{decoder}/{VERSION}", instances, provider, env)
+            generate_config(name, f"../{decoder}/{VERSION}", instances, provider, env, max_batch)
         )
         (tmp / "README.md").write_text(
             readme(manifest, name, decoder, backend, provider, env, plugins)

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -248,6 +249,7 @@ def test_configs_parse_as_triton_model_config(artifact, tmp_path, precision, max
     assert params == {
         "artifact": "../m_decoder/1",
         "provider": "cpu",
+        "max_batch": str(max_batch),  # the engine's batch in each instance
         "EXECUTION_ENV_PATH": str(TRITON_ENV.resolve()),
     }
 
@@ -401,6 +403,29 @@ def test_http_stream_sends_one_event_per_token(server, generator):
     assert [e["finish_reason"] for e in events] == [""] * (len(events) - 1) + [
         expected.finish_reason
     ]
+
+
+@needs_triton
+def test_one_instance_batches_concurrent_streams(server):
+    """One model instance decodes concurrent requests together: every stream has its first
+    token before any of them finishes (served one at a time, the second would start only after
+    the first ended)."""
+    long = {"temperature": 0, "max_tokens": 200, "stop_token_ids": []}
+    body = _request(text_input="Hi", sampling_parameters=long, stream=True)
+
+    def stream(_) -> tuple[float, float, int]:
+        with httpx.stream(
+            "POST", f"{server.url}/v2/models/qwen/generate_stream", json=body, timeout=120
+        ) as response:
+            times = [
+                time.monotonic() for line in response.iter_lines() if line.startswith("data: ")
+            ]
+        return times[0], times[-1], len(times)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(stream, range(4)))
+    assert [n for _, _, n in results] == [200] * 4
+    assert max(first for first, _, _ in results) < min(last for _, last, _ in results)
 
 
 @needs_triton
