@@ -215,7 +215,7 @@ def test_every_command_runs_engine_artifacts_on_tensorrt(plan_only, tiny_checkpo
     runner = CliRunner()
     for args in (
         ["generate", str(plan_only), "hi"],
-        ["serve", str(plan_only), "--port", "0"],
+        ["serve", str(plan_only), "--port", "8123"],
         ["parity", str(plan_only), "--reference", str(tiny_checkpoint), "--quiet"],
     ):
         result = runner.invoke(main, args)
