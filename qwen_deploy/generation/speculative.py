@@ -128,9 +128,10 @@ class DraftModel:
 
 
 class Speculation:
-    """One sequence decoded speculatively on its own (empty, one-row) batch, a round at a time:
-    the first round prefills the prompt, each later one drafts up to k tokens and verifies them
-    in one target forward. Callers stop when `state.finished`."""
+    """One sequence decoded speculatively on a one-row batch of its own that holds its prompt,
+    a round at a time: `begin` samples the first token from the prefill's logits, each round
+    drafts up to k tokens and verifies them in one target forward. Callers stop when
+    `state.finished`."""
 
     def __init__(
         self,
@@ -145,11 +146,12 @@ class Speculation:
         self.tokens = list(state.prompt_ids)  # the prompt and every token generated
         self.last: int | None = None  # the newest token, not yet fed to the model
 
+    def begin(self, logits: np.ndarray) -> StreamDelta:
+        """The first token, from the prompt's last logits [vocab]."""
+        return self._append(self.state.sampler(logits))
+
     def round(self) -> list[StreamDelta]:
         """The tokens of one target forward (one or more), as deltas."""
-        if self.last is None:
-            logits = self.batch.extend(np.array([self.tokens]), last_only=True)[0]
-            return [self._append(self.state.sampler(logits[-1]))]
         room = (self.state.params.max_tokens or self.k + 1) - len(self.state.completion_ids)
         drafts = self.drafter.propose(self.tokens, min(self.k, room - 1)) if room > 1 else []
         start = self.batch.length

@@ -27,6 +27,17 @@ class Batch:
         self.cache = backend.new_cache(rows, capacity)
         self.mask = np.zeros((rows, 0), np.int64)
 
+    @classmethod
+    def resume(
+        cls, backend: Backend, arrays: dict[str, np.ndarray], capacity: int | None = None
+    ) -> Batch:
+        """One row whose cache already holds `arrays` ([1, kv_heads, length, head_dim] per cache
+        name, no padding: a cached prefix)."""
+        batch = cls(backend, 0)
+        length = next(iter(arrays.values())).shape[2]
+        batch._rebuild(arrays, np.ones((1, length), np.int64), capacity)
+        return batch
+
     @property
     def rows(self) -> int:
         return self.mask.shape[0]

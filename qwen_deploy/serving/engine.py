@@ -3,13 +3,16 @@
 The running requests are one runtime.decode.Batch on the generator's backend (onnxruntime or a
 TensorRT engine): per layer a cache tensor [batch, kv_heads, length, head_dim] on the device,
 left-padded, with an attention mask marking real positions; with onnxruntime's gqa form decode
-steps extend one preallocated buffer in place, so a step copies no cache (batch 8 at 1024-token
-prompts on 0.5B: 52 vs 44 tok/s through host arrays). A step (1) drops finished and cancelled rows
-and trims all-padding left columns, (2) prefills newcomers without past (several at once,
-left-padded, within a token budget) and merges them into the running batch by left-padding the
-shorter cache to the common length (both rebuild the cache through host arrays: a copy per join
-or leave, not per token), and (3) decodes one token (seq=1) for every running row. Prefill never
-runs a batch>1 chunk with past, which onnxruntime's GroupQueryAttention does not support.
+steps extend one preallocated buffer in place, so a step copies no cache. A step (1) drops
+finished and cancelled rows and trims all-padding left columns, (2) prefills up to
+`prefill_chunk` prompt tokens, first come first served, each request on a one-row batch of its
+own (starting from the longest cached prefix of its prompt), so a long prompt arrives in chunks
+between the running rows' decode steps instead of stalling them, (3) moves requests whose prompt
+is complete into the running batch by left-padding the shorter cache to the common length (a
+copy through host arrays per join or leave, not per token), and (4) decodes one token (seq=1) for
+every running row. A prompt's tokens give the same logits however its prefill is chunked (one
+row, chunks of two or more tokens), so neither the chunking nor a prefix-cache hit changes what
+a request generates.
 
 A request with a drafter (speculative decoding) runs on a one-row batch of its own: each step
 gives it one round (draft up to k tokens, verify them in one forward), next to the batched decode
@@ -31,12 +34,16 @@ import numpy as np
 from ..errors import QwenDeployError
 from ..generation.generator import Generator
 from ..generation.requests import PreparedRequest
+from ..generation.sampling import TokenLogprob, token_logprob
 from ..generation.sequence import SequenceState, StreamDelta
 from ..generation.speculative import Drafter, Speculation, SpeculativeStats
 from ..runtime.decode import Batch
+from ..runtime.prefix_cache import PrefixCache
 
 Emit = Callable[[StreamDelta | BaseException], None]
 BOUND_HEADROOM = 256  # positions a rebuilt running cache can grow before it is moved
+PREFILL_CHUNK = 256  # prompt tokens per step: what a new prompt can delay the running rows by
+ECHO_CHUNK = 128  # echo's chunks hold every position's logits: [chunk, vocab] float32
 _CANCELLED = object()
 
 
@@ -49,15 +56,23 @@ class EngineRequest:
     state: SequenceState
     emit: Emit
     cancelled: bool = False
+    failed: bool = False
     pending: int | None = None  # last sampled token, fed to the model at the next decode step
     drafter: Drafter | None = None  # speculative decoding on a batch of its own
     draft_tokens: int | None = None
-    speculation: Speculation | None = None  # made at its first round
+    speculation: Speculation | None = None  # made when its prefill ends
     speculative: SpeculativeStats = dataclasses.field(default_factory=SpeculativeStats)
+    # prefill: the request's own one-row batch and how much of the prompt it holds
+    prefill: Batch | None = None
+    prefilled: int = 0
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # echo: each prompt token's logprob and `prompt_top` alternatives, filled during its prefill
+    prompt_top: int | None = None
+    prompt_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
 
     @property
     def done(self) -> bool:
-        return self.cancelled or self.state.finished
+        return self.cancelled or self.failed or self.state.finished
 
 
 class EngineStream:
@@ -117,16 +132,20 @@ class BatchEngine:
         self,
         generator: Generator,
         max_batch: int = 8,
-        prefill_tokens: int = 512,
+        prefill_chunk: int = PREFILL_CHUNK,
         max_context: int | None = None,
+        prefix_cache_bytes: int = 0,
     ):
         """max_context: tokens per sequence (prompt + output), at most the model's positions;
-        prefill_tokens: padded tokens per prefill call (bounds its activation memory); max_batch
-        is lowered to what the backend runs at once (a TensorRT engine's --max-batch).
-        """
+        prefill_chunk: prompt tokens prefilled per step, between the running rows' decode steps
+        (what a long prompt can delay them by); max_batch is lowered to what the backend runs at
+        once (a TensorRT engine's --max-batch); prefix_cache_bytes: host memory for the KV of
+        earlier prompts (0: no prefix cache)."""
         limit = generator.max_context
         if max_batch < 1:
             raise QwenDeployError(f"max_batch must be >= 1 (got {max_batch}).")
+        if prefill_chunk < 2:
+            raise QwenDeployError(f"prefill_chunk must be >= 2 tokens (got {prefill_chunk}).")
         # a TensorRT engine runs at most the batch it was built for; more requests wait
         max_batch = min(max_batch, generator.backend.capabilities.max_batch or max_batch)
         if max_context is not None and not 1 < max_context <= limit:
@@ -139,15 +158,17 @@ class BatchEngine:
         self.backend = generator.backend
         self.manifest = generator.manifest
         self.max_batch = max_batch
-        self.prefill_tokens = max(1, prefill_tokens)
+        self.prefill_chunk = prefill_chunk
         self.max_context = max_context or limit
         self.pad_id = generator.pad_id
+        names = [past for past, _ in self.manifest.kv_pairs()]
+        self.prefix_cache = PrefixCache(names, prefix_cache_bytes) if prefix_cache_bytes else None
         self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "peak_batch": 0}
         self.speculative = SpeculativeStats()  # totals over finished speculative requests
         self._ids = itertools.count()
         self._cond = threading.Condition()
         self._waiting: deque[EngineRequest] = deque()
-        self._prefilling: list[EngineRequest] = []  # admitted, not yet in the running batch
+        self._prefilling: list[EngineRequest] = []  # admitted, prefilling on batches of their own
         self._running: list[EngineRequest] = []
         self._speculating: list[EngineRequest] = []  # each on a one-row batch of its own
         self._batch: Batch | None = None  # the running requests' rows
@@ -172,18 +193,29 @@ class BatchEngine:
         emit: Emit,
         drafter: Drafter | None = None,
         draft_tokens: int | None = None,
+        prompt_logprobs: int | None = None,
+        stats: SpeculativeStats | None = None,
     ) -> EngineRequest:
-        """Queue a request (generator.prepare); it joins the running batch at the next step (with
-        a `drafter`: it is decoded speculatively, `draft_tokens` per round, on its own batch).
-        Its max_tokens is clipped to this engine's context; a prompt that fills it is refused
+        """Queue a request (generator.prepare); it is prefilled in chunks between decode steps,
+        then joins the running batch (with a `drafter`: it is decoded speculatively,
+        `draft_tokens` per round, on its own batch, its acceptance counted in `stats`). With
+        `prompt_logprobs` (top alternatives, 0-20) every prompt token's logprob is computed in
+        the same prefill (`EngineRequest.prompt_logprobs`, complete at the first delta). Its
+        max_tokens is clipped to this engine's context; a prompt that fills it is refused
         (ContextLengthError). Thread-safe."""
         params = self.generator.check_context(request.prompt_ids, request.params, self.max_context)
         state = SequenceState(
             request.prompt_ids, params, self.generator.tokenizer, request.reasoning
         )
-        ids = list(request.prompt_ids)
         queued = EngineRequest(
-            next(self._ids), ids, state, emit, drafter=drafter, draft_tokens=draft_tokens
+            next(self._ids),
+            list(request.prompt_ids),
+            state,
+            emit,
+            drafter=drafter,
+            draft_tokens=draft_tokens,
+            speculative=stats or SpeculativeStats(),
+            prompt_top=prompt_logprobs,
         )
         with self._cond:
             if self._closed:
@@ -197,6 +229,7 @@ class BatchEngine:
         request: PreparedRequest,
         drafter: Drafter | None = None,
         draft_tokens: int | None = None,
+        prompt_logprobs: int | None = None,
     ) -> EngineStream:
         """Queue a prepared request from asyncio code (as `add`); iterate the returned stream
         for its deltas."""
@@ -206,7 +239,8 @@ class BatchEngine:
         def emit(item: StreamDelta | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        return EngineStream(self, self.add(request, emit, drafter, draft_tokens), queue)
+        queued = self.add(request, emit, drafter, draft_tokens, prompt_logprobs)
+        return EngineStream(self, queued, queue)
 
     def cancel(self, request: EngineRequest) -> None:
         """Mark a request cancelled; the worker frees its slot before the next decode step."""
@@ -243,7 +277,7 @@ class BatchEngine:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._closed or self._waiting or self._running or self._speculating):
+                while not (self._closed or self.active):
                     self._cond.wait()
                 if self._closed:
                     return
@@ -251,90 +285,137 @@ class BatchEngine:
 
     # -- one scheduling step -----------------------------------------------------------------
     def step(self) -> bool:
-        """Drop done rows, admit and prefill newcomers, decode one token (one speculative round
-        for each speculative request); True if work remains."""
+        """Drop done rows, admit newcomers, prefill up to `prefill_chunk` prompt tokens, decode
+        one token for the running rows (one speculative round for each speculative request);
+        True if work remains."""
         self._drop_done()
-        newcomers = self._admit()
-        try:
-            if newcomers:
-                self._prefill(newcomers)
-            if self._running:
+        self._admit()
+        for request, tokens in self._prefill_chunks():
+            try:
+                self._prefill(request, tokens)
+            except Exception as e:  # this request fails alone
+                self._fail([request], e)
+        if self._running:
+            try:
                 self._decode()
                 self.stats["steps"] += 1
-        except Exception as e:  # a model failure ends the affected requests, not the server
-            self._fail([*newcomers, *self._running], e)
+            except Exception as e:  # a model failure ends the batch's requests, not the server
+                self._fail(list(self._running), e)
+                with self._cond:
+                    self._running = []
+                self._batch = None
         for request in self._speculating:
             self._speculate(request)
         self._drop_done()
-        with self._cond:
-            return bool(self._waiting or self._running or self._speculating)
+        return bool(self.active)
 
-    def _admit(self) -> list[EngineRequest]:
+    def _admit(self) -> None:
         with self._cond:
             for request in [r for r in self._waiting if r.cancelled]:
                 self._waiting.remove(request)
                 self._count_cancelled(request)
-            busy = len(self._running) + len(self._speculating)
-            admitted = [
-                self._waiting.popleft()
-                for _ in range(min(self.max_batch - busy, len(self._waiting)))
-            ]
-            self._speculating += [r for r in admitted if r.drafter]
-            self._prefilling = [r for r in admitted if not r.drafter]
-            return list(self._prefilling)
+            busy = len(self._running) + len(self._speculating) + len(self._prefilling)
+            while self._waiting and busy < self.max_batch:
+                self._prefilling.append(self._waiting.popleft())
+                busy += 1
 
-    def _prefill(self, newcomers: list[EngineRequest]) -> None:
-        """Prefill newcomers in groups within the token budget, sample their first tokens, merge."""
-        group: list[EngineRequest] = []
-        for request in sorted(newcomers, key=lambda r: len(r.prompt_ids)):
-            longest = max([len(request.prompt_ids), *(len(r.prompt_ids) for r in group)])
-            if group and longest * (len(group) + 1) > self.prefill_tokens:
-                self._prefill_group(group)
-                group = []
-            group.append(request)
-        if group:
-            self._prefill_group(group)
+    def _prefill_chunks(self) -> list[tuple[EngineRequest, int]]:
+        """This step's prefill work, first come first served: (request, tokens) within the
+        budget. A chunk never leaves a prompt's last token alone: a one-token forward rounds
+        differently from the same position in a longer chunk."""
+        work, budget = [], self.prefill_chunk
+        for request in list(self._prefilling):
+            if budget < 2 or request.done:
+                continue
+            if request.prefill is None:
+                self._start_prefill(request)
+            remaining = len(request.prompt_ids) - request.prefilled
+            take = min(remaining, budget, ECHO_CHUNK if request.prompt_top is not None else budget)
+            if remaining - take == 1:
+                take = take - 1 if take > 2 else remaining
+            work.append((request, take))
+            budget -= take
+        return work
 
-    def _prefill_group(self, group: list[EngineRequest]) -> None:
-        """Prefill a group without past (one long prompt in chunks of `prefill_tokens`, bounding
-        its activations), sample each row's first token, move the live rows into the batch."""
-        prompts = [r.prompt_ids for r in group]
-        batch = Batch(self.backend, len(group))
-        chunk = self.prefill_tokens if len(group) == 1 else None
-        logits = batch.prefill(prompts, self.pad_id, chunk=chunk)[:, -1]
-        for row, request in enumerate(group):
-            self._sample(request, logits[row])
-        live = [i for i, r in enumerate(group) if not r.done]
-        if live and self._batch is None:
-            batch.keep(live, batch.length + BOUND_HEADROOM)
-            self._batch = batch
-        elif live:
-            width = max(self._batch.length, batch.length)
-            self._batch.merge(batch, width + BOUND_HEADROOM, rows=live)
+    def _start_prefill(self, request: EngineRequest) -> None:
+        """The request's own one-row batch, from the longest cached prefix of its prompt (at
+        least two tokens left to prefill; none for echo, which needs every position's
+        logits)."""
+        cached = None
+        if self.prefix_cache is not None and request.prompt_top is None:
+            length, cached = self.prefix_cache.lookup(
+                request.prompt_ids, len(request.prompt_ids) - 2
+            )
+        if cached is None:
+            request.prefill = Batch(self.backend, 1)
+            return
+        request.prefill = Batch.resume(self.backend, cached)
+        request.prefilled = request.cached_tokens = length
+
+    def _prefill(self, request: EngineRequest, take: int) -> None:
+        """`take` more tokens of a request's prompt; after the last, its first token and its move
+        into the running batch (or onto its speculative batch)."""
+        start = request.prefilled
+        ids = np.array([request.prompt_ids[start : start + take]], np.int64)
+        echo = request.prompt_top is not None
+        logits = request.prefill.extend(ids, last_only=not echo)[0]
+        if echo:
+            self._score_prompt(request, start, logits)
+        request.prefilled += take
+        if request.prefilled < len(request.prompt_ids):
+            return
+        batch, request.prefill = request.prefill, None
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(request.prompt_ids, self.backend.cache_arrays(batch.cache))
         with self._cond:
-            for request in group:
-                self._prefilling.remove(request)
-                if request.cancelled:
-                    self._count_cancelled(request)
-            self._running.extend(group[i] for i in live)
+            self._prefilling.remove(request)
+        if request.drafter is not None:
+            longest = len(request.prompt_ids) + (request.state.params.max_tokens or 0)
+            batch.keep([0], min(longest, self.max_context))  # a cache sized for its run
+            request.speculation = Speculation(
+                batch, request.state, request.drafter, request.draft_tokens, request.speculative
+            )
+            self._send(request, request.speculation.begin(logits[-1]))
+            self._finish_if_done(request)
+            with self._cond:
+                self._speculating.append(request)
+            return
+        self._sample(request, logits[-1])
+        if request.done:
+            return
+        if self._batch is None:
+            batch.keep([0], batch.length + BOUND_HEADROOM)
+            self._batch = batch
+        else:
+            self._batch.merge(batch, max(self._batch.length, batch.length) + BOUND_HEADROOM)
+        with self._cond:
+            self._running.append(request)
             self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._running))
 
+    def _score_prompt(self, request: EngineRequest, start: int, logits: np.ndarray) -> None:
+        """Logprobs of the prompt tokens this chunk's logits predict; only they are kept."""
+        prompt = request.prompt_ids
+        if start == 0:
+            request.prompt_logprobs.append(TokenLogprob(prompt[0], None, []))
+        for i, row in enumerate(logits):
+            if start + i + 1 < len(prompt):
+                request.prompt_logprobs.append(
+                    token_logprob(row, prompt[start + i + 1], request.prompt_top)
+                )
+
     def _speculate(self, request: EngineRequest) -> None:
-        """One round of a speculative request (the first one prefills its own batch)."""
+        """One round of a speculative request."""
         if request.done:
             return
         try:
-            if request.speculation is None:
-                longest = len(request.prompt_ids) + (request.state.params.max_tokens or 0)
-                batch = Batch(self.backend, 1, min(longest, self.max_context))
-                request.speculation = Speculation(
-                    batch, request.state, request.drafter, request.draft_tokens, request.speculative
-                )
             for delta in request.speculation.round():
                 self._send(request, delta)
         except Exception as e:  # this request fails alone
-            self._fail([request], e, reset=False)
+            self._fail([request], e)
             return
+        self._finish_if_done(request)
+
+    def _finish_if_done(self, request: EngineRequest) -> None:
         if request.state.finished:
             self.stats["finished"] += 1
             self.speculative.add(request.speculative)
@@ -342,14 +423,14 @@ class BatchEngine:
     def _decode(self) -> None:
         logits = self._batch.step([r.pending for r in self._running])
         for row, request in enumerate(self._running):
-            if not request.cancelled:
+            if not request.done:
                 self._sample(request, logits[row])
 
     def _sample(self, request: EngineRequest, logits: np.ndarray) -> None:
         token = request.state.sampler(logits)
         request.pending = token
         delta = request.state.append(token)
-        if request.cancelled:
+        if request.done and not request.state.finished:
             return
         self._send(request, delta)
         if request.state.finished:
@@ -357,19 +438,18 @@ class BatchEngine:
 
     def _drop_done(self) -> None:
         """Slice finished and cancelled rows out of the batch; trim all-padding left columns;
-        forget finished speculative requests (and their batches)."""
+        forget finished speculative requests (and their batches) and cancelled prefills."""
         with self._cond:
-            for request in [r for r in self._speculating if r.done]:
-                self._speculating.remove(request)
-                if request.cancelled:
+            for queue in (self._speculating, self._prefilling):
+                for request in [r for r in queue if r.done]:
+                    queue.remove(request)
                     self._count_cancelled(request)
         if not any(r.done for r in self._running):
             return
         keep = [i for i, r in enumerate(self._running) if not r.done]
         with self._cond:
             for request in self._running:
-                if request.cancelled:
-                    self._count_cancelled(request)
+                self._count_cancelled(request)
             self._running = [self._running[i] for i in keep]
         if not keep:
             self._batch = None
@@ -377,12 +457,11 @@ class BatchEngine:
         self._batch.keep(keep, self._batch.length + BOUND_HEADROOM)
 
     def _count_cancelled(self, request: EngineRequest) -> None:
-        if not request.state.finished:
+        if request.cancelled and not request.failed and not request.state.finished:
             self.stats["cancelled"] += 1
 
-    def _fail(self, requests: list[EngineRequest], error: Exception, reset: bool = True) -> None:
-        """Send `error` to every affected request and (unless `reset` is False: a speculative
-        request failing alone) reset the batch."""
+    def _fail(self, requests: list[EngineRequest], error: Exception) -> None:
+        """Send `error` to every affected request, which leaves at the next drop."""
         if not isinstance(error, QwenDeployError):
             error = QwenDeployError(
                 f"the model failed on this batch ({type(error).__name__}: "
@@ -392,12 +471,8 @@ class BatchEngine:
             if not request.done:
                 self._send(request, error)
                 self.stats["failed"] += 1
-                request.cancelled = True
-        if not reset:
-            return
-        with self._cond:
-            self._prefilling, self._running = [], []
-        self._batch = None
+                request.failed = True
+                request.prefill = None
 
     @staticmethod
     def _send(request: EngineRequest, item: StreamDelta | BaseException) -> None:

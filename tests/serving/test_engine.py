@@ -9,8 +9,9 @@ import pytest
 from qwen_deploy.errors import QwenDeployError
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.generation.requests import ContextLengthError
-from qwen_deploy.generation.sampling import SamplingParams
+from qwen_deploy.generation.sampling import SamplingParams, TokenLogprob, token_logprob
 from qwen_deploy.generation.speculative import PromptLookup
+from qwen_deploy.runtime.decode import Batch
 from qwen_deploy.serving.engine import BatchEngine
 
 TEXTS = [
@@ -42,7 +43,7 @@ def _run(engine: BatchEngine, schedule: dict[int, list[tuple[list[int], Sampling
             engine.add(engine.generator.prepare(prompt=prompt, params=params), outputs[-1].append)
         busy = engine.step()
         step += 1
-        if not busy and step > max(schedule):
+        if not busy and step > max(schedule, default=0):
             return outputs
 
 
@@ -63,16 +64,16 @@ def test_joining_at_different_steps_equals_unbatched_greedy(generator):
         calls.append((ids.shape, cache.length))
         return forward(ids, mask, positions, cache, **options)
 
-    # max_batch 4: the 30-token prompt joins at step 2 and is prefilled in chunks of 16 (budget);
-    # at step 5 two newcomers share one prefill and the last waits for a free slot
-    engine = BatchEngine(generator, max_batch=4, prefill_tokens=16)
+    # max_batch 4: the 30-token prompt joins at step 2 and is prefilled in chunks of 16 (the
+    # per-step budget) between decode steps; newcomers prefill alone, the last waits for a slot
+    engine = BatchEngine(generator, max_batch=4, prefill_chunk=16)
     generator.backend.forward = recording
     try:
         outputs = _run(engine, {0: [jobs[0]], 2: [jobs[1]], 5: jobs[2:]})
     finally:
         generator.backend.forward = forward
     assert ((1, len(prompts[1]) - 16), 16) in calls  # second chunk of the long prompt
-    assert ((2, 8), 0) in calls  # two newcomers prefilled together, left-padded
+    assert all(rows == 1 for (rows, seq), _ in calls if seq > 1)  # every prefill alone
     assert max(shape[0] for shape, _ in calls) == 4
     for deltas, result in zip(outputs, expected, strict=True):
         assert [d.token_id for d in deltas] == result.token_ids
@@ -279,3 +280,85 @@ def test_a_failing_speculative_request_fails_alone(generator):
     assert isinstance(broken[-1], QwenDeployError) and "drafter lost" in str(broken[-1])
     assert [d.token_id for d in plain] == generator.generate(prompt=prompt, params=params).token_ids
     assert engine.active == 0 and engine.stats["failed"] == 1
+
+
+def _prefill_calls(generator, run):
+    """(rows, tokens, past) of every forward the engine makes while `run()` runs."""
+    calls, forward = [], generator.backend.forward
+
+    def recording(ids, mask, positions, cache, **options):
+        calls.append((*ids.shape, cache.length))
+        return forward(ids, mask, positions, cache, **options)
+
+    generator.backend.forward = recording
+    try:
+        return run(), calls
+    finally:
+        generator.backend.forward = forward
+
+
+def test_a_cached_prefix_is_not_prefilled_again_and_changes_nothing(generator):
+    """A second turn that starts with the first turn's prompt prefills only what is new, and
+    generates exactly what it generates without the cache (greedy and seeded)."""
+    history = generator.prompt_ids(messages=[{"role": "user", "content": TEXTS[1]}])
+    turn = [*history, *generator.prompt_ids(prompt=TEXTS[4])]
+    greedy = _params(generator, temperature=0, max_tokens=8, stop_token_ids=[])
+    seeded = _params(generator, temperature=0.9, seed=4, max_tokens=8, stop_token_ids=[])
+    cold = BatchEngine(generator, prefill_chunk=16)
+    expected = [_run(cold, {0: [(turn, p)]})[0] for p in (greedy, seeded)]
+    warm = BatchEngine(generator, prefill_chunk=16, prefix_cache_bytes=2**24)
+    _run(warm, {0: [(history, greedy)]})
+    (outputs, calls) = _prefill_calls(
+        generator, lambda: [_run(warm, {0: [(turn, p)]})[0] for p in (greedy, seeded)]
+    )
+    for got, want in zip(outputs, expected, strict=True):
+        assert [d.token_id for d in got] == [d.token_id for d in want]
+    # the first turn reuses the history's whole blocks, the second all of the first's (at least
+    # two tokens are always prefilled)
+    reused = [len(history) // 16 * 16, (len(turn) - 2) // 16 * 16]
+    fed = sum(tokens for rows, tokens, _ in calls if tokens > 1)
+    assert fed == sum(len(turn) - n for n in reused)
+    assert warm.prefix_cache.stats()["hit_rate"] == 2 / 3
+
+
+def test_a_long_prompt_arrives_in_chunks_between_decode_steps(generator):
+    """Running rows get a token at every step while a long prompt is prefilled, a chunk a step."""
+    params = _params(generator, temperature=0, max_tokens=30, stop_token_ids=[])
+    long_prompt = generator.prompt_ids(prompt=" ".join(TEXTS) * 2)
+    engine = BatchEngine(generator, max_batch=4, prefill_chunk=16)
+    streams: list[list] = [[], []]
+    for text, out in zip(TEXTS[:2], streams, strict=True):
+        engine.add(generator.prepare(prompt=text, params=params), out.append)
+    while not all(streams):
+        engine.step()
+    long_out: list = []
+    engine.add(generator.prepare(prompt=long_prompt, params=params), long_out.append)
+    steps = 0
+    while not long_out:
+        before = [len(s) for s in streams]
+        engine.step()
+        steps += 1
+        assert [len(s) for s in streams] == [n + 1 for n in before]
+    assert steps == -(-len(long_prompt) // 16)  # one chunk of the long prompt per step
+
+
+def test_echo_scores_the_prompt_in_the_prefill_that_starts_generation(generator):
+    prompt = generator.prompt_ids(prompt=" ".join(TEXTS))
+    params = _params(generator, temperature=0, max_tokens=3, stop_token_ids=[])
+    engine = BatchEngine(generator, prefill_chunk=256)
+    out: list = []
+    queued, calls = _prefill_calls(
+        generator,
+        lambda: (
+            engine.add(
+                generator.prepare(prompt=prompt, params=params), out.append, prompt_logprobs=3
+            ),
+            _run(engine, {}),
+        )[0],
+    )
+    logits = Batch(generator.backend, 1).prefill([prompt], generator.pad_id, last_only=False)[0]
+    expected = [token_logprob(logits[i - 1], prompt[i], 3) for i in range(1, len(prompt))]
+    assert queued.prompt_logprobs[0] == TokenLogprob(prompt[0], None, [])
+    assert queued.prompt_logprobs[1:] == expected
+    assert sum(tokens for _, tokens, _ in calls if tokens > 1) == len(prompt)  # one prefill
+    assert [d.token_id for d in out] == generator.generate(prompt=prompt, params=params).token_ids
