@@ -32,7 +32,8 @@ TRANSFORMERS_DEFAULTS = {
 
 @dataclass
 class SamplingParams:
-    """One request's decoding settings. temperature 0 means greedy (argmax after penalties)."""
+    """One request's decoding settings. temperature 0 (below 1e-5) means greedy (argmax after
+    penalties)."""
 
     temperature: float = 1.0
     top_k: int = 0
@@ -125,10 +126,13 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Temperatures below GREEDY_BELOW are greedy, as vLLM treats them: dividing float32
+        logits by a tinier one overflows (1e-300 is 0 in float32)."""
+        return self.temperature < GREEDY_BELOW
 
 
 MAX_LOGPROBS = 20  # OpenAI's limit on top_logprobs
+GREEDY_BELOW = 1e-5  # vLLM's _SAMPLING_EPS
 
 
 def _logprobs_ok(value: int) -> bool:
@@ -164,12 +168,12 @@ def _token_biases(bias: object) -> dict[int, float]:
     out = {}
     for key, value in bias.items():
         token = key if isinstance(key, int) and not isinstance(key, bool) else None
-        if isinstance(key, str) and key.isascii() and key.isdigit():
-            token = int(key)
+        if isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 18:
+            token = int(key)  # longer digit strings are no vocabulary's ids (nor int()'s input)
         if token is None or token < 0:
             raise QwenDeployError(
                 f"logit_bias must map token ids (integers >= 0, as strings in JSON) to biases; "
-                f"{key!r} is not a token id."
+                f"{str(key)[:24]!r} is not a token id."
             )
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (number and -100 <= value <= 100):  # NaN fails the comparison too
