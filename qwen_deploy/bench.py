@@ -162,7 +162,7 @@ class QwenDeployRunner:
         self.new_tokens = config.new_tokens
         self.variants = self._variants(config)
         self.speculative_tokens = config.speculative_tokens
-        self._timed(1)  # warm-up: first-run allocations and kernel choices
+        self._timed()  # warm-up: first-run allocations and kernel choices
 
     def _variants(self, config: BenchConfig) -> dict:
         """Speculative variants: name -> (Speculator, method, k); "plain" first."""
@@ -213,32 +213,33 @@ class QwenDeployRunner:
                 }
         return runs
 
-    def _timed(self, batch: int) -> tuple[float, list[float]]:
-        states = self.generator.states(self.ids[:batch], [self.params] * batch)
+    def _timed(self) -> tuple[float, list[float]]:
         start = time.perf_counter()
-        return start, [time.perf_counter() for _ in self.generator.run(states)]
+        stream = self.generator.stream(prompt=self.ids[0], params=self.params)
+        return start, [time.perf_counter() for _ in stream]
 
     def single(self) -> dict:
-        return _timings(*self._timed(1))
+        return _timings(*self._timed())
 
     def batch(self, batch: int) -> dict:
         """`batch` requests arriving together at the engine `serve` runs (continuous batching)."""
-        from .serving.engine import BatchEngine
+        from .generation.engine import BatchEngine
 
         engine = BatchEngine(self.generator, max_batch=batch)
-        stamps: list[float] = []  # one per generated token, of any request
+        stamps: list[list[float]] = [[] for _ in range(batch)]  # each request's token times
         start = time.perf_counter()
-        for ids in self.ids[:batch]:
+        for ids, times in zip(self.ids[:batch], stamps, strict=True):
             engine.add(
                 engine.generator.prepare(prompt=ids, params=self.params),
-                lambda _: stamps.append(time.perf_counter()),
+                lambda _, times=times: times.append(time.perf_counter()),
             )
         while engine.step():
             pass
-        first = stamps[batch - 1]  # every request has its first token (prefills are first)
+        first = max(times[0] for times in stamps)  # every request has its first token
+        end = max(times[-1] for times in stamps)
         return {
-            "aggregate_tok_s": batch * self.new_tokens / (stamps[-1] - start),
-            "aggregate_decode_tok_s": batch * (self.new_tokens - 1) / (stamps[-1] - first),
+            "aggregate_tok_s": batch * self.new_tokens / (end - start),
+            "aggregate_decode_tok_s": batch * (self.new_tokens - 1) / (end - first),
             "ttft_s": first - start,
         }
 

@@ -12,16 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import QwenDeployError
 from ..manifest import Manifest
 from ..runtime.backend import Backend, open_backend
-from ..runtime.decode import Batch
+from .engine import BatchEngine, EngineRequest
 from .requests import PreparedRequest, RequestBuilder
-from .sampling import SamplingParams, TokenLogprob, token_logprob
+from .sampling import SamplingParams
 from .sequence import SequenceState, StreamDelta
-from .speculative import Drafter, Speculation, SpeculativeStats
+from .speculative import Drafter, SpeculativeStats
 
 
 @dataclass
@@ -38,7 +36,9 @@ class GenerationResult:
 
 class Generator(RequestBuilder):
     """An artifact loaded on a backend, with its tokenizer, chat template and sampling defaults
-    (RequestBuilder: how requests are prepared)."""
+    (RequestBuilder: how requests are prepared). Its own requests run through a BatchEngine,
+    stepped in the caller's thread, which keeps the KV of earlier prompts when given
+    `prefix_cache_bytes` (a chat's history is not prefilled again at every turn)."""
 
     def __init__(
         self,
@@ -46,6 +46,7 @@ class Generator(RequestBuilder):
         provider: str = "cpu",
         threads: int | None = None,
         backend: Backend | None = None,
+        prefix_cache_bytes: int = 0,
     ):
         folder = Path(artifact)
         manifest = Manifest.load(folder)
@@ -53,16 +54,7 @@ class Generator(RequestBuilder):
         limit = min(manifest.model.max_position_embeddings, self.backend.capabilities.max_positions)
         super().__init__(folder, manifest, limit)
         self.pad_id = manifest.pad_id
-
-    def prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[TokenLogprob]:
-        """Each prompt token's log-probability given the tokens before it (the first has none),
-        for `echo`: one prefill that keeps every position's logits, on a cache of its own."""
-        logits = Batch(self.backend, 1).prefill([prompt_ids], self.pad_id, last_only=False)
-        first = TokenLogprob(int(prompt_ids[0]), None, [])
-        rest = [
-            token_logprob(logits[0, i - 1], prompt_ids[i], top) for i in range(1, len(prompt_ids))
-        ]
-        return [first, *rest]
+        self.engine = BatchEngine(self, prefix_cache_bytes=prefix_cache_bytes)
 
     # -- generation ----------------------------------------------------------------------------
     def stream(
@@ -81,8 +73,8 @@ class Generator(RequestBuilder):
         `request` (from `prepare`) replaces prompt/messages/params. With a `drafter`
         (speculative.py) up to `draft_tokens` tokens (None: its default_k) are drafted per target
         forward: the same output, fewer forwards; `stats` (if given) counts the acceptance."""
-        state = self._state(request or self.prepare(prompt, messages, params, **overrides))
-        yield from self._one(state, drafter, draft_tokens, stats or SpeculativeStats())
+        prepared = request or self.prepare(prompt, messages, params, **overrides)
+        yield from self._run(prepared, drafter, draft_tokens, stats)[1]
 
     def generate(
         self,
@@ -95,83 +87,69 @@ class Generator(RequestBuilder):
         **overrides,
     ) -> GenerationResult:
         """The whole completion of one prompt (speculative with a `drafter`, as in stream)."""
-        state = self._state(request or self.prepare(prompt, messages, params, **overrides))
+        prepared = request or self.prepare(prompt, messages, params, **overrides)
         stats = SpeculativeStats()
-        for _ in self._one(state, drafter, draft_tokens, stats):
+        queued, deltas = self._run(prepared, drafter, draft_tokens, stats)
+        for _ in deltas:
             pass
-        result = generation_result(state)
+        result = generation_result(queued.state)
         if drafter is not None:
             result.speculative = stats.to_dict()
         return result
 
-    def _one(
-        self, state: SequenceState, drafter: Drafter | None, k: int | None, stats: SpeculativeStats
-    ) -> Iterator[StreamDelta]:
-        if drafter is None:
-            for deltas in self.run([state]):
-                yield deltas[0]
-            return
-        speculation = Speculation(
-            self._batch([state], len(state.prompt_ids)), state, drafter, k, stats
-        )
-        while not state.finished:
-            yield from speculation.round()
+    def _run(
+        self,
+        prepared: PreparedRequest,
+        drafter: Drafter | None,
+        draft_tokens: int | None,
+        stats: SpeculativeStats | None,
+    ) -> tuple[EngineRequest, Iterator[StreamDelta]]:
+        """Queue one request on this generator's engine; its deltas as the engine is stepped."""
+        deltas: list[StreamDelta | BaseException] = []
+        queued = self.engine.add(prepared, deltas.append, drafter, draft_tokens, stats=stats)
+
+        def follow() -> Iterator[StreamDelta]:
+            try:
+                while not queued.done or deltas:
+                    if not deltas:
+                        self.engine.step()
+                        continue
+                    item = deltas.pop(0)
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                if not queued.done:  # the caller stopped reading: free its slot
+                    self.engine.cancel(queued)
+                    self.engine.step()
+
+        return queued, follow()
 
     def generate_batch(
         self, prompts: list[list[int]], params: list[SamplingParams]
     ) -> list[GenerationResult]:
-        """Complete several token-id prompts together in one left-padded batch."""
-        states = self.states(prompts, params)
-        for _ in self.run(states):
-            pass
-        return [generation_result(s) for s in states]
-
-    def states(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[SequenceState]:
-        """One checked SequenceState per token-id prompt (context limit applied)."""
+        """Complete several token-id prompts together: they decode in one batch."""
         if len(prompts) != len(params) or not prompts:
             raise QwenDeployError(
                 f"a batch needs one SamplingParams per prompt (got {len(prompts)} prompts and "
                 f"{len(params)} params)."
             )
-        return [
-            self._state(self.prepare(prompt=list(ids), params=p))
+        errors: list[BaseException] = []
+
+        def failed(item: StreamDelta | BaseException) -> None:
+            if isinstance(item, BaseException):
+                errors.append(item)
+
+        engine = BatchEngine(self, max_batch=len(prompts))
+        queued = [
+            engine.add(self.prepare(prompt=list(ids), params=p), failed)
             for ids, p in zip(prompts, params, strict=True)
         ]
-
-    def _state(self, request: PreparedRequest) -> SequenceState:
-        return SequenceState(request.prompt_ids, request.params, self.tokenizer, request.reasoning)
-
-    def run(self, states: list[SequenceState]) -> Iterator[list[StreamDelta | None]]:
-        """Prefill all rows, then decode one token per row per step until every row finished.
-
-        Yields each step's deltas (None for rows that had already finished); finished rows
-        leave the batch.
-        """
-        width = max(len(s.prompt_ids) for s in states)
-        batch = self._batch(states, width)
-        logits = batch.prefill([s.prompt_ids for s in states], self.pad_id)[:, -1]
-        rows = list(range(len(states)))  # the state behind each batch row
-        while True:
-            step: list[StreamDelta | None] = [None] * len(states)
-            next_ids = np.full(len(rows), self.pad_id, np.int64)
-            for row, index in enumerate(rows):
-                state = states[index]
-                if not state.finished:
-                    next_ids[row] = token = state.sampler(logits[row])
-                    step[index] = state.append(token)
-            yield step
-            live = [row for row, index in enumerate(rows) if not states[index].finished]
-            if not live:
-                return
-            if len(live) < len(rows):
-                batch.keep(live)
-                rows, next_ids = [rows[r] for r in live], next_ids[live]
-            logits = batch.step(next_ids)
-
-    def _batch(self, states: list[SequenceState], width: int) -> Batch:
-        """An empty batch for `states`, its cache sized for the whole run."""
-        longest = max(s.params.max_tokens or self.max_context for s in states)
-        return Batch(self.backend, len(states), min(width + longest, self.max_context))
+        while engine.step():
+            pass
+        if errors:
+            raise errors[0]
+        return [generation_result(q.state) for q in queued]
 
 
 def generation_result(state: SequenceState) -> GenerationResult:

@@ -38,13 +38,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import QwenDeployError
+from ..generation.engine import BatchEngine, EngineStream
 from ..generation.requests import ContextLengthError, PreparedRequest, TemplateKwargsError
 from ..generation.sampling import SamplingParams, TokenLogprob
 from ..generation.sequence import StreamDelta
 from ..generation.speculative import Drafter, Speculator
 from ..generation.tool_calls import ToolCall, ToolCallStream, ToolError, plan_tools
 from ..manifest import Manifest
-from .engine import BatchEngine, EngineStream
 from .openai_schema import (
     ChatCompletionRequest,
     ChatMessage,
@@ -345,11 +345,17 @@ class OpenAIServer:
             raise OpenAIError(400, str(e), param="speculative") from e
 
     async def submit(
-        self, request: PreparedRequest, body: SamplingFields, param: str
+        self,
+        request: PreparedRequest,
+        body: SamplingFields,
+        param: str,
+        prompt_logprobs: int | None = None,
     ) -> EngineStream:
         drafter = self.drafter(body)
         try:
-            return await self.engine.submit(request, drafter, self.speculator.draft_tokens)
+            return await self.engine.submit(
+                request, drafter, self.speculator.draft_tokens, prompt_logprobs
+            )
         except QwenDeployError as e:
             raise OpenAIError(400, str(e), param=param) from e
 
@@ -487,16 +493,14 @@ class OpenAIServer:
         # the completions API has no reasoning_content: the text is returned as it is
         prepared = self.prepare("prompt", prompt=prompt, params=params, reasoning=False)
         prompt_ids = prepared.prompt_ids
-        echo_text, echo_logprobs = "", []
+        echo_text = ""
         if body.echo:  # the prompt's text (and its tokens' logprobs) ahead of the completion
             echo_text = (
                 prompt if isinstance(prompt, str) else self.generator.tokenizer.decode(prompt_ids)
             )
-            if params.logprobs is not None:
-                echo_logprobs = await asyncio.to_thread(
-                    self.generator.prompt_logprobs, prompt_ids, params.logprobs
-                )
-        stream = await self.submit(prepared, body, "prompt")
+        scored = params.logprobs if body.echo else None  # in the prefill that starts generation
+        stream = await self.submit(prepared, body, "prompt", scored)
+        echo_logprobs = stream.request.prompt_logprobs  # complete when the first delta arrives
         meta = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -659,6 +663,15 @@ def _validation_error(e: RequestValidationError) -> JSONResponse:
     return JSONResponse(error_body(message, param=param), 400)
 
 
+def _unparsable(cause: Exception) -> str:
+    """Why json.loads failed where it raises no JSONDecodeError."""
+    if isinstance(cause, RecursionError):
+        return "it is nested too deeply; flatten it"
+    if isinstance(cause, UnicodeDecodeError):
+        return "it is not UTF-8 text; send UTF-8"
+    return f"{str(cause).split(';')[0]}; shorten the number"  # Python's 4300-digit int limit
+
+
 def _field(error: dict, body: Any) -> str | None:
     """The dotted path (messages.0.content) of the part of `body` a pydantic error is about."""
     path, node = [], body
@@ -719,7 +732,10 @@ def create_app(
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
         kind = "invalid_request_error" if e.status_code < 500 else "server_error"
-        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+        message = str(e.detail)
+        if isinstance(e.__cause__, (ValueError, RecursionError)):  # FastAPI's json.loads failed
+            message = f"the request body is not valid JSON ({_unparsable(e.__cause__)})."
+        return JSONResponse(error_body(message, kind), status_code=e.status_code)
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, e: Exception) -> JSONResponse:

@@ -307,7 +307,8 @@ def test_finished_rows_leave_the_batch_and_the_rest_keep_their_tokens(artifact, 
         gen.backend.forward = forward
     assert [r.token_ids for r in batch] == solo
     assert [len(t) for t in solo] == [2, 9, 5]
-    assert batch_sizes == [3, 3] + [2] * 3 + [1] * 4  # prefill, then one decode step per token
+    # each prompt prefilled alone, then one decode step per token for the rows still running
+    assert batch_sizes == [1, 1, 1, 3] + [2] * 3 + [1] * 4
 
 
 def test_a_template_that_opens_think_makes_the_output_reasoning(tiny_artifact, tmp_path):

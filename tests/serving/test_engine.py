@@ -7,12 +7,12 @@ import asyncio
 import pytest
 
 from qwen_deploy.errors import QwenDeployError
+from qwen_deploy.generation.engine import BatchEngine
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.generation.requests import ContextLengthError
 from qwen_deploy.generation.sampling import SamplingParams, TokenLogprob, token_logprob
 from qwen_deploy.generation.speculative import PromptLookup
 from qwen_deploy.runtime.decode import Batch
-from qwen_deploy.serving.engine import BatchEngine
 
 TEXTS = [
     "Hello",

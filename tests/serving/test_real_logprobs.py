@@ -6,8 +6,8 @@ import numpy as np
 import openai
 import pytest
 
+from qwen_deploy.generation.engine import BatchEngine
 from qwen_deploy.generation.generator import Generator
-from qwen_deploy.serving.engine import BatchEngine
 from tests.serving.test_server import running_server
 from tests.serving.test_server_logprobs import token_id
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qwen_deploy.generation.engine import BatchEngine
 from qwen_deploy.generation.generator import Generator
-from qwen_deploy.serving.engine import BatchEngine
 from tests.serving.test_server import running_server, wait_idle
 
 pytestmark = pytest.mark.real

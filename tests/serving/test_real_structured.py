@@ -10,8 +10,8 @@ import jsonschema
 import openai
 import pytest
 
+from qwen_deploy.generation.engine import BatchEngine
 from qwen_deploy.generation.generator import Generator
-from qwen_deploy.serving.engine import BatchEngine
 from tests.serving.test_server import running_server
 
 pytestmark = pytest.mark.real

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from qwen_deploy.generation.engine import BatchEngine
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.generation.sampling import SamplingParams
-from qwen_deploy.serving.engine import BatchEngine
 from tests.generation.test_tool_calls import TOOLS
 from tests.serving.test_server import running_server
 
@@ -75,6 +75,36 @@ def test_lone_surrogates_are_refused_by_path(served):
         got = _error(served, body, path or "/v1/chat/completions")
         param = param or "tools.0.function.parameters"  # a key: its object is named
         assert got == (param, _surrogate(param))
+
+
+def test_bodies_json_cannot_read_get_400_saying_why(served):
+    for data, why in [
+        (b"[" * 100_000, "it is nested too deeply; flatten it"),
+        (b'{"model": "tiny-qwen\xff"}', "it is not UTF-8 text; send UTF-8"),
+        (
+            b'{"seed": ' + b"9" * 5000 + b"}",
+            "Exceeds the limit (4300 digits) for integer string conversion: value has 5000 "
+            "digits; shorten the number",
+        ),
+    ]:
+        response = httpx.post(
+            served.url + "/v1/chat/completions",
+            content=data,
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 400
+        assert response.json()["error"]["message"] == f"the request body is not valid JSON ({why})."
+
+
+def test_a_temperature_too_small_for_float32_is_greedy(served):
+    """1e-300 is 0 in float32: dividing the logits by it left no finite logit for the JSON
+    grammar's tokens (a 500) before such temperatures were taken as greedy."""
+    body = {**CHAT, "max_tokens": 4, "response_format": {"type": "json_object"}}
+    greedy = _post(served, {**body, "temperature": 0}).json()["choices"][0]["message"]
+    for tiny in (1e-300, 5e-324):
+        response = _post(served, {**body, "temperature": tiny})
+        assert response.status_code == 200, response.text
+        assert response.json()["choices"][0]["message"] == greedy
 
 
 def test_wrong_types_get_400_naming_the_field(served):
@@ -149,6 +179,12 @@ def test_parameters_are_named_as_the_client_sent_them(served):
             "logit_bias",
             "logit_bias must map token ids (integers >= 0, as strings in JSON) to biases; 'abc' "
             "is not a token id.",
+        ),
+        (
+            {**CHAT, "logit_bias": {"9" * 5000: 1}},
+            "logit_bias",
+            "logit_bias must map token ids (integers >= 0, as strings in JSON) to biases; "
+            f"{'9' * 24!r} is not a token id.",
         ),
         (
             {**CHAT, "logit_bias": {"5": 101}},

@@ -3,9 +3,13 @@ server, the API key over every route (docs included), start-up refusals, the qua
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +20,9 @@ import pytest
 from click.testing import CliRunner
 
 from qwen_deploy.cli import main
+from qwen_deploy.generation.engine import BatchEngine
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.manifest import Manifest
-from qwen_deploy.serving.engine import BatchEngine
 from qwen_deploy.serving.server import host_allow_list
 from tests.serving.test_server import running_server
 
@@ -142,6 +146,37 @@ def test_the_api_key_covers_the_docs_and_an_empty_bearer(generator):
         assert httpx.get(url + "/docs").status_code == 404
         assert httpx.get(url + "/openapi.json").status_code == 404
         assert httpx.get(url + "/health").status_code == 200
+
+
+def test_serve_guards_a_keyless_localhost_server(tiny_artifact):
+    """The command wires the guards: Host names (with --allowed-host), docs off with --no-docs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    exe = shutil.which("qwen-deploy", path=str(Path(sys.executable).parent))
+    command = [exe] if exe else [sys.executable, "-m", "qwen_deploy.cli"]
+    args = ["serve", str(tiny_artifact), "--port", str(port), "--allowed-host", "box.internal"]
+    env = {k: v for k, v in os.environ.items() if k != "QWEN_DEPLOY_API_KEY"}
+    process = subprocess.Popen([*command, *args, "--no-docs"], env=env, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert process.poll() is None, process.stderr.read().decode()
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            assert time.time() < deadline, "qwen-deploy serve did not come up"
+            time.sleep(0.2)
+        assert httpx.get(url + "/health", headers={"Host": "box.internal"}).status_code == 200
+        refused = httpx.get(url + "/v1/models", headers={"Host": "rebound.example"})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (400, "invalid_host")
+        assert httpx.get(url + "/docs").status_code == 404
+        assert httpx.get(url + "/openapi.json").status_code == 404
+    finally:
+        process.terminate()
+        process.wait(30)
+        process.stderr.close()
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
+from qwen_deploy.generation.engine import BatchEngine
 from qwen_deploy.generation.generator import Generator
-from qwen_deploy.serving.engine import BatchEngine
 from tests.serving.test_server import running_server
 
 MODEL = "tiny-qwen"

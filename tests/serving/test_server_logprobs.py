@@ -10,10 +10,10 @@ import numpy as np
 import openai
 import pytest
 
+from qwen_deploy.generation.engine import BatchEngine
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.generation.tokenizer import _BYTE_OF_CHAR
 from qwen_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from qwen_deploy.serving.engine import BatchEngine
 from tests.serving.test_server import running_server
 
 MODEL = "tiny-qwen"

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
+from qwen_deploy.generation.engine import BatchEngine
 from qwen_deploy.generation.generator import Generator
-from qwen_deploy.serving.engine import BatchEngine
 from qwen_deploy.serving.openai_schema import ChatMessage
 from tests.generation.test_tool_calls import TOOLS
 from tests.serving.test_server import running_server

@@ -513,7 +513,7 @@ def test_one_request_path_decides_the_reasoning_split(thinking_artifact):
 def test_triton_splits_reasoning_exactly_as_the_http_server(thinking_artifact, tmp_path):
     """The same chat request through `serve` and through Triton's text model: one request path,
     so the output's think block is reasoning_content in both, and the rest content."""
-    from qwen_deploy.serving.engine import BatchEngine
+    from qwen_deploy.generation.engine import BatchEngine
     from tests.serving.test_server import running_server
 
     engine = BatchEngine(Generator(thinking_artifact))

@@ -28,17 +28,20 @@ import itertools
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import QwenDeployError
-from ..generation.generator import Generator
-from ..generation.requests import PreparedRequest
-from ..generation.sampling import TokenLogprob, token_logprob
-from ..generation.sequence import SequenceState, StreamDelta
-from ..generation.speculative import Drafter, Speculation, SpeculativeStats
 from ..runtime.decode import Batch
 from ..runtime.prefix_cache import PrefixCache
+from .requests import PreparedRequest
+from .sampling import TokenLogprob, token_logprob
+from .sequence import SequenceState, StreamDelta
+from .speculative import Drafter, Speculation, SpeculativeStats
+
+if TYPE_CHECKING:  # the generator drives its requests through an engine of its own
+    from .generator import Generator
 
 Emit = Callable[[StreamDelta | BaseException], None]
 BOUND_HEADROOM = 256  # positions a rebuilt running cache can grow before it is moved
