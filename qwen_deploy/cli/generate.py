@@ -50,14 +50,19 @@ def _speculation(
     return {"drafter": speculator.drafter(), "draft_tokens": speculator.draft_tokens}
 
 
-def _generator_and_params(artifact: Path, provider: str, threads: int | None, sampling: dict):
+def _generator_and_params(
+    artifact: Path, provider: str, threads: int | None, sampling: dict, prefix_cache_bytes: int = 0
+):
     from ..generation.generator import Generator
     from ..generation.sampling import SamplingParams
     from ..manifest import Manifest
 
     sampling["stop"] = list(sampling["stop"]) or None
     params = SamplingParams.from_defaults(Manifest.load(artifact), **sampling)  # before loading
-    return Generator(artifact, provider=provider, threads=threads), params
+    generator = Generator(
+        artifact, provider=provider, threads=threads, prefix_cache_bytes=prefix_cache_bytes
+    )
+    return generator, params
 
 
 @main.command()
@@ -117,8 +122,11 @@ def chat(
 ) -> None:
     """Interactive multi-turn chat with ARTIFACT (/exit or end of input quits, /reset clears)."""
     from ..generation.chat import COMMANDS, chat_loop
+    from ..generation.engine import PREFIX_CACHE_GB
 
-    generator, params = _generator_and_params(artifact, provider, threads, sampling)
+    # each turn starts with the conversation so far: its KV is kept, not prefilled again
+    cache = int(PREFIX_CACHE_GB * 2**30)
+    generator, params = _generator_and_params(artifact, provider, threads, sampling, cache)
     speculation = _speculation(generator, prompt_lookup, draft, draft_tokens, provider, threads)
     stdin = sys.stdin
     interactive = stdin.isatty()

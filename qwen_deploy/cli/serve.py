@@ -8,6 +8,7 @@ from pathlib import Path
 
 import click
 
+from ..generation.engine import PREFILL_CHUNK, PREFIX_CACHE_GB
 from .group import main
 from .options import (
     force_option,
@@ -60,6 +61,22 @@ from .options import (
     show_default=True,
     help="Larger request bodies get 413 before they are parsed.",
 )
+@click.option(
+    "--prefix-cache-gb",
+    type=click.FloatRange(min=0),
+    default=PREFIX_CACHE_GB,
+    show_default=True,
+    help="Host memory for the KV of earlier prompts: a request that starts like one of them "
+    "(a conversation's history, a shared system prompt) prefills only what is new; 0 turns it off.",
+)
+@click.option(
+    "--prefill-chunk",
+    type=click.IntRange(min=2),
+    default=PREFILL_CHUNK,
+    show_default=True,
+    help="Prompt tokens prefilled per step between the running streams' decode steps: what a new "
+    "long prompt can delay them by.",
+)
 @speculative_options
 def serve(
     artifact: Path,
@@ -73,6 +90,8 @@ def serve(
     provider: str,
     threads: int | None,
     max_body_bytes: int,
+    prefix_cache_gb: float,
+    prefill_chunk: int,
     prompt_lookup: bool,
     draft: Path | None,
     draft_tokens: int | None,
@@ -102,6 +121,8 @@ def serve(
         draft_tokens=draft_tokens,
         allowed_hosts=allowed_hosts,
         docs=not no_docs,
+        prefix_cache_gb=prefix_cache_gb,
+        prefill_chunk=prefill_chunk,
     )
 
 

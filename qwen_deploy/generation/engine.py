@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # the generator drives its requests through an engine of its 
 Emit = Callable[[StreamDelta | BaseException], None]
 BOUND_HEADROOM = 256  # positions a rebuilt running cache can grow before it is moved
 PREFILL_CHUNK = 256  # prompt tokens per step: what a new prompt can delay the running rows by
+PREFIX_CACHE_GB = 1.0  # a server's default room for earlier prompts' KV
 ECHO_CHUNK = 128  # echo's chunks hold every position's logits: [chunk, vocab] float32
 _CANCELLED = object()
 

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import QwenDeployError
-from ..generation.engine import BatchEngine, EngineStream
+from ..generation.engine import PREFILL_CHUNK, PREFIX_CACHE_GB, BatchEngine, EngineStream
 from ..generation.requests import ContextLengthError, PreparedRequest, TemplateKwargsError
 from ..generation.sampling import SamplingParams, TokenLogprob
 from ..generation.sequence import StreamDelta
@@ -595,6 +595,7 @@ def _usage(stream: EngineStream, completion_tokens: int) -> dict:
         "prompt_tokens": stream.prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": stream.prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": stream.request.cached_tokens},
     }
     if stream.speculative is not None:
         stats = stream.speculative
@@ -751,6 +752,7 @@ def create_app(
             "active": engine.active,
             "max_batch": engine.max_batch,
             "speculative": engine.speculative.to_dict(),  # over finished speculative requests
+            "prefix_cache": engine.prefix_cache.stats() if engine.prefix_cache else None,
             "warnings": warnings,
         }
 
@@ -816,13 +818,20 @@ def serve(
     draft_tokens: int | None = None,
     allowed_hosts: Sequence[str] = (),
     docs: bool = True,
+    prefix_cache_gb: float = PREFIX_CACHE_GB,
+    prefill_chunk: int = PREFILL_CHUNK,
 ) -> None:
     """Load the artifact (and the draft artifact) and serve it until interrupted."""
     from ..generation.generator import Generator
 
     check_options(port, api_key)
     generator = Generator(artifact, provider=provider, threads=threads)
-    engine = BatchEngine(generator, max_batch=max_batch)
+    engine = BatchEngine(
+        generator,
+        max_batch=max_batch,
+        prefill_chunk=prefill_chunk,
+        prefix_cache_bytes=int(prefix_cache_gb * 2**30),
+    )
     vocab = generator.manifest.model.vocab_size
     speculator = Speculator.open(vocab, prompt_lookup, draft, draft_tokens, provider, threads)
     name = model_name or Path(artifact).resolve().name

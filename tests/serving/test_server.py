@@ -120,8 +120,45 @@ def test_models_and_health(served):
         "active": 0,
         "max_batch": 8,
         "speculative": SpeculativeStats().to_dict() | health["speculative"],
+        "prefix_cache": None,  # this engine keeps none
         "warnings": [],
     }
+
+
+def test_a_conversation_reuses_its_history_and_says_so(tiny_artifact, served):
+    """The second turn starts from the first turn's cached prompt: usage reports the reused
+    tokens (OpenAI's cached_tokens), /health the hit rate, and the answer is unchanged."""
+    generator = Generator(tiny_artifact)
+    engine = BatchEngine(generator, prefix_cache_bytes=2**26)
+    first = [{"role": "user", "content": "Tell me about bonds. " * 20}]
+    with (
+        running_server(engine, MODEL) as url,
+        openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client,
+    ):
+        turns = []
+        for cached_server in (client, served.client):
+            one = cached_server.chat.completions.create(
+                model=MODEL, messages=first, temperature=0, max_tokens=6
+            )
+            second = [
+                *first,
+                {"role": "assistant", "content": one.choices[0].message.content},
+                {"role": "user", "content": "And stocks?"},
+            ]
+            two = cached_server.chat.completions.create(
+                model=MODEL, messages=second, temperature=0, max_tokens=6
+            )
+            turns.append((one, two))
+        health = httpx.get(url + "/health").json()
+    (one, two), (plain_one, plain_two) = turns
+    assert one.usage.prompt_tokens_details.cached_tokens == 0
+    reused = two.usage.prompt_tokens_details.cached_tokens
+    assert reused == one.usage.prompt_tokens // 16 * 16 > 0
+    assert plain_two.usage.prompt_tokens_details.cached_tokens == 0
+    assert [t.choices[0].message.content for t in (one, two)] == [
+        t.choices[0].message.content for t in (plain_one, plain_two)
+    ]
+    assert health["prefix_cache"]["hit_rate"] == 0.5
 
 
 def test_chat_greedy_equals_the_generator(served):
