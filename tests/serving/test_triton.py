@@ -12,9 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import shutil
-import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,36 +23,26 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
+from benchmarks._triton import (
+    TRITON_ENV,
+    TRITON_PYTHON,
+    TritonServer,
+    port_free,
+    triton_missing,
+)
 from qwen_deploy.artifact import MARKER
 from qwen_deploy.cli import main
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.manifest import Manifest
 from qwen_deploy.serving.triton_repo import MODEL_TEMPLATE, write_repository
 
-ROOT = Path(__file__).resolve().parents[2]
-TRITON_ENV = Path(os.environ.get("QWEN_DEPLOY_TRITON_ENV", ROOT / ".venv-triton"))
-TRITON_PYTHON = TRITON_ENV / "bin" / "python"
 CLIENT = Path(__file__).with_name("triton_client.py")
 ONNX_TO_TRITON = {"INT64": "TYPE_INT64", "FLOAT": "TYPE_FP32", "FLOAT16": "TYPE_FP16"}
 CHAT = [{"role": "user", "content": "What is the current ratio?"}]
 GREEDY = {"temperature": 0, "max_tokens": 10}
 
 
-def _server_dir() -> Path | None:
-    found = sorted(TRITON_ENV.glob("lib/python3*/site-packages/pytriton/tritonserver"))
-    return found[0] if found else None
-
-
-def _triton_missing() -> str | None:
-    server = _server_dir()
-    if not TRITON_PYTHON.exists() or server is None:
-        return f"no Triton env at {TRITON_ENV}: run `make triton-env`"
-    if not (server / "backends" / "python" / "triton_python_backend_stub").exists():
-        return "the Python backend stub is not installed in the Triton env: run `make triton-env`"
-    return None
-
-
-needs_triton = pytest.mark.skipif(_triton_missing() is not None, reason=_triton_missing() or "")
+needs_triton = pytest.mark.skipif(triton_missing() is not None, reason=triton_missing() or "")
 
 
 def triton_client(*args: str) -> list:
@@ -255,85 +243,6 @@ def test_configs_parse_as_triton_model_config(artifact, tmp_path, precision, max
 
 
 # -- a real tritonserver ------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
-class TritonServer:
-    """tritonserver on localhost ports serving the text model of `repo`."""
-
-    def __init__(self, repo: Path, model: str, log: Path):
-        server = _server_dir()
-        self.http_port, self.grpc_port = _free_port(), _free_port()
-        self.url = f"http://127.0.0.1:{self.http_port}"
-        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
-        # the stub embeds the env's Python: its libpython must be on the loader path
-        libdir = subprocess.check_output(
-            [
-                str(TRITON_PYTHON),
-                "-c",
-                "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))",
-            ],
-            text=True,
-        ).strip()
-        env = dict(os.environ, LD_LIBRARY_PATH=f"{libdir}:{os.environ.get('LD_LIBRARY_PATH', '')}")
-        self.log = log
-        self.process = subprocess.Popen(
-            [
-                str(server / "bin" / "tritonserver"),
-                f"--model-repository={repo}",
-                f"--backend-directory={server / 'backends'}",
-                "--http-address=127.0.0.1",
-                "--grpc-address=127.0.0.1",
-                f"--http-port={self.http_port}",
-                f"--grpc-port={self.grpc_port}",
-                "--allow-metrics=false",
-                "--model-control-mode=explicit",
-                f"--load-model={model}",
-            ],
-            stdout=log.open("w"),
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        self._wait_ready(model)
-
-    def _wait_ready(self, model: str, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/v2/models/{model}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(
-            f"tritonserver not ready in {timeout} s:\n{self.log.read_text()[-3000:]}"
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -581,5 +490,5 @@ def test_client_disconnect_cancels_its_generation(server):
 def test_server_stops_and_frees_its_ports(server):
     server.stop()
     assert server.process.returncode is not None
-    assert _port_free(server.http_port) and _port_free(server.grpc_port)
+    assert port_free(server.http_port) and port_free(server.grpc_port)
     assert "successfully unloaded 'qwen'" in server.log.read_text()
