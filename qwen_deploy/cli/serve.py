@@ -77,6 +77,13 @@ from .options import (
     help="Prompt tokens prefilled per step between the running streams' decode steps: what a new "
     "long prompt can delay them by.",
 )
+@click.option(
+    "--kv-cache-gb",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Memory the requests' KV caches may take at their longest; a request that would pass "
+    "it waits, one that cannot fit alone is a 400  [default: half the memory free after loading]",
+)
 @speculative_options
 def serve(
     artifact: Path,
@@ -92,6 +99,7 @@ def serve(
     max_body_bytes: int,
     prefix_cache_gb: float,
     prefill_chunk: int,
+    kv_cache_gb: float | None,
     prompt_lookup: bool,
     draft: Path | None,
     draft_tokens: int | None,
@@ -123,6 +131,7 @@ def serve(
         docs=not no_docs,
         prefix_cache_gb=prefix_cache_gb,
         prefill_chunk=prefill_chunk,
+        kv_cache_gb=kv_cache_gb,
     )
 
 

@@ -139,12 +139,15 @@ class BatchEngine:
         prefill_chunk: int = PREFILL_CHUNK,
         max_context: int | None = None,
         prefix_cache_bytes: int = 0,
+        kv_budget_bytes: int | None = None,
     ):
         """max_context: tokens per sequence (prompt + output), at most the model's positions;
         prefill_chunk: prompt tokens prefilled per step, between the running rows' decode steps
         (what a long prompt can delay them by); max_batch is lowered to what the backend runs at
         once (a TensorRT engine's --max-batch); prefix_cache_bytes: host memory for the KV of
-        earlier prompts (0: no prefix cache)."""
+        earlier prompts (0: no prefix cache); kv_budget_bytes: what the requests' caches may
+        take at their longest (None: no limit): a request that would pass it waits for rows to
+        leave, one that cannot fit alone is refused."""
         limit = generator.max_context
         if max_batch < 1:
             raise QwenDeployError(f"max_batch must be >= 1 (got {max_batch}).")
@@ -165,6 +168,8 @@ class BatchEngine:
         self.prefill_chunk = prefill_chunk
         self.max_context = max_context or limit
         self.pad_id = generator.pad_id
+        self.kv_budget = kv_budget_bytes
+        self._kv_per_position = self.backend.capabilities.kv_bytes_per_position
         names = [past for past, _ in self.manifest.kv_pairs()]
         self.prefix_cache = PrefixCache(names, prefix_cache_bytes) if prefix_cache_bytes else None
         self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "peak_batch": 0}
@@ -208,6 +213,14 @@ class BatchEngine:
         max_tokens is clipped to this engine's context; a prompt that fills it is refused
         (ContextLengthError). Thread-safe."""
         params = self.generator.check_context(request.prompt_ids, request.params, self.max_context)
+        need = (len(request.prompt_ids) + params.max_tokens) * self._kv_per_position
+        if self.kv_budget is not None and need > self.kv_budget:
+            raise KVBudgetError(
+                f"this request needs {need / 2**20:,.0f} MiB of KV cache "
+                f"({len(request.prompt_ids)} prompt tokens + max_tokens {params.max_tokens}), more "
+                f"than the server's {self.kv_budget / 2**20:,.0f} MiB; lower max_tokens or "
+                "shorten the prompt."
+            )
         state = SequenceState(
             request.prompt_ids, params, self.generator.tokenizer, request.reasoning
         )
@@ -319,9 +332,22 @@ class BatchEngine:
                 self._waiting.remove(request)
                 self._count_cancelled(request)
             busy = len(self._running) + len(self._speculating) + len(self._prefilling)
-            while self._waiting and busy < self.max_batch:
+            while self._waiting and busy < self.max_batch and self._fits(self._waiting[0]):
                 self._prefilling.append(self._waiting.popleft())
                 busy += 1
+
+    def _fits(self, newcomer: EngineRequest) -> bool:
+        """Whether the caches stay within the KV budget at their longest with `newcomer` in:
+        the batch's rows are all as long as its longest, a speculative request's are its own.
+        The first request always fits (add refused what cannot fit alone)."""
+        if self.kv_budget is None or not self.active - len(self._waiting):
+            return True
+        batched = [*self._running, *self._prefilling]
+        own = list(self._speculating)
+        (own if newcomer.drafter else batched).append(newcomer)
+        longest = max((_positions(r) for r in batched), default=0)
+        total = len(batched) * longest + sum(_positions(r) for r in own)
+        return total * self._kv_per_position <= self.kv_budget
 
     def _prefill_chunks(self) -> list[tuple[EngineRequest, int]]:
         """This step's prefill work, first come first served: (request, tokens) within the
@@ -482,3 +508,12 @@ class BatchEngine:
     def _send(request: EngineRequest, item: StreamDelta | BaseException) -> None:
         with contextlib.suppress(RuntimeError):  # the client's event loop is already closed
             request.emit(item)
+
+
+def _positions(request: EngineRequest) -> int:
+    """The positions a request's cache row holds at its longest."""
+    return len(request.prompt_ids) + request.state.params.max_tokens
+
+
+class KVBudgetError(QwenDeployError):
+    """A request whose KV cache alone would exceed the engine's budget."""

@@ -39,6 +39,13 @@ class Capabilities:
     max_batch: int | None  # rows one cache holds (None: no limit of its own)
     max_positions: int  # positions one cache holds: prompt + output
     batch_chunks_with_past: bool  # a step of several tokens on several rows after a past
+    kv_bytes_per_position: int  # one row's cache, every layer's key and value, per position
+
+
+def kv_bytes(manifest: Manifest, itemsize: int) -> int:
+    """Bytes one row's cache takes per position: every layer's key and value."""
+    m = manifest.model
+    return 2 * m.num_layers * m.num_kv_heads * m.head_dim * itemsize
 
 
 class Backend(Protocol):

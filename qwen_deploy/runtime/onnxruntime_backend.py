@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from ..contract import LOGITS_TO_KEEP, is_past
 from ..errors import ArtifactError, QwenDeployError
 from ..manifest import Manifest
-from .backend import PROVIDERS, Capabilities
+from .backend import PROVIDERS, Capabilities, kv_bytes
 from .fp32_compute import fp32_compute
 from .huge_pages import collapse_resident_memory
 
@@ -171,6 +171,7 @@ class OnnxRuntimeBackend:
             # onnxruntime's GroupQueryAttention takes a multi-token step after a past only for
             # one row
             batch_chunks_with_past=not self.in_place,
+            kv_bytes_per_position=kv_bytes(self.manifest, np.dtype(self.kv_dtype).itemsize),
         )
 
     def _kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:

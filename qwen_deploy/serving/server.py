@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import h11
+import psutil
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -57,6 +58,7 @@ from .openai_schema import (
 API_KEY_ENV = "QWEN_DEPLOY_API_KEY"
 MAX_BODY_BYTES = 4 * 1024 * 1024  # a full 32k-token context is ~130 KB of text
 KEEP_ALIVE_S = 5  # an idle connection between requests is closed after this (uvicorn's default)
+KV_MEMORY_SHARE = 0.5  # of the memory free after loading, for the requests' KV by default
 REQUEST_TIMEOUT_S = 30.0  # a request's head and body must arrive within this
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 # OpenAI's "developer" role is its newer name for "system"; chat templates know only these four
@@ -803,6 +805,15 @@ def check_options(port: int, api_key: str | None) -> None:
         )
 
 
+def kv_budget(kv_cache_gb: float | None, prefix_cache_gb: float) -> int:
+    """The requests' KV budget: as given, else half of the memory free once the model is
+    loaded, less the prefix cache's share."""
+    if kv_cache_gb is not None:
+        return int(kv_cache_gb * 2**30)
+    free = psutil.virtual_memory().available * KV_MEMORY_SHARE
+    return max(int(free - prefix_cache_gb * 2**30), 0)
+
+
 def serve(
     artifact: str | Path,
     host: str = "127.0.0.1",
@@ -820,6 +831,7 @@ def serve(
     docs: bool = True,
     prefix_cache_gb: float = PREFIX_CACHE_GB,
     prefill_chunk: int = PREFILL_CHUNK,
+    kv_cache_gb: float | None = None,
 ) -> None:
     """Load the artifact (and the draft artifact) and serve it until interrupted."""
     from ..generation.generator import Generator
@@ -831,6 +843,7 @@ def serve(
         max_batch=max_batch,
         prefill_chunk=prefill_chunk,
         prefix_cache_bytes=int(prefix_cache_gb * 2**30),
+        kv_budget_bytes=kv_budget(kv_cache_gb, prefix_cache_gb),
     )
     vocab = generator.manifest.model.vocab_size
     speculator = Speculator.open(vocab, prompt_lookup, draft, draft_tokens, provider, threads)
@@ -842,7 +855,11 @@ def serve(
             f"can use the model (set --api-key or {API_KEY_ENV}).",
             file=sys.stderr,
         )
-    print(f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch})", file=sys.stderr)
+    print(
+        f"serving {name} on http://{host}:{port}/v1 (max batch {max_batch}, KV cache "
+        f"{engine.kv_budget / 2**30:.1f} GiB, prefix cache {prefix_cache_gb:g} GB)",
+        file=sys.stderr,
+    )
     app = create_app(engine, name, api_key, max_body_bytes, speculator, hosts, docs)
     server = uvicorn.Server(
         server_config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

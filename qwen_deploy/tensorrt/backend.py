@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import QwenDeployError
 from ..manifest import Manifest
-from ..runtime.backend import Capabilities
+from ..runtime.backend import Capabilities, kv_bytes
 from .cuda import CudaDriver, DeviceBuffer, DeviceInfo
 from .device_cache import DeviceKVCache, check_step
 
@@ -145,6 +145,7 @@ class TensorRTBackend:
             max_batch=self.max_batch,
             max_positions=self.capacity,
             batch_chunks_with_past=True,
+            kv_bytes_per_position=kv_bytes(self.manifest, self.dtypes[self._pairs[0][0]].itemsize),
         )
 
     def new_cache(self, batch: int, capacity: int | None = None) -> DeviceKVCache:

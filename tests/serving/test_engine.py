@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from qwen_deploy.errors import QwenDeployError
-from qwen_deploy.generation.engine import BatchEngine
+from qwen_deploy.generation.engine import BatchEngine, KVBudgetError
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.generation.requests import ContextLengthError
 from qwen_deploy.generation.sampling import SamplingParams, TokenLogprob, token_logprob
@@ -362,3 +362,24 @@ def test_echo_scores_the_prompt_in_the_prefill_that_starts_generation(generator)
     assert queued.prompt_logprobs[1:] == expected
     assert sum(tokens for _, tokens, _ in calls if tokens > 1) == len(prompt)  # one prefill
     assert [d.token_id for d in out] == generator.generate(prompt=prompt, params=params).token_ids
+
+
+def test_the_kv_budget_makes_requests_wait_and_refuses_what_cannot_fit(generator):
+    params = _params(generator, temperature=0, max_tokens=8, stop_token_ids=[])
+    prompts = [generator.prompt_ids(prompt=t) for t in TEXTS[:2]]
+    per_position = generator.backend.capabilities.kv_bytes_per_position
+    longest = max(len(p) for p in prompts) + 8
+    engine = BatchEngine(generator, kv_budget_bytes=longest * per_position)  # one row at a time
+    outputs = [[], []]
+    for prompt, out in zip(prompts, outputs, strict=True):
+        engine.add(generator.prepare(prompt=prompt, params=params), out.append)
+    while engine.step():
+        assert len(engine._running) + len(engine._prefilling) <= 1
+        assert not outputs[1] or outputs[0][-1].finish_reason  # the second waited its turn
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert [d.token_id for d in out] == generator.generate(
+            prompt=prompt, params=params
+        ).token_ids
+    big = params.replace(max_tokens=longest)
+    with pytest.raises(KVBudgetError, match=r"MiB of KV cache \(\d+ prompt tokens \+ max_tokens"):
+        engine.add(generator.prepare(prompt=prompts[0], params=big), lambda _: None)

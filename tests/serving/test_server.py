@@ -543,3 +543,17 @@ def test_cli_serve_names_the_model_after_the_folder(tiny_artifact):
         process.wait(30)
         process.stderr.close()
     assert _port_is_free(port)
+
+
+def test_a_request_whose_kv_cannot_fit_is_a_400(tiny_artifact):
+    generator = Generator(tiny_artifact)
+    budget = 100 * generator.backend.capabilities.kv_bytes_per_position
+    with running_server(BatchEngine(generator, kv_budget_bytes=budget), MODEL) as url:
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 200}
+        refused = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+        fits = httpx.post(url + "/v1/chat/completions", json={**body, "max_tokens": 5}, timeout=60)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "MiB of KV cache" in error["message"] and "lower max_tokens" in error["message"]
+    assert fits.status_code == 200
