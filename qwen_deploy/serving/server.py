@@ -11,6 +11,16 @@ loopback answers only loopback Host names (a web page that rebinds its DNS name 
 cannot reach it); a connection whose request has not fully arrived within `request_timeout` of
 opening (or of its previous response) is closed, since uvicorn's keep-alive timer stops at the
 first byte and a half-sent request would hold the connection forever.
+
+Nothing blocks the event loop: a request's CPU work (sampling parameters and its grammar,
+messages through the chat template, tokenization, the prediction's tokenization, the engine's
+admission with its grammar state) runs in a worker thread (`OpenAIServer.off_loop`: daemon
+threads, at most PREPARE_THREADS at once, so work that never ends cannot hold the process at
+exit), and the chat template renders within a time and size limit (generation/chat_template.py).
+The tokenizer's Rust code and llguidance release the GIL; llguidance's vocabulary index does
+not (~1-3 s), so `serve` builds it before it listens (`warm_structured`). `serve` stops within
+seconds of SIGTERM: shutdown fails the engine's open requests first (a stream ends with an error
+chunk, a waiting request gets 503), then waits at most SHUTDOWN_GRACE_S for responses to end.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import ipaddress
 import json
 import re
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
@@ -39,11 +50,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import QwenDeployError
-from ..generation.engine import PREFILL_CHUNK, PREFIX_CACHE_GB, BatchEngine, EngineStream
+from ..generation.engine import (
+    PREFILL_CHUNK,
+    PREFIX_CACHE_GB,
+    BatchEngine,
+    EngineRequest,
+    EngineStream,
+)
 from ..generation.requests import ContextLengthError, PreparedRequest, TemplateKwargsError
 from ..generation.sampling import SamplingParams, TokenLogprob
 from ..generation.sequence import StreamDelta
 from ..generation.speculative import Drafter, Speculator
+from ..generation.structured import grammar_for
+from ..generation.tokenizer import Tokenizer
 from ..generation.tool_calls import ToolCall, ToolCallStream, ToolError, plan_tools
 from ..manifest import Manifest
 from .openai_schema import (
@@ -60,6 +79,8 @@ MAX_BODY_BYTES = 4 * 1024 * 1024  # a full 32k-token context is ~130 KB of text
 KEEP_ALIVE_S = 5  # an idle connection between requests is closed after this (uvicorn's default)
 KV_MEMORY_SHARE = 0.5  # of the memory free after loading, for the requests' KV by default
 REQUEST_TIMEOUT_S = 30.0  # a request's head and body must arrive within this
+PREPARE_THREADS = 4  # requests prepared at once off the event loop; more wait their turn
+SHUTDOWN_GRACE_S = 2  # after SIGTERM, how long open responses may take to end
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 # OpenAI's "developer" role is its newer name for "system"; chat templates know only these four
 ROLES = {
@@ -236,6 +257,29 @@ def _timed_h11(seconds: float) -> type[asyncio.Protocol]:
     return TimedH11
 
 
+class Server(uvicorn.Server):
+    """uvicorn's server that, when shutdown begins (SIGTERM, SIGINT), first fails the engine's
+    open requests, so open streams end at once (with an error chunk) instead of holding the
+    graceful wait; what is still being prepared gets 503 or is cancelled after the grace."""
+
+    def __init__(self, config: uvicorn.Config):
+        super().__init__(config)
+        self.openai: OpenAIServer = config.app.state.server
+
+    async def shutdown(self, sockets=None) -> None:
+        self.openai.closing = True
+        # the engine's worker ends its current step first (a prefill chunk at most)
+        await asyncio.to_thread(self.openai.engine.close)
+        await super().shutdown(sockets)
+
+
+def warm_structured(tokenizer: Tokenizer) -> None:
+    """Build llguidance's index of the vocabulary now (~1-3 s with the GIL held: it would stop
+    the event loop if the first response_format request built it); nothing without llguidance."""
+    with contextlib.suppress(QwenDeployError):
+        tokenizer.constraint(grammar_for({"type": "json_object"}))
+
+
 def server_config(
     app: FastAPI, request_timeout: float = REQUEST_TIMEOUT_S, **options
 ) -> uvicorn.Config:
@@ -295,6 +339,49 @@ class OpenAIServer:
         self.speculator = speculator or Speculator(engine.manifest.model.vocab_size)
         self.model_name = model_name
         self.created = int(time.time())
+        self.closing = False  # shutdown began: the engine fails what is open, new work gets 503
+        self._slots = asyncio.Semaphore(PREPARE_THREADS)
+
+    async def off_loop(self, work: Callable[[], Any], abandon: Callable[[Any], None] | None = None):
+        """`work()` in a daemon worker thread (at most PREPARE_THREADS at once), awaited from the
+        event loop; its exception is raised here. `abandon(result)` runs if the awaiting task was
+        cancelled before the work ended (a client gone, a shutdown), to release what it made."""
+        async with self._slots:
+            loop = asyncio.get_running_loop()
+            future = loop.create_future()
+
+            def settle(result: Any, error: BaseException | None) -> None:
+                if future.cancelled():
+                    if error is None and abandon is not None:
+                        abandon(result)
+                elif error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(result)
+
+            def run() -> None:
+                try:
+                    outcome = (work(), None)
+                except BaseException as e:  # handed to the awaiting task
+                    outcome = (None, e)
+                try:
+                    loop.call_soon_threadsafe(settle, *outcome)
+                except RuntimeError:  # the loop is closed: nobody waits any more
+                    if outcome[1] is None and abandon is not None:
+                        abandon(outcome[0])
+
+            threading.Thread(target=run, name="qwen-deploy-prepare", daemon=True).start()
+            return await future
+
+    def _channel(self) -> tuple[asyncio.Queue, Callable]:
+        """An engine request's delta queue on this loop and the thread-safe emit that fills it."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(item: StreamDelta | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        return queue, emit
 
     # -- validation ----------------------------------------------------------------------------
     def check_common(self, body: SamplingFields) -> None:
@@ -346,24 +433,40 @@ class OpenAIServer:
         except QwenDeployError as e:
             raise OpenAIError(400, str(e), param="speculative") from e
 
-    async def submit(
+    def add(
         self,
         request: PreparedRequest,
         body: SamplingFields,
         param: str,
+        emit: Callable,
         prompt_logprobs: int | None = None,
-    ) -> EngineStream:
+    ) -> EngineRequest:
+        """Queue a prepared request on the engine (its drafter and grammar state made here: call
+        it off the loop)."""
         drafter = self.drafter(body)
         try:
-            return await self.engine.submit(
-                request, drafter, self.speculator.draft_tokens, prompt_logprobs
+            return self.engine.add(
+                request, emit, drafter, self.speculator.draft_tokens, prompt_logprobs
             )
         except QwenDeployError as e:
+            if self.closing:
+                raise _shutting_down() from e
             raise OpenAIError(400, str(e), param=param) from e
 
+    async def start(self, begin: Callable[[Callable], tuple]) -> tuple[Any, EngineStream]:
+        """Run `begin(emit)` off the loop: it prepares a request and queues it on the engine,
+        returning (anything, EngineRequest); here the request becomes a stream."""
+        if self.closing:
+            raise _shutting_down()
+        queue, emit = self._channel()
+        made, queued = await self.off_loop(
+            lambda: begin(emit), abandon=lambda result: self.engine.cancel(result[1])
+        )
+        return made, EngineStream(self.engine, queued, queue)
+
     # -- endpoints -----------------------------------------------------------------------------
-    async def chat(self, body: ChatCompletionRequest, request: Request):
-        self.check_common(body)
+    def _begin_chat(self, body: ChatCompletionRequest, emit: Callable) -> tuple:
+        """A chat request's CPU work (off the loop): ((params, tool plan), engine request)."""
         params = self.sampling_params(body)
         try:
             plan = plan_tools(body.tool_dicts(), body.tool_choice)
@@ -378,7 +481,11 @@ class OpenAIServer:
             template_kwargs=body.chat_template_kwargs,
             suffix=plan.prefill,
         )
-        stream = await self.submit(prepared, body, "messages")
+        return (params, plan), self.add(prepared, body, "messages", emit)
+
+    async def chat(self, body: ChatCompletionRequest, request: Request):
+        self.check_common(body)
+        (params, plan), stream = await self.start(lambda emit: self._begin_chat(body, emit))
         meta = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -389,7 +496,7 @@ class OpenAIServer:
             head = {**meta, "object": "chat.completion.chunk"}
             events = _events(stream, head, include_usage, self._chat_chunks(plan.stream()))
             return _EngineSSE(events, stream)
-        deltas = await _collect(stream, request)
+        deltas = await self.collect(stream, request)
         finish = deltas[-1].finish_reason if deltas else None
         content, calls = _answer("".join(d.content for d in deltas), plan.stream())
         message: dict[str, Any] = {"role": "assistant", "content": content}
@@ -482,7 +589,6 @@ class OpenAIServer:
             )
         if body.suffix:
             raise OpenAIError(400, "suffix is not supported by this server.", param="suffix")
-        params = self.sampling_params(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
@@ -492,16 +598,9 @@ class OpenAIServer:
                     param="prompt",
                 )
             prompt = prompt[0]
-        # the completions API has no reasoning_content: the text is returned as it is
-        prepared = self.prepare("prompt", prompt=prompt, params=params, reasoning=False)
-        prompt_ids = prepared.prompt_ids
-        echo_text = ""
-        if body.echo:  # the prompt's text (and its tokens' logprobs) ahead of the completion
-            echo_text = (
-                prompt if isinstance(prompt, str) else self.generator.tokenizer.decode(prompt_ids)
-            )
-        scored = params.logprobs if body.echo else None  # in the prefill that starts generation
-        stream = await self.submit(prepared, body, "prompt", scored)
+        echo_text, stream = await self.start(
+            lambda emit: self._begin_completion(body, prompt, emit)
+        )
         echo_logprobs = stream.request.prompt_logprobs  # complete when the first delta arrives
         meta = {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -514,7 +613,7 @@ class OpenAIServer:
             chunks = self._completion_chunks(echo_text, echo_logprobs)
             events = _events(stream, meta, include_usage, chunks)
             return _EngineSSE(events, stream)
-        deltas = await _collect(stream, request)
+        deltas = await self.collect(stream, request)
         tokens = echo_logprobs + [d.logprob for d in deltas if d.logprob]
         return {
             **meta,
@@ -528,6 +627,32 @@ class OpenAIServer:
             ],
             "usage": _usage(stream, len(deltas)),
         }
+
+    def _begin_completion(
+        self, body: CompletionRequest, prompt: str | list[int], emit: Callable
+    ) -> tuple:
+        """A completion's CPU work (off the loop): (echoed prompt text, engine request)."""
+        params = self.sampling_params(body)
+        # the completions API has no reasoning_content: the text is returned as it is
+        prepared = self.prepare("prompt", prompt=prompt, params=params, reasoning=False)
+        echo_text = ""
+        if body.echo:  # the prompt's text (and its tokens' logprobs) ahead of the completion
+            echo_text = (
+                prompt
+                if isinstance(prompt, str)
+                else self.generator.tokenizer.decode(prepared.prompt_ids)
+            )
+        scored = params.logprobs if body.echo else None  # in the prefill that starts generation
+        return echo_text, self.add(prepared, body, "prompt", emit, scored)
+
+    async def collect(self, stream: EngineStream, request: Request) -> list:
+        """_collect; a request failed by shutdown is a 503."""
+        try:
+            return await _collect(stream, request)
+        except OpenAIError:
+            if self.closing:
+                raise _shutting_down() from None
+            raise
 
     def _completion_chunks(
         self, echo_text: str = "", echo_logprobs: list[TokenLogprob] | None = None
@@ -563,6 +688,15 @@ class OpenAIServer:
             "created": self.created,
             "owned_by": "qwen-deploy",
         }
+
+
+def _shutting_down() -> OpenAIError:
+    return OpenAIError(
+        503,
+        "the server is shutting down; send the request again to a running server.",
+        "server_error",
+        code="shutting_down",
+    )
 
 
 def _answer(content: str, tools: ToolCallStream | None) -> tuple[str, list[ToolCall]]:
@@ -861,8 +995,15 @@ def serve(
         file=sys.stderr,
     )
     app = create_app(engine, name, api_key, max_body_bytes, speculator, hosts, docs)
-    server = uvicorn.Server(
-        server_config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    warm_structured(generator.tokenizer)
+    server = Server(
+        server_config(
+            app,
+            host=host,
+            port=port,
+            log_level="info",
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        )
     )
     server.run()
     if not server.started:
