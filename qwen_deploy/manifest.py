@@ -163,3 +163,22 @@ class Manifest:
     def kv_pairs(self) -> list[tuple[str, str]]:
         """(past, present) tensor names of every layer's key and value, in layer order."""
         return kv_pairs(self.model.num_layers)
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """An artifact folder with its manifest, read (and its file sizes checked) once: what every
+    stage that runs an artifact passes down instead of the folder."""
+
+    folder: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, source: str | Path | Artifact) -> Artifact:
+        """`source` itself when already open, else the folder's manifest loaded."""
+        if isinstance(source, Artifact):
+            return source
+        return cls(Path(source), Manifest.load(source))
+
+    def __str__(self) -> str:
+        return str(self.folder)

@@ -264,7 +264,7 @@ def test_serve_refuses_a_damaged_artifact_before_listening(tiny_artifact, tmp_pa
     shutil.copytree(tiny_artifact, art)
     damage(art, "data truncated")
     run = subprocess.run(
-        [Path(sys.executable).parent / "qwen-deploy", "serve", art, "--port", "0"],
+        [Path(sys.executable).parent / "qwen-deploy", "serve", art, "--port", "8765"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -21,7 +21,7 @@ STAGES = {
 }
 # what each stage must not import (at module level; `lazy` lists what a function may import)
 FORBIDDEN = {
-    "runtime": STAGES - {"runtime", "tensorrt"},
+    "runtime": STAGES - {"runtime"},
     "generation": {"serving", "parity", "quantize", "export", "cli"},
     "quantize": {"serving", "cli", "tensorrt"},
     "parity": {"serving", "generation", "quantize", "cli"},
@@ -30,7 +30,7 @@ FORBIDDEN = {
     "tensorrt": STAGES - {"tensorrt", "runtime"},
     "serving": {"parity", "quantize", "export", "cli"},
 }
-LAZY_ONLY = {"runtime": {"tensorrt"}}
+LAZY_ONLY: dict[str, set[str]] = {}
 THIN = ("runtime", "generation", "serving")  # never torch or transformers
 
 

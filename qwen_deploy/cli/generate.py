@@ -55,12 +55,13 @@ def _generator_and_params(
 ):
     from ..generation.generator import Generator
     from ..generation.sampling import SamplingParams
-    from ..manifest import Manifest
+    from ..manifest import Artifact
 
     sampling["stop"] = list(sampling["stop"]) or None
-    params = SamplingParams.from_defaults(Manifest.load(artifact), **sampling)  # before loading
+    opened = Artifact.open(artifact)
+    params = SamplingParams.from_defaults(opened.manifest, **sampling)  # before the model loads
     generator = Generator(
-        artifact, provider=provider, threads=threads, prefix_cache_bytes=prefix_cache_bytes
+        opened, provider=provider, threads=threads, prefix_cache_bytes=prefix_cache_bytes
     )
     return generator, params
 

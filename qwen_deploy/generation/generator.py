@@ -12,9 +12,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..backends import open_backend
 from ..errors import QwenDeployError
-from ..manifest import Manifest
-from ..runtime.backend import Backend, open_backend
+from ..manifest import Artifact
+from ..runtime.backend import Backend
 from .engine import BatchEngine, EngineRequest
 from .requests import PreparedRequest, RequestBuilder
 from .sampling import SamplingParams
@@ -42,17 +43,17 @@ class Generator(RequestBuilder):
 
     def __init__(
         self,
-        artifact: str | Path,
+        artifact: str | Path | Artifact,
         provider: str = "cpu",
         threads: int | None = None,
         backend: Backend | None = None,
         prefix_cache_bytes: int = 0,
     ):
-        folder = Path(artifact)
-        manifest = Manifest.load(folder)
-        self.backend = backend or open_backend(folder, provider, threads)
+        artifact = Artifact.open(artifact)
+        manifest = artifact.manifest
+        self.backend = backend or open_backend(artifact, provider, threads)
         limit = min(manifest.model.max_position_embeddings, self.backend.capabilities.max_positions)
-        super().__init__(folder, manifest, limit)
+        super().__init__(artifact.folder, manifest, limit)
         self.pad_id = manifest.pad_id
         self.engine = BatchEngine(self, prefix_cache_bytes=prefix_cache_bytes)
 

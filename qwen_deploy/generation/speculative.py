@@ -22,8 +22,9 @@ from typing import Protocol
 
 import numpy as np
 
+from ..backends import open_backend
 from ..errors import QwenDeployError
-from ..runtime.backend import Backend, open_backend
+from ..runtime.backend import Backend
 from ..runtime.decode import Batch
 from .sequence import SequenceState, StreamDelta
 

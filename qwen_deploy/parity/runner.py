@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..backends import open_backend
 from ..errors import QwenDeployError
-from ..manifest import Manifest
-from ..runtime.backend import Backend, open_backend
+from ..manifest import Artifact
+from ..runtime.backend import Backend
 from ..runtime.decode import Batch
 from ..runtime.padding import left_pad
 from .metrics import merge_metrics
@@ -147,7 +148,7 @@ def _run_case(
 
 
 def run_parity(
-    artifact: str | Path,
+    artifact: str | Path | Artifact,
     reference: str | Path,
     prompts_file: str | Path | None = None,
     steps: int = 8,
@@ -167,7 +168,8 @@ def run_parity(
     float32 forward against it. The artifact runs on the backend its manifest names (a TensorRT
     engine on TensorRT), or on `backend`.
     """
-    manifest = Manifest.load(artifact)
+    artifact = Artifact.open(artifact)
+    manifest = artifact.manifest
     preset = preset or preset_for(manifest.precision, (manifest.quantization or {}).get("mode"))
     if preset not in PRESETS:
         raise QwenDeployError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")

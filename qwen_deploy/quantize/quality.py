@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..backends import open_backend
 from ..generation.tokenizer import Tokenizer
 from ..manifest import Manifest
 from ..parity.metrics import compare_logits, merge_metrics
 from ..parity.presets import PRESETS
 from ..parity.prompts import load_prompts
-from ..runtime.backend import Backend, open_backend
+from ..runtime.backend import Backend
 from ..runtime.decode import Batch
 from .text import prompt_ids
 

@@ -10,12 +10,10 @@ runtime.decode.Batch, the one prefill/decode loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from ..errors import QwenDeployError
 from ..manifest import Manifest
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -84,37 +82,3 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Free the model and its device memory; the backend is unusable afterwards."""
-
-
-def open_backend(
-    artifact: str | Path,
-    provider: str = "cpu",
-    threads: int | None = None,
-    device_id: int = 0,
-    backend: str | None = None,
-) -> Backend:
-    """The backend an artifact runs on, from its manifest: TensorRT for an engine artifact
-    (`qwen-deploy build`; an NVIDIA GPU, whatever `provider` says), onnxruntime on `provider`
-    for an ONNX one. `backend` names one explicitly and is refused when the artifact does not
-    hold what it runs."""
-    manifest = Manifest.load(artifact)
-    kind = "tensorrt" if manifest.engine else "onnxruntime"
-    if backend is not None and backend not in BACKENDS:
-        raise QwenDeployError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
-    if backend is not None and backend != kind:
-        hint = (
-            "build an engine artifact from it with `qwen-deploy build ARTIFACT -o ENGINE`"
-            if backend == "tensorrt"
-            else "give the ONNX artifact it was built from"
-        )
-        raise QwenDeployError(
-            f"{artifact} is {'a TensorRT engine' if kind == 'tensorrt' else 'an ONNX'} artifact, "
-            f"which the {backend} backend cannot run: {hint}."
-        )
-    if kind == "tensorrt":
-        from ..tensorrt.backend import TensorRTBackend
-
-        return TensorRTBackend(artifact, device=device_id)
-    from .onnxruntime_backend import OnnxRuntimeBackend
-
-    return OnnxRuntimeBackend(artifact, provider=provider, threads=threads)

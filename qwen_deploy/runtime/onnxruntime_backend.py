@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 
 from ..contract import LOGITS_TO_KEEP, is_past
 from ..errors import ArtifactError, QwenDeployError
-from ..manifest import Manifest
+from ..manifest import Artifact, Manifest
 from .backend import PROVIDERS, Capabilities, kv_bytes
 from .fp32_compute import fp32_compute
 from .huge_pages import collapse_resident_memory
@@ -137,14 +137,14 @@ class OnnxRuntimeBackend:
 
     def __init__(
         self,
-        artifact: str | Path,
+        artifact: str | Path | Artifact,
         provider: str = "cpu",
         threads: int | None = None,
         spinning: bool = True,
         huge_pages: bool = True,
     ):
-        self.folder = Path(artifact)
-        self.manifest = Manifest.load(self.folder)
+        artifact = Artifact.open(artifact)
+        self.folder, self.manifest = artifact.folder, artifact.manifest
         require_provider(provider)
         options = session_options(threads)
         if not spinning:

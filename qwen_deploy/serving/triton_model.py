@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from qwen_deploy.backends import open_backend
 from qwen_deploy.errors import QwenDeployError
 from qwen_deploy.generation.engine import BatchEngine, EngineRequest
 from qwen_deploy.generation.generator import Generator, generation_result
 from qwen_deploy.generation.requests import PreparedRequest
 from qwen_deploy.generation.sequence import StreamDelta
-from qwen_deploy.runtime.backend import open_backend
 
 TEMPLATE_KEYS = ("tools", "chat_template_kwargs")
 

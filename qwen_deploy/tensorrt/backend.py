@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import QwenDeployError
-from ..manifest import Manifest
+from ..manifest import Artifact
 from ..runtime.backend import Capabilities, kv_bytes
 from .cuda import CudaDriver, DeviceBuffer, DeviceInfo
 from .device_cache import DeviceKVCache, check_step
@@ -92,11 +92,11 @@ def select_profile(profiles: list[dict], shapes: dict[str, tuple[int, ...]]) -> 
 class TensorRTBackend:
     """Runs an engine artifact written by `qwen-deploy build` (Backend interface)."""
 
-    def __init__(self, artifact: str | Path, device: int = 0):
+    def __init__(self, artifact: str | Path | Artifact, device: int = 0):
         from .builder import import_tensorrt
 
-        self.folder = Path(artifact)
-        self.manifest = Manifest.load(self.folder)
+        artifact = Artifact.open(artifact)
+        self.folder, self.manifest = artifact.folder, artifact.manifest
         engine = self.manifest.engine
         if not engine or engine.get("format") != "tensorrt":
             raise QwenDeployError(

@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 
 from qwen_deploy.artifact import copy_side_files
+from qwen_deploy.backends import open_backend
 from qwen_deploy.cli import main
 from qwen_deploy.errors import QwenDeployError
 from qwen_deploy.manifest import Manifest
 from qwen_deploy.parity.presets import PRESETS
-from qwen_deploy.runtime.backend import open_backend
 from qwen_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from qwen_deploy.tensorrt.backend import (
     TensorRTBackend,
