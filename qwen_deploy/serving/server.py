@@ -265,16 +265,14 @@ def _timed_h11(seconds: float) -> type[asyncio.Protocol]:
 class Server(uvicorn.Server):
     """uvicorn's server that, when shutdown begins (SIGTERM, SIGINT), first fails the engine's
     open requests, so open streams end at once (with an error chunk) instead of holding the
-    graceful wait; what is still being prepared gets 503 or is cancelled after the grace."""
+    graceful wait; requests still being prepared get 503."""
 
     def __init__(self, config: uvicorn.Config):
         super().__init__(config)
         self.openai: OpenAIServer = config.app.state.server
 
     async def shutdown(self, sockets=None) -> None:
-        self.openai.closing = True
-        # the engine's worker ends its current step first (a prefill chunk at most)
-        await asyncio.to_thread(self.openai.engine.close)
+        await self.openai.close()
         await super().shutdown(sockets)
 
 
@@ -346,17 +344,20 @@ class OpenAIServer:
         self.created = int(time.time())
         self.closing = False  # shutdown began: the engine fails what is open, new work gets 503
         self._slots = asyncio.Semaphore(PREPARE_THREADS)
+        self._pending: set[asyncio.Future] = set()  # off_loop work being awaited
 
     async def off_loop(self, work: Callable[[], Any], abandon: Callable[[Any], None] | None = None):
         """`work()` in a daemon worker thread (at most PREPARE_THREADS at once), awaited from the
         event loop; its exception is raised here. `abandon(result)` runs if the awaiting task was
         cancelled before the work ended (a client gone, a shutdown), to release what it made."""
         async with self._slots:
+            if self.closing:
+                raise _shutting_down()
             loop = asyncio.get_running_loop()
             future = loop.create_future()
 
             def settle(result: Any, error: BaseException | None) -> None:
-                if future.cancelled():
+                if future.done():  # cancelled, or failed by shutdown
                     if error is None and abandon is not None:
                         abandon(result)
                 elif error is not None:
@@ -376,7 +377,21 @@ class OpenAIServer:
                         abandon(outcome[0])
 
             threading.Thread(target=run, name="qwen-deploy-prepare", daemon=True).start()
-            return await future
+            self._pending.add(future)
+            try:
+                return await future
+            finally:
+                self._pending.discard(future)
+
+    async def close(self) -> None:
+        """Shutdown began: refuse new requests, fail the engine's open ones and those being
+        prepared (503; what their threads make is released when they end)."""
+        self.closing = True
+        # the engine's worker ends its current step first (a prefill chunk at most)
+        await asyncio.to_thread(self.engine.close)
+        for future in list(self._pending):
+            if not future.done():
+                future.set_exception(_shutting_down())
 
     def _channel(self) -> tuple[asyncio.Queue, Callable]:
         """An engine request's delta queue on this loop and the thread-safe emit that fills it."""

@@ -53,7 +53,7 @@ def looping_artifact(tiny_artifact, tmp_path_factory) -> Path:
     [
         (NEVER_ENDS, "ran past its 0.5 s time limit"),
         (
-            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+            "{% for a in range(100000) %}{{ 'x' * 1000 }}{% endfor %}",
             "wrote more than its limit of 100000 characters",
         ),
         ("{{ 'x' * 10**10 }}", "would make a value longer than its limit of 100000 characters"),
@@ -213,7 +213,7 @@ def _serve(artifact: Path) -> tuple[subprocess.Popen, str]:
 
 def test_sigterm_stops_serve_within_5_s_with_requests_in_flight(looping_artifact):
     """A stream in flight and a chat whose template never ends: SIGTERM ends the stream with an
-    error chunk and the process within 5 s."""
+    error chunk, answers the chat 503 and ends the process within 5 s (measured: ~0.3 s)."""
     process, url = _serve(looping_artifact)
     try:
         lines, results = [], {}
@@ -248,8 +248,14 @@ def test_sigterm_stops_serve_within_5_s_with_requests_in_flight(looping_artifact
         assert took < 5, took
         assert code in (0, -signal.SIGTERM)  # uvicorn raises the signal again once it is done
         assert any("the server is shutting down" in line for line in lines), lines[-3:]
-        if "chat" in results:  # answered before the connection closed
-            assert results["chat"].status_code in (400, 503)
+        # the chat still rendering is answered at once, not after its template's 2 s
+        assert results["chat"].status_code == 503
+        assert results["chat"].json()["error"] == {
+            "message": "the server is shutting down; send the request again to a running server.",
+            "type": "server_error",
+            "param": None,
+            "code": "shutting_down",
+        }
     finally:
         if process.poll() is None:
             process.kill()
