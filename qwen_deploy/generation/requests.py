@@ -16,7 +16,7 @@ from ..manifest import Manifest
 from .chat_template import ChatTemplate
 from .sampling import SamplingParams
 from .sequence import opens_think
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, TooManyTokens
 
 
 class ContextLengthError(QwenDeployError):
@@ -29,33 +29,6 @@ class TemplateKwargsError(QwenDeployError):
 
 # what prepare() itself hands the template: kwargs may not override them
 TEMPLATE_ARGUMENTS = ("prompt", "messages", "tools", "add_generation_prompt")
-
-
-class _TooLong(Exception):
-    """A text has at least `count` tokens, more than its limit (its ids were not listed)."""
-
-    def __init__(self, count: int):
-        super().__init__(count)
-        self.count = count
-
-
-def encode_text(tokenizer: Tokenizer, text: str, limit: int | None = None) -> list[int]:
-    """`tokenizer.encode(text)` (the same ids) through the `tokenizers` batch path, which
-    releases the GIL for the whole computation: its single-text `encode` holds it while another
-    thread also tokenizes (measured: three 2 MB prompts prepared at once stopped a server's event
-    loop for ~3 s each; through this path, for ~50 ms at the end of each 4 MB one). With `limit`,
-    a text of `limit` tokens or more raises _TooLong before its ids become a Python list (the
-    larger part of what is left with the GIL held)."""
-    fast = getattr(getattr(tokenizer, "_tok", None), "encode_batch_fast", None)
-    if fast is None:  # another tokenizer, or a tokenizers without it
-        ids = tokenizer.encode(text)
-        if limit is not None and len(ids) >= limit:
-            raise _TooLong(len(ids))
-        return ids
-    encoding = fast([text], add_special_tokens=False)[0]
-    if limit is not None and len(encoding) >= limit:
-        raise _TooLong(len(encoding))
-    return encoding.ids
 
 
 @dataclass(frozen=True)
@@ -109,11 +82,11 @@ class RequestBuilder:
         limit = self.context_limit(max_context)
         try:
             ids = self._prompt_ids(prompt, messages, tools, limit, **(template_kwargs or {}))
-        except _TooLong as e:  # no room to generate, whatever the suffix
-            count = e.count + (len(encode_text(self.tokenizer, suffix)) if suffix else 0)
+        except TooManyTokens as e:  # no room to generate, whatever the suffix
+            count = e.count + (len(self.tokenizer.encode(suffix)) if suffix else 0)
             raise _context_error(limit, count) from None
         if suffix:
-            ids += encode_text(self.tokenizer, suffix)
+            ids += self.tokenizer.encode(suffix)
         if reasoning is None:
             reasoning = messages is not None and self.chat_template is not None
             reasoning = reasoning or opens_think(self.tokenizer, ids)
@@ -138,7 +111,7 @@ class RequestBuilder:
         limit: int | None,
         **template_kwargs,
     ) -> list[int]:
-        """prompt_ids; a text of `limit` tokens or more raises _TooLong (see encode_text)."""
+        """prompt_ids; a text of `limit` tokens or more raises TooManyTokens (Tokenizer.encode)."""
         if (prompt is None) == (messages is None):
             raise QwenDeployError("give either a prompt or chat messages, not both or neither.")
         if messages is not None:
@@ -150,9 +123,9 @@ class RequestBuilder:
             text = self.chat_template.render(
                 messages, tools=tools, add_generation_prompt=True, **template_kwargs
             )
-            ids = encode_text(self.tokenizer, text, limit)
+            ids = self.tokenizer.encode(text, limit)
         elif isinstance(prompt, str):
-            ids = encode_text(self.tokenizer, prompt, limit)
+            ids = self.tokenizer.encode(prompt, limit)
         else:
             ids = [int(t) for t in prompt]
             vocab = self.manifest.model.vocab_size

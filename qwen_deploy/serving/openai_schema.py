@@ -33,7 +33,7 @@ def lone_surrogate(value: Any) -> str | None:
     stack: list[tuple[str, Any]] = [("", value)]
     while stack:
         path, item = stack.pop()
-        if isinstance(item, str) and SURROGATE.search(item):
+        if isinstance(item, str) and not item.isascii() and SURROGATE.search(item):
             return path or "body"
         if not isinstance(item, (dict, list)):
             continue

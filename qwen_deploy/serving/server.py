@@ -61,7 +61,6 @@ from ..generation.requests import (
     ContextLengthError,
     PreparedRequest,
     TemplateKwargsError,
-    encode_text,
 )
 from ..generation.sampling import SamplingParams, TokenLogprob
 from ..generation.sequence import StreamDelta
@@ -446,7 +445,7 @@ class OpenAIServer:
         `prediction` is looked up for drafts."""
         try:
             text = body.prediction.text() if body.prediction else ""
-            reference = encode_text(self.generator.tokenizer, text) if text else None
+            reference = self.generator.tokenizer.encode(text) if text else None
             return self.speculator.drafter(body.speculative, reference)
         except FieldError as e:
             raise OpenAIError(400, str(e), param=e.param) from e
