@@ -23,7 +23,7 @@ def _sampling_options(command):
         click.option("--presence-penalty", type=float),
         click.option("--frequency-penalty", type=float),
         click.option("--seed", type=int, help="Makes sampling reproducible."),
-        click.option("--max-tokens", type=int, default=256, show_default=True),
+        click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True),
         click.option("--stop", multiple=True, help="Stop string (repeatable)."),
         provider_option(),
         threads_option,

@@ -399,6 +399,10 @@ class BatchEngine:
             self.prefix_cache.insert(request.prompt_ids, self.backend.cache_arrays(batch.cache))
         with self._cond:
             self._prefilling.remove(request)
+        if request.state.params.max_tokens == 0:  # the prompt was only to be scored (echo)
+            self._send(request, request.state.end("length"))
+            self._finish_if_done(request)
+            return
         if request.drafter is not None:
             longest = len(request.prompt_ids) + (request.state.params.max_tokens or 0)
             batch.keep([0], min(longest, self.max_context))  # a cache sized for its run

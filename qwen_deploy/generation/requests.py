@@ -149,10 +149,11 @@ class RequestBuilder:
     def check_context(
         self, prompt_ids: list[int], params: SamplingParams, max_context: int | None = None
     ) -> SamplingParams:
-        """Refuse a prompt that fills the context; clip max_tokens to the room that is left."""
+        """Refuse a prompt that fills the context (one that is only scored, max_tokens 0, may
+        fill it); clip max_tokens to the room that is left."""
         limit = self.context_limit(max_context)
         room = limit - len(prompt_ids)
-        if room < 1:
+        if room < (params.max_tokens != 0):
             raise _context_error(limit, len(prompt_ids))
         if params.max_tokens is None or params.max_tokens > room:
             return params.replace(max_tokens=room)

@@ -43,7 +43,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # 0: the prompt is only scored (echo), nothing generated
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k: the sampled token's and the top k alternatives'
@@ -116,7 +116,7 @@ class SamplingParams:
                 "seed", self.seed, "an integer in [0, 2**64) or null", lambda v: 0 <= v < 2**64
             )
         if self.max_tokens is not None:
-            _integer("max_tokens", self.max_tokens, "an integer >= 1 or null", lambda v: v >= 1)
+            _integer("max_tokens", self.max_tokens, "an integer >= 0 or null", lambda v: v >= 0)
         if not all(isinstance(s, str) and s for s in self.stop):
             raise QwenDeployError(f"stop must be a list of non-empty strings, got {self.stop!r}.")
         for token in self.stop_token_ids:

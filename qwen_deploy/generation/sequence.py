@@ -94,6 +94,11 @@ class SequenceState:
             self.finished, self.finish_reason = True, reason
         return self._release(token_id, out, reason)
 
+    def end(self, reason: str) -> StreamDelta:
+        """Finish without generating (max_tokens 0: the prompt was only scored)."""
+        self.finished, self.finish_reason = True, reason
+        return StreamDelta(None, "", "", "", reason)
+
     def _release(self, token_id: int, text: str, reason: str | None) -> StreamDelta:
         if self._parser is None:
             reasoning, content = "", text

@@ -256,6 +256,13 @@ class CompletionRequest(SamplingFields):
     def requested_logprobs(self) -> int | None:
         return self.logprobs
 
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts: one text or token-id list, or a list of them (OpenAI's batch form)."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            return list(prompt)
+        return [prompt]
+
 
 def error_body(
     message: str,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import ipaddress
 import json
@@ -35,7 +36,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,7 @@ from ..generation.requests import (
 )
 from ..generation.sampling import SamplingParams, TokenLogprob
 from ..generation.sequence import StreamDelta
-from ..generation.speculative import Drafter, Speculator
+from ..generation.speculative import Drafter, SpeculativeStats, Speculator
 from ..generation.structured import grammar_for
 from ..generation.tokenizer import Tokenizer
 from ..generation.tool_calls import ToolCall, ToolCallStream, ToolError, plan_tools
@@ -84,6 +85,7 @@ KEEP_ALIVE_S = 5  # an idle connection between requests is closed after this (uv
 KV_MEMORY_SHARE = 0.5  # of the memory free after loading, for the requests' KV by default
 REQUEST_TIMEOUT_S = 30.0  # a request's head and body must arrive within this
 PREPARE_THREADS = 4  # requests prepared at once off the event loop; more wait their turn
+MAX_CHOICES = 64  # choices (prompts x n) one request may ask for: the rest of the queue waits
 SHUTDOWN_GRACE_S = 2  # after SIGTERM, how long open responses may take to end
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 # OpenAI's "developer" role is its newer name for "system"; chat templates know only these four
@@ -97,24 +99,46 @@ ROLES = {
 
 
 async def _events(
-    stream: EngineStream,
+    streams: Sequence[EngineStream],
     head: dict,
     include_usage: bool,
-    choice: Callable[[StreamDelta, int], dict],
+    choices: Sequence[Callable[[StreamDelta, int], dict]],
+    n: int = 1,
 ) -> AsyncIterator[str]:
-    """SSE chunks, one per generated token, then the optional usage chunk and [DONE]."""
-    count = 0
+    """SSE chunks, one per delta of any choice as it comes (choice i's carry index i), then the
+    optional usage chunk and [DONE]; an error ends the stream with an error chunk."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: EngineStream) -> None:
+        try:
+            async for d in stream:
+                merged.put_nowait((index, d))
+        except Exception as e:  # handed to the response
+            merged.put_nowait((index, e))
+        merged.put_nowait((index, None))
+
+    pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    counts, running = [0] * len(streams), len(streams)
     try:
-        async for d in stream:
-            yield _sse({**head, "choices": [choice(d, count)]})
-            count += 1
+        while running:
+            index, item = await merged.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, Exception):
+                yield _sse(error_body(str(item), "server_error"))
+                return
+            else:
+                choice = {**choices[index](item, counts[index]), "index": index}
+                counts[index] += item.token_id is not None
+                yield _sse({**head, "choices": [choice]})
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(stream, count)})
+            yield _sse({**head, "choices": [], "usage": _usage(streams, counts, n)})
         yield _sse("[DONE]")
-    except QwenDeployError as e:
-        yield _sse(error_body(str(e), "server_error"))
     finally:
-        stream.cancel()
+        for task in pumps:
+            task.cancel()
+        for stream in streams:
+            stream.cancel()
 
 
 class OpenAIError(Exception):
@@ -317,19 +341,20 @@ def _sse(data: dict | str) -> str:
 
 
 class _EngineSSE(StreamingResponse):
-    """An SSE response that cancels its engine request however the response ends."""
+    """An SSE response that cancels its engine requests however the response ends."""
 
-    def __init__(self, content: AsyncIterator[str], stream: EngineStream):
+    def __init__(self, content: AsyncIterator[str], streams: Sequence[EngineStream]):
         super().__init__(
             content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-        self.engine_stream = stream
+        self.engine_streams = streams
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.engine_stream.cancel()  # no-op when it finished; frees the slot otherwise
+            for stream in self.engine_streams:
+                stream.cancel()  # no-op when it finished; frees the slot otherwise
 
 
 class OpenAIServer:
@@ -411,19 +436,36 @@ class OpenAIServer:
                 param="model",
                 code="model_not_found",
             )
-        if body.n not in (None, 1):
+
+    def choice_count(self, body: SamplingFields, prompts: int = 1) -> int:
+        """n, checked, and within MAX_CHOICES with `prompts` prompts."""
+        n = 1 if body.n is None else body.n
+        if n < 1:
+            raise OpenAIError(400, f"n={n} is out of range: it must be an integer >= 1.", param="n")
+        if n * prompts > MAX_CHOICES:
+            asked = f"{prompts} prompts x n={n}" if prompts > 1 else f"n={n}"
             raise OpenAIError(
                 400,
-                f"n={body.n} is not supported: this server returns one choice "
-                "per request (n=1); send several requests instead.",
-                param="n",
+                f"this request asks for {n * prompts} choices ({asked}); this server returns at "
+                f"most {MAX_CHOICES} per request: split it into several requests.",
+                param="n" if prompts == 1 else "prompt",
             )
+        return n
 
-    def sampling_params(self, body: SamplingFields) -> SamplingParams:
+    def sampling_params(self, body: SamplingFields, scoring: bool = False) -> SamplingParams:
+        """The request's sampling parameters; max_tokens 0 only where the prompt is scored
+        (`scoring`: completions with echo)."""
         try:
             overrides = body.sampling_overrides()
         except FieldError as e:
             raise OpenAIError(400, str(e), param=e.param) from e
+        if overrides["max_tokens"] == 0 and not scoring:
+            raise OpenAIError(
+                400,
+                "max_tokens=0 generates nothing: it is for scoring a prompt with echo: true on "
+                "/v1/completions; ask for at least 1 token.",
+                param="max_tokens",
+            )
         try:
             return SamplingParams.from_defaults(self.generator.manifest, **overrides)
         except QwenDeployError as e:
@@ -472,20 +514,53 @@ class OpenAIServer:
                 raise _shutting_down() from e
             raise OpenAIError(400, str(e), param=param) from e
 
-    async def start(self, begin: Callable[[Callable], tuple]) -> tuple[Any, EngineStream]:
-        """Run `begin(emit)` off the loop: it prepares a request and queues it on the engine,
-        returning (anything, EngineRequest); here the request becomes a stream."""
+    def add_choices(
+        self,
+        request: PreparedRequest,
+        body: SamplingFields,
+        param: str,
+        emits: Sequence[Callable],
+        prompt_logprobs: int | None = None,
+    ) -> list[EngineRequest]:
+        """`add` once per choice (n of one prompt); a seeded choice j samples with seed + j, so
+        choice 0 is what n=1 gives. If one cannot be queued, none stays queued."""
+        queued = []
+        try:
+            for j, emit in enumerate(emits):
+                seed = request.params.seed
+                if j and seed is not None:
+                    params = request.params.replace(seed=(seed + j) % 2**64)
+                    request = dataclasses.replace(request, params=params)
+                queued.append(self.add(request, body, param, emit, prompt_logprobs))
+        except BaseException:
+            for made in queued:
+                self.engine.cancel(made)
+            raise
+        return queued
+
+    async def start(
+        self, begin: Callable[[list[Callable]], tuple], count: int = 1
+    ) -> tuple[Any, list[EngineStream]]:
+        """Run `begin(emits)` off the loop: it prepares a request and queues one engine request
+        per emit (its `count` choices), returning (anything, [EngineRequest]); here they become
+        streams."""
         if self.closing:
             raise _shutting_down()
-        queue, emit = self._channel()
+        channels = [self._channel() for _ in range(count)]
+
+        def abandon(result: tuple) -> None:
+            for queued in result[1]:
+                self.engine.cancel(queued)
+
         made, queued = await self.off_loop(
-            lambda: begin(emit), abandon=lambda result: self.engine.cancel(result[1])
+            lambda: begin([emit for _, emit in channels]), abandon=abandon
         )
-        return made, EngineStream(self.engine, queued, queue)
+        queues = [queue for queue, _ in channels]
+        return made, [EngineStream(self.engine, *pair) for pair in zip(queued, queues, strict=True)]
 
     # -- endpoints -----------------------------------------------------------------------------
-    def _begin_chat(self, body: ChatCompletionRequest, emit: Callable) -> tuple:
-        """A chat request's CPU work (off the loop): ((params, tool plan), engine request)."""
+    def _begin_chat(self, body: ChatCompletionRequest, emits: list[Callable]) -> tuple:
+        """A chat request's CPU work (off the loop): ((params, tool plan), engine requests)."""
         params = self.sampling_params(body)
         try:
             plan = plan_tools(body.tool_dicts(), body.tool_choice)
@@ -500,11 +575,12 @@ class OpenAIServer:
             template_kwargs=body.chat_template_kwargs,
             suffix=plan.prefill,
         )
-        return (params, plan), self.add(prepared, body, "messages", emit)
+        return (params, plan), self.add_choices(prepared, body, "messages", emits)
 
     async def chat(self, body: ChatCompletionRequest, request: Request):
         self.check_common(body)
-        (params, plan), stream = await self.start(lambda emit: self._begin_chat(body, emit))
+        n = self.choice_count(body)
+        (params, plan), streams = await self.start(lambda e: self._begin_chat(body, e), n)
         meta = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -513,11 +589,31 @@ class OpenAIServer:
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             head = {**meta, "object": "chat.completion.chunk"}
-            events = _events(stream, head, include_usage, self._chat_chunks(plan.stream()))
-            return _EngineSSE(events, stream)
-        deltas = await self.collect(stream, request)
+            choices = [self._chat_chunks(plan.stream()) for _ in streams]
+            return _EngineSSE(_events(streams, head, include_usage, choices, n), streams)
+        answers = await self.collect(streams, request)
+        return {
+            **meta,
+            "object": "chat.completion",
+            "choices": [
+                self._chat_choice(i, deltas, stream, params, plan.stream())
+                for i, (stream, deltas) in enumerate(zip(streams, answers, strict=True))
+            ],
+            "usage": _usage(streams, map(_generated, answers), n),
+        }
+
+    def _chat_choice(
+        self,
+        index: int,
+        deltas: list[StreamDelta],
+        stream: EngineStream,
+        params: SamplingParams,
+        tools: ToolCallStream | None,
+    ) -> dict:
+        """One choice of a whole chat answer: its message (tool calls parsed out), logprobs and
+        finish reason."""
         finish = deltas[-1].finish_reason if deltas else None
-        content, calls = _answer("".join(d.content for d in deltas), plan.stream())
+        content, calls = _answer("".join(d.content for d in deltas), tools)
         message: dict[str, Any] = {"role": "assistant", "content": content}
         if calls:
             message["content"] = content or None
@@ -526,17 +622,10 @@ class OpenAIServer:
         if stream.state.saw_reasoning:
             message["reasoning_content"] = "".join(d.reasoning_content for d in deltas)
         return {
-            **meta,
-            "object": "chat.completion",
-            "choices": [
-                {
-                    "index": 0,
-                    "message": message,
-                    "logprobs": self._chat_logprobs(deltas, params),
-                    "finish_reason": finish,
-                }
-            ],
-            "usage": _usage(stream, len(deltas)),
+            "index": index,
+            "message": message,
+            "logprobs": self._chat_logprobs(deltas, params),
+            "finish_reason": finish,
         }
 
     def _chat_chunks(self, tools: ToolCallStream | None) -> Callable[[StreamDelta, int], dict]:
@@ -571,10 +660,11 @@ class OpenAIServer:
         return raw.decode("utf-8", errors="replace"), list(raw)
 
     def _token_entry(self, lp: TokenLogprob) -> dict:
-        """One token of chat logprobs.content, OpenAI's shape."""
+        """One token of chat logprobs.content, OpenAI's shape; top_logprobs: the k most likely
+        and the chosen token when it is not among them (k + 1 at most, none for k = 0)."""
         text, raw = self._token_text(lp.token_id)
         top = []
-        for token_id, logprob in lp.top:
+        for token_id, logprob in _with_chosen(lp) if lp.top else []:
             alt_text, alt_raw = self._token_text(token_id)
             top.append({"token": alt_text, "logprob": logprob, "bytes": alt_raw})
         return {"token": text, "logprob": lp.logprob, "bytes": raw, "top_logprobs": top}
@@ -585,8 +675,9 @@ class OpenAIServer:
         return {"content": [self._token_entry(d.logprob) for d in deltas if d.logprob]}
 
     def _completion_logprobs(self, tokens: list[TokenLogprob], offset: int = 0) -> dict | None:
-        """Completions' logprobs shape: parallel lists, top alternatives as {token: logprob};
-        an echoed first prompt token has null for both."""
+        """Completions' logprobs shape: parallel lists, top alternatives as {token: logprob}
+        with the chosen token always among them (logprobs + 1 at most, as OpenAI's); an echoed
+        first prompt token has null for both."""
         if not tokens:
             return None
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -594,7 +685,7 @@ class OpenAIServer:
             text = self._token_text(lp.token_id)[0]
             out["tokens"].append(text)
             out["token_logprobs"].append(lp.logprob)
-            top = {self._token_text(i)[0]: v for i, v in lp.top}
+            top = {self._token_text(i)[0]: v for i, v in _with_chosen(lp)}
             out["top_logprobs"].append(None if lp.logprob is None else top)
             out["text_offset"].append(offset)
             offset += len(text)
@@ -608,52 +699,67 @@ class OpenAIServer:
             )
         if body.suffix:
             raise OpenAIError(400, "suffix is not supported by this server.", param="suffix")
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise OpenAIError(
-                    400,
-                    f"got {len(prompt)} prompts; this server takes one prompt per request.",
-                    param="prompt",
-                )
-            prompt = prompt[0]
-        echo_text, stream = await self.start(
-            lambda emit: self._begin_completion(body, prompt, emit)
-        )
-        echo_logprobs = stream.request.prompt_logprobs  # complete when the first delta arrives
+        prompts = body.prompts()
+        n = self.choice_count(body, len(prompts))
+        echo_texts, streams = await self._start_prompts(body, prompts, n)
         meta = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
             "model": self.model_name,
             "object": "text_completion",
         }
+        # a choice's echoed prompt logprobs are complete when its first delta arrives
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            chunks = self._completion_chunks(echo_text, echo_logprobs)
-            events = _events(stream, meta, include_usage, chunks)
-            return _EngineSSE(events, stream)
-        deltas = await self.collect(stream, request)
-        tokens = echo_logprobs + [d.logprob for d in deltas if d.logprob]
-        return {
-            **meta,
-            "choices": [
+            chunks = [
+                self._completion_chunks(echo_texts[i // n], s.request.prompt_logprobs)
+                for i, s in enumerate(streams)
+            ]
+            return _EngineSSE(_events(streams, meta, include_usage, chunks, n), streams)
+        answers = await self.collect(streams, request)
+        choices = []
+        for i, (stream, deltas) in enumerate(zip(streams, answers, strict=True)):
+            tokens = stream.request.prompt_logprobs + [d.logprob for d in deltas if d.logprob]
+            choices.append(
                 {
-                    "index": 0,
-                    "text": echo_text + "".join(d.text for d in deltas),
+                    "index": i,
+                    "text": echo_texts[i // n] + "".join(d.text for d in deltas),
                     "logprobs": self._completion_logprobs(tokens),
                     "finish_reason": deltas[-1].finish_reason if deltas else None,
                 }
-            ],
-            "usage": _usage(stream, len(deltas)),
-        }
+            )
+        return {**meta, "choices": choices, "usage": _usage(streams, map(_generated, answers), n)}
+
+    async def _start_prompts(
+        self, body: CompletionRequest, prompts: list[str | list[int]], n: int
+    ) -> tuple[list[str], list[EngineStream]]:
+        """Prepare and queue every prompt's n choices at once (they join the batch together):
+        the prompts' echoed texts and the streams in OpenAI's choice order (prompt by prompt).
+        If one prompt is refused, the others' requests are cancelled."""
+        params = [f"prompt.{i}" if len(prompts) > 1 else "prompt" for i in range(len(prompts))]
+        started = await asyncio.gather(
+            *(
+                self.start(lambda e, p=p, q=q: self._begin_completion(body, p, q, e), n)
+                for p, q in zip(prompts, params, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        failed = [r for r in started if isinstance(r, BaseException)]
+        if failed:
+            for result in started:
+                if not isinstance(result, BaseException):
+                    for stream in result[1]:
+                        stream.cancel()
+            raise failed[0]
+        return [text for text, _ in started], [s for _, streams in started for s in streams]
 
     def _begin_completion(
-        self, body: CompletionRequest, prompt: str | list[int], emit: Callable
+        self, body: CompletionRequest, prompt: str | list[int], param: str, emits: list[Callable]
     ) -> tuple:
-        """A completion's CPU work (off the loop): (echoed prompt text, engine request)."""
-        params = self.sampling_params(body)
+        """A prompt's CPU work (off the loop): (echoed prompt text, its choices' requests)."""
+        params = self.sampling_params(body, scoring=body.echo)
         # the completions API has no reasoning_content: the text is returned as it is
-        prepared = self.prepare("prompt", prompt=prompt, params=params, reasoning=False)
+        prepared = self.prepare(param, prompt=prompt, params=params, reasoning=False)
         echo_text = ""
         if body.echo:  # the prompt's text (and its tokens' logprobs) ahead of the completion
             echo_text = (
@@ -662,12 +768,12 @@ class OpenAIServer:
                 else self.generator.tokenizer.decode(prepared.prompt_ids)
             )
         scored = params.logprobs if body.echo else None  # in the prefill that starts generation
-        return echo_text, self.add(prepared, body, "prompt", emit, scored)
+        return echo_text, self.add_choices(prepared, body, param, emits, scored)
 
-    async def collect(self, stream: EngineStream, request: Request) -> list:
+    async def collect(self, streams: Sequence[EngineStream], request: Request) -> list[list]:
         """_collect; a request failed by shutdown is a 503."""
         try:
-            return await _collect(stream, request)
+            return await _collect(streams, request)
         except OpenAIError:
             if self.closing:
                 raise _shutting_down() from None
@@ -743,17 +849,36 @@ def _templated(index: int, message: ChatMessage) -> dict[str, Any]:
         raise OpenAIError(400, f"{param}: {e}", param=param) from e
 
 
-def _usage(stream: EngineStream, completion_tokens: int) -> dict:
-    """OpenAI's usage; a speculative request adds its draft tokens accepted and rejected (as
-    OpenAI counts predicted outputs) and, as an extension, its acceptance statistics."""
+def _with_chosen(lp: TokenLogprob) -> list[tuple[int, float]]:
+    """The top alternatives and, when it is not among them, the chosen token (last: it is less
+    likely than any of them)."""
+    if lp.logprob is None or any(token == lp.token_id for token, _ in lp.top):
+        return lp.top
+    return [*lp.top, (lp.token_id, lp.logprob)]
+
+
+def _generated(deltas: list[StreamDelta]) -> int:
+    """Tokens generated (a scored-only request's one delta carries none)."""
+    return sum(d.token_id is not None for d in deltas)
+
+
+def _usage(streams: Sequence[EngineStream], completion_tokens: Iterable[int], n: int = 1) -> dict:
+    """OpenAI's usage over a request's choices (n per prompt: a prompt counts once); speculative
+    requests add their draft tokens accepted and rejected (as OpenAI counts predicted outputs)
+    and, as an extension, their acceptance statistics."""
+    prompt_tokens = sum(s.prompt_tokens for s in streams[::n])
+    completion = sum(completion_tokens)
     usage: dict[str, Any] = {
-        "prompt_tokens": stream.prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": stream.prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": stream.request.cached_tokens},
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(s.request.cached_tokens for s in streams)},
     }
-    if stream.speculative is not None:
-        stats = stream.speculative
+    speculative = [s.speculative for s in streams if s.speculative is not None]
+    if speculative:
+        stats = SpeculativeStats()
+        for one in speculative:
+            stats.add(one)
         usage["completion_tokens_details"] = {
             "accepted_prediction_tokens": stats.accepted,
             "rejected_prediction_tokens": stats.drafted - stats.accepted,
@@ -762,22 +887,28 @@ def _usage(stream: EngineStream, completion_tokens: int) -> dict:
     return usage
 
 
-async def _collect(stream: EngineStream, request: Request) -> list:
-    """All deltas of a non-streaming request; a client that disconnects cancels it."""
+async def _collect(streams: Sequence[EngineStream], request: Request) -> list[list]:
+    """All deltas of each of a non-streaming request's choices; a client that disconnects
+    cancels them."""
 
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        stream.cancel()
+        for stream in streams:
+            stream.cancel()
+
+    async def deltas(stream: EngineStream) -> list:
+        return [d async for d in stream]
 
     watcher = asyncio.create_task(watch())
     try:
-        return [d async for d in stream]
+        return list(await asyncio.gather(*map(deltas, streams)))
     except QwenDeployError as e:
         raise OpenAIError(500, str(e), "server_error") from e
     finally:
         watcher.cancel()
-        stream.cancel()
+        for stream in streams:
+            stream.cancel()
 
 
 def _api_key_check(api_key: str | None) -> Callable[[Request], None]:

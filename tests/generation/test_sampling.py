@@ -166,7 +166,7 @@ def test_same_seed_same_tokens_and_draws_follow_the_distribution():
         ("presence_penalty", 2.5, "[-2, 2]"),
         ("frequency_penalty", -3, "[-2, 2]"),
         ("seed", -1, "[0, 2**64)"),
-        ("max_tokens", 0, ">= 1"),
+        ("max_tokens", -1, ">= 0"),
         ("stop_token_ids", [-5], ">= 0"),
     ],
 )

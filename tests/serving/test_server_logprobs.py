@@ -152,7 +152,10 @@ def test_echo_returns_the_prompt_with_its_logprobs(served, tiny_artifact):
     logp = teacher_forced_logprobs(tiny_artifact, ids[:1], ids[1:])
     expected = [logp[i, token] for i, token in enumerate(ids[1:])]
     assert lp["token_logprobs"][1:] == pytest.approx(expected, abs=1e-5)
-    assert all(len(top) == 2 for top in lp["top_logprobs"][1:])
+    for step, (text, top) in enumerate(zip(lp["tokens"][1:], lp["top_logprobs"][1:], strict=True)):
+        in_top_2 = ids[step + 1] in np.argsort(-logp[step])[:2]
+        assert len(top) == (2 if in_top_2 else 3)  # the chosen token is always among them
+        assert top[text] == pytest.approx(logp[step, ids[step + 1]], abs=1e-5)
     # streamed: the first chunk carries the prompt, the offsets run on
     streamed = served.client.completions.create(**body, logprobs=2, stream=True)
     chunks = [c.choices[0] for c in streamed if c.choices]
