@@ -8,7 +8,8 @@ DEMO := demo
 REAL_MODEL ?= $(HOME)/.cache/qwen-deploy/qwen2.5-coder-0.5b-instruct
 export QWEN_DEPLOY_REAL_MODEL := $(REAL_MODEL)
 
-.PHONY: setup real-model test demo lint format clean triton-env cpp-deps interop-env openvino-peer
+.PHONY: setup real-model test demo lint format clean triton-env cpp-deps interop-env openvino-peer \
+	lmeval-env
 
 $(BIN)/qwen-deploy: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -94,6 +95,18 @@ $(OPENVINO_MODEL)/openvino_model.xml: | $(OPENVINO_ENV)/.ready $(REAL_MODEL)/che
 
 openvino-peer: setup $(OPENVINO_MODEL)/openvino_model.xml
 	$(BIN)/pip install -q -e ".[openvino]"
+
+# lm-eval (benchmarks/lm_eval.py), in its own venv with the transformers, peft and datasets its
+# hf backend brings; torch pinned first to the CPU build (any other spec pulls GBs of CUDA wheels).
+LMEVAL_ENV := .venv-lmeval
+$(LMEVAL_ENV)/.ready:
+	$(PY) -m venv $(LMEVAL_ENV)
+	$(LMEVAL_ENV)/bin/pip install -q --upgrade pip
+	$(LMEVAL_ENV)/bin/pip install -q torch==2.13.0
+	$(LMEVAL_ENV)/bin/pip install -q "lm-eval[api,hf]==0.4.13"
+	touch $@
+
+lmeval-env: $(LMEVAL_ENV)/.ready
 
 # Headers for the C++ example (examples/cpp): onnxruntime's and nlohmann/json from Debian packages.
 cpp-deps:

@@ -46,13 +46,23 @@ def port_free(port: int) -> bool:
 
 
 class TritonServer:
-    """tritonserver on localhost ports serving the text model of `repo`."""
+    """tritonserver on localhost ports serving the text model of `repo`; with `metrics`, its
+    Prometheus metrics (Triton's and the model's own) at `metrics_url`."""
 
-    def __init__(self, repo: Path, model: str, log: Path):
+    def __init__(self, repo: Path, model: str, log: Path, metrics: bool = False):
         server = server_dir()
         self.http_port, self.grpc_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_url = f"127.0.0.1:{self.grpc_port}"
+        metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics" if metrics else None
+        metrics_options = [
+            "--allow-metrics=true",
+            "--allow-cpu-metrics=false",
+            "--allow-gpu-metrics=false",
+            "--metrics-address=127.0.0.1",
+            f"--metrics-port={metrics_port}",
+        ]
         # the stub embeds the env's Python: its libpython must be on the loader path
         libdir = subprocess.check_output(
             [
@@ -73,7 +83,7 @@ class TritonServer:
                 "--grpc-address=127.0.0.1",
                 f"--http-port={self.http_port}",
                 f"--grpc-port={self.grpc_port}",
-                "--allow-metrics=false",
+                *(metrics_options if metrics else ["--allow-metrics=false"]),
                 "--model-control-mode=explicit",
                 f"--load-model={model}",
             ],

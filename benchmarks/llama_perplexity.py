@@ -88,7 +88,7 @@ def main() -> None:
         for row in rows:
             row["relative"] = row["perplexity"] / rows[0]["perplexity"] - 1.0
     for folder in args.ours:
-        ppl = Manifest.load(folder).quality["perplexity"]
+        ppl = Manifest.load(folder).quality.perplexity
         rows.append(
             {"name": f"qwen-deploy {folder.name}", "perplexity": ppl["quantized"],
              "relative": ppl["relative"], "reference": ppl["reference"]}

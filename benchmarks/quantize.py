@@ -271,14 +271,14 @@ def summarize(
     results = []
     for name, folder in artifacts.items():
         manifest = Manifest.load(folder)
-        q = manifest.quantization or {}
+        q = manifest.quantization
         note = ""
-        if q.get("mode") == "int8-weight":
+        if manifest.quantization_mode == "int8-weight":
             note = (
-                f"MatMulNBits b{q['block_size']} acc{q['accuracy_level']}, "
-                f"embedding {q['embedding']}, smoothed"
+                f"MatMulNBits b{q.block_size} acc{q.accuracy_level}, "
+                f"embedding {q.embedding}, smoothed"
             )
-        elif q.get("mode") == "int8-smoothquant":
+        elif manifest.quantization_mode == "int8-smoothquant":
             note = "Q/DQ W8A8 (TensorRT form)"
         elif name in CANDIDATES:
             note = "candidate: linear layers only"

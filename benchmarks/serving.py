@@ -7,6 +7,11 @@ tritonserver) processes on one artifact: what issue-style acceptance numbers com
   turn's time to first token over the first's, and the text with `--prefix-cache-gb 0`.
 - long_prompt: a 4,000-token prompt arriving while 4 streams decode: their largest gap between
   tokens against one prefill chunk plus one decode step (both measured in the same run).
+- event_loop: while 3 clients send 4 MB bodies (refused: past the context) and one a fresh
+  json_schema, a streaming client's largest gap between tokens over its median, and /health's
+  answer time.
+- template: a copy of the artifact whose chat template never ends: the chat's error and time,
+  /health while it renders, and how long SIGTERM takes to stop the server.
 - echo: an 8,000-token prompt with `echo` and `logprobs: 5`: the server's peak RSS rise (VmHWM)
   and, with --checkpoint, its prompt logprobs against transformers'.
 
@@ -18,6 +23,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +42,7 @@ from benchmarks._common import _status_kib  # noqa: E402
 from benchmarks._triton import TritonServer, free_port, triton_missing  # noqa: E402
 from qwen_deploy.generation.engine import PREFILL_CHUNK  # noqa: E402
 from qwen_deploy.generation.tokenizer import Tokenizer  # noqa: E402
+from qwen_deploy.manifest import Manifest  # noqa: E402
 
 QWEN_DEPLOY = Path(sys.executable).parent / "qwen-deploy"
 SOURCES = sorted((ROOT / "qwen_deploy").rglob("*.py"))
@@ -183,6 +191,107 @@ def long_prompt(artifact: str, tokenizer: Tokenizer) -> dict:
     }
 
 
+def event_loop(artifact: str) -> dict:
+    text = ("hello world, this is some text. " * 140_000)[:4_000_000]
+    big = json.dumps(chat(text, 8)).encode()
+    schema = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(30)}}
+    fresh = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+    codes, health = [], []
+
+    def send(content: bytes) -> None:
+        headers = {"content-type": "application/json"}
+        url = server.url + "/v1/chat/completions"
+        codes.append(httpx.post(url, content=content, headers=headers, timeout=300).status_code)
+
+    with Served(artifact, "--prefix-cache-gb", "0") as server:
+        stream_times(server.url, chat("warm-up", 2))
+        with ThreadPoolExecutor(5) as pool:
+            streamer = pool.submit(stream_times, server.url, chat("Count from 1 to 500.", 400))
+            time.sleep(3)  # the stream is decoding
+            start = time.perf_counter()
+            senders = [pool.submit(send, big) for _ in range(3)]
+            senders.append(
+                pool.submit(send, json.dumps(chat("A JSON.", 8, response_format=fresh)).encode())
+            )
+            with httpx.Client() as client:
+                while not all(s.done() for s in senders):
+                    t = time.perf_counter()
+                    client.get(server.url + "/health").raise_for_status()
+                    health.append(time.perf_counter() - t)
+                    time.sleep(0.02)
+            end = time.perf_counter()
+            for s in senders:
+                s.result()
+            times = streamer.result()["times"]
+    before = [g for t, g in zip(times[1:], gaps(times), strict=True) if t < start]
+    during = [g for t, g in zip(times[1:], gaps(times), strict=True) if start <= t <= end]
+    return {
+        "answers": sorted(codes),
+        "bodies_s": end - start,
+        "stream_median_gap_s": statistics.median(before),
+        "stream_largest_gap_during_s": max(during) if during else None,
+        "largest_over_median": max(during) / statistics.median(before) if during else None,
+        "health_median_s": statistics.median(health),
+        "health_max_s": max(health),
+        "health_probes": len(health),
+    }
+
+
+NEVER_ENDS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+
+
+def template(artifact: str) -> dict:
+    with tempfile.TemporaryDirectory() as work:
+        looping = Path(work) / "looping"
+        looping.mkdir()
+        for file in Path(artifact).iterdir():
+            if file.name != "manifest.json":
+                os.symlink(file.resolve(), looping / file.name)
+        manifest = Manifest.load(Path(artifact))
+        manifest.chat_template = NEVER_ENDS
+        manifest.save(looping)
+        server = Served(str(looping))
+        try:
+            health = []
+            with ThreadPoolExecutor(1) as pool:
+                start = time.perf_counter()
+                reply = pool.submit(
+                    httpx.post, server.url + "/v1/chat/completions", json=chat("hi", 4), timeout=60
+                )
+                while not reply.done():
+                    t = time.perf_counter()
+                    httpx.get(server.url + "/health", timeout=10).raise_for_status()
+                    health.append(time.perf_counter() - t)
+                    time.sleep(0.05)
+                response = reply.result()
+                seconds = time.perf_counter() - start
+            completion = {"model": "m", "prompt": "hello", "max_tokens": 2}
+            after = httpx.post(server.url + "/v1/completions", json=completion, timeout=60)
+            # SIGTERM with the looping chat rendering again
+            pending = ThreadPoolExecutor(1).submit(
+                httpx.post, server.url + "/v1/chat/completions", json=chat("hi", 4), timeout=60
+            )
+            time.sleep(0.5)
+            stop = time.perf_counter()
+            server.process.send_signal(signal.SIGTERM)
+            server.process.wait(60)
+            sigterm_s = time.perf_counter() - stop
+            pending_status = pending.result().status_code
+        finally:
+            if server.process.poll() is None:
+                server.process.kill()
+                server.process.wait(60)
+    return {
+        "status": response.status_code,
+        "error": response.json()["error"]["message"][:80],
+        "seconds": seconds,
+        "health_max_s": max(health),
+        "serves_after": after.status_code,
+        "sigterm_to_exit_s": sigterm_s,
+        "pending_chat_status": pending_status,
+    }
+
+
 def echo(artifact: str, tokenizer: Tokenizer, checkpoint: str | None) -> dict:
     prompt = text_of(tokenizer, 8000)
     body = {"model": "m", "prompt": prompt, "echo": True, "logprobs": 5, "max_tokens": 1}
@@ -289,7 +398,9 @@ def main() -> None:
     parser.add_argument("artifact")
     parser.add_argument("--checkpoint", help="HF folder: compare echo logprobs to transformers")
     parser.add_argument(
-        "--only", action="append", choices=["triton", "conversation", "long_prompt", "echo"]
+        "--only",
+        action="append",
+        choices=["triton", "conversation", "long_prompt", "event_loop", "template", "echo"],
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -298,6 +409,8 @@ def main() -> None:
         "triton": lambda: triton(args.artifact),
         "conversation": lambda: conversation(args.artifact, tokenizer),
         "long_prompt": lambda: long_prompt(args.artifact, tokenizer),
+        "event_loop": lambda: event_loop(args.artifact),
+        "template": lambda: template(args.artifact),
         "echo": lambda: echo(args.artifact, tokenizer, args.checkpoint),
     }
     results = {}

@@ -23,7 +23,7 @@ def open_backend(
     for an ONNX one. `backend` names one explicitly and is refused when the artifact does not
     hold what it runs."""
     artifact = Artifact.open(artifact)
-    kind = "tensorrt" if artifact.manifest.engine else "onnxruntime"
+    kind = "onnxruntime" if artifact.manifest.engine is None else "tensorrt"
     if backend is not None and backend not in BACKENDS:
         raise QwenDeployError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if backend is not None and backend != kind:

@@ -5,11 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from .manifest import Manifest
+from .records import Record
 
 
 def _size(folder: Path, files: list[str]) -> str:
     total = sum((folder / f).stat().st_size for f in files if (folder / f).is_file())
     return f"{total / 2**20:,.1f} MiB"
+
+
+def _fields(record: Record) -> str:
+    """key=value of every key the manifest records, as written."""
+    return ", ".join(f"{k}={v}" for k, v in record.to_dict().items())
 
 
 def manifest_table(manifest: Manifest, folder: str | Path) -> str:
@@ -19,7 +25,7 @@ def manifest_table(manifest: Manifest, folder: str | Path) -> str:
         ("artifact", str(folder)),
         ("source", f"{manifest.source.get('path')} ({manifest.source.get('dtype')})"),
         ("precision", manifest.precision),
-        ("quantization", (manifest.quantization or {}).get("mode", "none")),
+        ("quantization", manifest.quantization_mode or "none"),
         ("attention", manifest.attention),
         ("opset", str(manifest.opset)),
         (
@@ -35,19 +41,19 @@ def manifest_table(manifest: Manifest, folder: str | Path) -> str:
         ("rms eps", f"{m.rms_norm_eps:g}"),
         ("max positions", str(m.max_position_embeddings)),
         ("tied embeddings", str(m.tie_word_embeddings)),
-        ("kv cache", f"{manifest.kv_cache.get('layout')} {manifest.kv_cache.get('shape')}"),
+        ("kv cache", f"{manifest.kv_cache.layout} {manifest.kv_cache.shape}"),
         (
             "eos / pad / bos",
             f"{manifest.eos_token_ids} / {manifest.pad_token_id} / {manifest.bos_token_id}",
         ),
-        ("generation", ", ".join(f"{k}={v}" for k, v in manifest.generation.items())),
+        ("generation", _fields(manifest.generation)),
         ("chat template", "yes" if manifest.chat_template else "no"),
         ("inputs", ", ".join(t.name for t in manifest.inputs[:3]) + ", past_key_values.*"),
         ("outputs", "logits, present.*"),
     ]
-    if manifest.engine:
-        rows.append(("engine", ", ".join(f"{k}={v}" for k, v in manifest.engine.items())))
-    if manifest.quality:
-        rows.append(("quality", ", ".join(f"{k}={v}" for k, v in manifest.quality.items())))
+    if manifest.engine is not None:
+        rows.append(("engine", _fields(manifest.engine)))
+    if manifest.quality is not None:
+        rows.append(("quality", _fields(manifest.quality)))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

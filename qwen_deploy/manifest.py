@@ -18,11 +18,20 @@ from .checkpoint.huggingface import ModelSpec
 from .contract import kv_pairs
 from .errors import ArtifactError
 from .integrity import check_sizes, file_records, verify_hashes
+from .records import Engine, Generation, KVCache, Quality, Quantization
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 ATTENTION_FORMS = ("onnx", "gqa", "decomposed")
+# the open-ended sections, read into and written from their records
+RECORDS = {
+    "generation": Generation,
+    "kv_cache": KVCache,
+    "quantization": Quantization,
+    "quality": Quality,
+    "engine": Engine,
+}
 
 
 def producer_record(**stage) -> dict:
@@ -40,8 +49,17 @@ class TensorSpec:
     shape: list[int | str]
 
 
+def _empty_kv_cache() -> KVCache:
+    return KVCache.from_dict({})  # an artifact without the section writes `{}` back
+
+
 @dataclass
 class Manifest:
+    """manifest.json as typed values. The open-ended sections are records (records.py):
+    `generation` and `kv_cache` are always there (what older artifacts lack reads as defaults);
+    `quantization`, `quality` and `engine` are None where the artifact has none (float, not
+    quantized, ONNX)."""
+
     model: ModelSpec
     precision: str
     attention: str
@@ -53,22 +71,26 @@ class Manifest:
     eos_token_ids: list[int]
     pad_token_id: int | None
     bos_token_id: int | None
-    generation: dict
+    generation: Generation
     chat_template: str | None
     tokenizer_files: list[str]
     data_files: list[str] = field(default_factory=list)
-    kv_cache: dict = field(default_factory=dict)
+    kv_cache: KVCache = field(default_factory=_empty_kv_cache)
     optional_inputs: list[dict] = field(default_factory=list)
-    quantization: dict | None = None
-    quality: dict | None = None
-    engine: dict | None = None
+    quantization: Quantization | None = None
+    quality: Quality | None = None
+    engine: Engine | None = None
     producer: dict = field(default_factory=dict)
     files: dict[str, dict] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     def to_dict(self) -> dict:
+        """The JSON object, keys in field order (what save writes)."""
         data = asdict(self)
         data["model"] = self.model.to_dict()
+        for name in RECORDS:
+            record = getattr(self, name)
+            data[name] = None if record is None else record.to_dict()
         return data
 
     @classmethod
@@ -83,6 +105,9 @@ class Manifest:
         data["model"] = ModelSpec.from_dict(data["model"])
         data["inputs"] = [TensorSpec(**t) for t in data["inputs"]]
         data["outputs"] = [TensorSpec(**t) for t in data["outputs"]]
+        for name, record in RECORDS.items():
+            if data.get(name) is not None:
+                data[name] = record.from_dict(data[name])
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
     def save(self, folder: Path) -> None:
@@ -119,7 +144,7 @@ class Manifest:
 
     def rewrite_hint(self) -> str:
         """How to get an intact copy: re-run the stage that wrote this artifact."""
-        if self.engine:
+        if self.engine is not None:
             return "rebuild it with `qwen-deploy build`"
         if self.producer.get("stage") == "quantize":
             return "re-run `qwen-deploy quantize` on its source"
@@ -159,6 +184,11 @@ class Manifest:
         if pad is None:
             pad = self.eos_token_ids[0] if self.eos_token_ids else 0
         return pad if 0 <= pad < self.model.vocab_size else 0
+
+    @property
+    def quantization_mode(self) -> str | None:
+        """The quantization mode, None for a float artifact."""
+        return None if self.quantization is None else self.quantization.mode
 
     def kv_pairs(self) -> list[tuple[str, str]]:
         """(past, present) tensor names of every layer's key and value, in layer order."""

@@ -114,10 +114,10 @@ def quantize(
         progress=not quiet,
     )
     if as_json:
-        click.echo(json.dumps(manifest.quality, indent=2))
+        click.echo(json.dumps(manifest.quality.to_dict(), indent=2))
     else:
         click.echo(format_report(manifest.quality))
-    if not manifest.quality["passed"]:
+    if manifest.quality.failed:
         click.echo(gate_message(manifest.quality, out), err=True)
         sys.exit(1)
     click.echo(f"wrote {mode} artifact to {out}", err=True)

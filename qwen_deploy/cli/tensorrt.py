@@ -106,7 +106,7 @@ def build(
     manifest = build_engine(artifact, out, options, force=force, progress=not quiet)
     e = manifest.engine
     click.echo(
-        f"built TensorRT {e['tensorrt_version']} engine for {e['device']['name']} "
-        f"(sm {e['device']['compute_capability']}) in {e['build_seconds']} s: {out}",
+        f"built TensorRT {e.tensorrt_version} engine for {e.device.name} "
+        f"(sm {e.device.compute_capability}) in {e.build_seconds} s: {out}",
         err=True,
     )

@@ -21,6 +21,7 @@ from ..manifest import (
     TensorSpec,
     producer_record,
 )
+from ..records import Generation, KVCache
 from .genai_config import write_genai_config
 from .graph import OPSET, DecoderGraph, graph_io
 from .weights import ExternalData
@@ -41,10 +42,13 @@ def _token_ids(value) -> list[int]:
     return [int(v) for v in (value if isinstance(value, list) else [value])]
 
 
-def generation_defaults(ckpt: Checkpoint) -> tuple[dict, list[int], int | None, int | None]:
+def generation_defaults(
+    ckpt: Checkpoint,
+) -> tuple[Generation, list[int], int | None, int | None]:
     """Sampling defaults, EOS ids, pad id and bos id from generation_config.json and config.json.
 
-    Without a generation_config.json the Qwen2 family's published defaults apply.
+    Without a generation_config.json the Qwen2 family's published defaults apply. The record
+    holds only the keys the file sets (the manifest writes those alone).
     """
     gen = ckpt.generation_config
     keys = (
@@ -60,7 +64,7 @@ def generation_defaults(ckpt: Checkpoint) -> tuple[dict, list[int], int | None, 
     eos = _token_ids(gen.get("eos_token_id")) or _token_ids(ckpt.config.get("eos_token_id"))
     pad = gen.get("pad_token_id", ckpt.config.get("pad_token_id"))
     bos = gen.get("bos_token_id", ckpt.config.get("bos_token_id"))
-    return defaults, eos, (pad[0] if isinstance(pad, list) else pad), bos
+    return Generation.from_dict(defaults), eos, (pad[0] if isinstance(pad, list) else pad), bos
 
 
 def _tensor_specs(spec: ModelSpec, dtype) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -104,19 +108,14 @@ def build_manifest(
         generation=generation,
         chat_template=ckpt.chat_template,
         tokenizer_files=tokenizer_files,
-        kv_cache={
-            "layout": "BNSH",
-            "shape": [
-                BATCH,
-                ckpt.spec.num_kv_heads,
-                PAST,
-                ckpt.spec.head_dim,
-            ],
-            "dtype": precision,
-            "past": past_name("{layer}", "{key|value}"),
-            "present": present_name("{layer}", "{key|value}"),
-            "update": "concat",
-        },
+        kv_cache=KVCache(
+            layout="BNSH",
+            shape=[BATCH, ckpt.spec.num_kv_heads, PAST, ckpt.spec.head_dim],
+            dtype=precision,
+            past=past_name("{layer}", "{key|value}"),
+            present=present_name("{layer}", "{key|value}"),
+            update="concat",
+        ),
         producer=producer_record(),
     )
 

@@ -24,9 +24,14 @@ from ..manifest import Manifest
 FILE = "genai_config.json"
 
 
+def _given(value: float | None, default: float) -> float:
+    """A generation default, else onnxruntime-genai's own."""
+    return default if value is None else value
+
+
 def genai_config(manifest: Manifest) -> dict:
-    spec, gen = manifest.model, manifest.generation or {}
-    sampled = bool(gen.get("do_sample", False))
+    spec, gen = manifest.model, manifest.generation
+    sampled = bool(gen.do_sample)
     return {
         "model": {
             "type": "qwen2",
@@ -59,10 +64,10 @@ def genai_config(manifest: Manifest) -> dict:
         },
         "search": {
             "do_sample": sampled,
-            "temperature": gen.get("temperature", 1.0) if sampled else 1.0,
-            "top_k": gen.get("top_k", 50) if sampled else 1,
-            "top_p": gen.get("top_p", 1.0) if sampled else 1.0,
-            "repetition_penalty": gen.get("repetition_penalty", 1.0),
+            "temperature": _given(gen.temperature, 1.0) if sampled else 1.0,
+            "top_k": _given(gen.top_k, 50) if sampled else 1,
+            "top_p": _given(gen.top_p, 1.0) if sampled else 1.0,
+            "repetition_penalty": _given(gen.repetition_penalty, 1.0),
             "max_length": spec.max_position_embeddings,
             "min_length": 0,
             "num_beams": 1,

@@ -26,9 +26,10 @@ import contextlib
 import dataclasses
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -73,10 +74,36 @@ class EngineRequest:
     # echo: each prompt token's logprob and `prompt_top` alternatives, filled during its prefill
     prompt_top: int | None = None
     prompt_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    # timing (time.perf_counter) for the engine's observer: queued, admitted, its tokens
+    arrived: float = dataclasses.field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    first_token_at: float | None = None  # set by the observer
+    last_token_at: float | None = None
 
     @property
     def done(self) -> bool:
         return self.cancelled or self.failed or self.state.finished
+
+
+Sent = tuple[EngineRequest, float, StreamDelta]  # a delta as the observer sees it, time sent
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLoad:
+    """The engine now: requests admitted (prefilling or decoding), requests queued, and the share
+    of its KV capacity (the budget; without one, max_batch rows of max_context) that the admitted
+    requests' caches take at their longest."""
+
+    running: int
+    waiting: int
+    kv_usage: float
+
+
+class EngineObserver(Protocol):
+    """Told what the engine did (serving/metrics.py): on the worker thread, once per step, with
+    the deltas the step sent, in order. The next step waits for it: keep it short."""
+
+    def on_step(self, engine: BatchEngine, sent: list[Sent]) -> None: ...
 
 
 class EngineStream:
@@ -183,6 +210,8 @@ class BatchEngine:
         self._batch: Batch | None = None  # the running requests' rows
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.observer: EngineObserver | None = None  # metrics; its deltas are gathered per step
+        self._sent: list[Sent] = []
 
     # -- admission ---------------------------------------------------------------------------
     @property
@@ -324,6 +353,9 @@ class BatchEngine:
         for request in self._speculating:
             self._speculate(request)
         self._drop_done()
+        if self.observer is not None:
+            sent, self._sent = self._sent, []
+            self.observer.on_step(self, sent)
         return bool(self.active)
 
     def _admit(self) -> None:
@@ -334,6 +366,7 @@ class BatchEngine:
             busy = len(self._running) + len(self._speculating) + len(self._prefilling)
             while self._waiting and busy < self.max_batch and self._fits(self._waiting[0]):
                 self._prefilling.append(self._waiting.popleft())
+                self._prefilling[-1].admitted = time.perf_counter()
                 busy += 1
 
     def _fits(self, newcomer: EngineRequest) -> bool:
@@ -345,9 +378,20 @@ class BatchEngine:
         batched = [*self._running, *self._prefilling]
         own = list(self._speculating)
         (own if newcomer.drafter else batched).append(newcomer)
-        longest = max((_positions(r) for r in batched), default=0)
-        total = len(batched) * longest + sum(_positions(r) for r in own)
-        return total * self._kv_per_position <= self.kv_budget
+        return _reserved(batched, own) * self._kv_per_position <= self.kv_budget
+
+    def load(self) -> EngineLoad:
+        """Requests running and waiting, and the KV capacity they take (thread-safe)."""
+        with self._cond:
+            batched = [*self._running, *self._prefilling]
+            own = list(self._speculating)
+            waiting = len(self._waiting)
+        if self.kv_budget is not None:
+            capacity = self.kv_budget // max(self._kv_per_position, 1)
+        else:
+            capacity = self.max_batch * self.max_context
+        usage = _reserved(batched, own) / capacity if capacity else 0.0
+        return EngineLoad(len(batched) + len(own), waiting, min(usage, 1.0))
 
     def _prefill_chunks(self) -> list[tuple[EngineRequest, int]]:
         """This step's prefill work, first come first served: (request, tokens) within the
@@ -416,6 +460,7 @@ class BatchEngine:
             return
         self._sample(request, logits[-1])
         if request.done:
+            self._count_cancelled(request)  # cancelled at its first token: it never runs
             return
         if self._batch is None:
             batch.keep([0], batch.length + BOUND_HEADROOM)
@@ -508,8 +553,9 @@ class BatchEngine:
                 request.failed = True
                 request.prefill = None
 
-    @staticmethod
-    def _send(request: EngineRequest, item: StreamDelta | BaseException) -> None:
+    def _send(self, request: EngineRequest, item: StreamDelta | BaseException) -> None:
+        if self.observer is not None and isinstance(item, StreamDelta):
+            self._sent.append((request, time.perf_counter(), item))
         with contextlib.suppress(RuntimeError):  # the client's event loop is already closed
             request.emit(item)
 
@@ -517,6 +563,13 @@ class BatchEngine:
 def _positions(request: EngineRequest) -> int:
     """The positions a request's cache row holds at its longest."""
     return len(request.prompt_ids) + request.state.params.max_tokens
+
+
+def _reserved(batched: list[EngineRequest], own: list[EngineRequest]) -> int:
+    """Cache positions at their longest: a batch's rows are all as long as its longest, a
+    speculative request's (`own`) are its own."""
+    longest = max((_positions(r) for r in batched), default=0)
+    return len(batched) * longest + sum(_positions(r) for r in own)
 
 
 class KVBudgetError(QwenDeployError):

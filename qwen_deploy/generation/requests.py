@@ -73,12 +73,7 @@ class RequestBuilder:
         that opens the output or that the prompt opened, so models that do not think are
         unaffected); a raw prompt only when it opened a think block itself. `max_context` lowers
         the model's limit (a server's)."""
-        taken = sorted(set(template_kwargs or {}) & set(TEMPLATE_ARGUMENTS))
-        if taken:
-            raise TemplateKwargsError(
-                f"chat template kwargs may not set {', '.join(taken)}: the request's own fields "
-                "give them; send the value there instead."
-            )
+        check_template_kwargs(template_kwargs)
         limit = self.context_limit(max_context)
         try:
             ids = self._prompt_ids(prompt, messages, tools, limit, **(template_kwargs or {}))
@@ -115,25 +110,39 @@ class RequestBuilder:
         if (prompt is None) == (messages is None):
             raise QwenDeployError("give either a prompt or chat messages, not both or neither.")
         if messages is not None:
-            if self.chat_template is None:
-                raise QwenDeployError(
-                    f"{self.folder} has no chat template (e.g. a base model): send a raw prompt "
-                    "instead of chat messages (`--raw` on the command line)."
-                )
-            text = self.chat_template.render(
-                messages, tools=tools, add_generation_prompt=True, **template_kwargs
-            )
-            ids = self.tokenizer.encode(text, limit)
+            ids = self.tokenizer.encode(self.chat_text(messages, tools, **template_kwargs), limit)
         elif isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, limit)
         else:
-            ids = [int(t) for t in prompt]
-            vocab = self.manifest.model.vocab_size
-            bad = [t for t in ids if not 0 <= t < vocab]
-            if bad:
-                raise QwenDeployError(f"prompt token ids {bad[:5]} are outside [0, {vocab}).")
+            ids = self.check_token_ids(prompt, "prompt token ids")
         if not ids:
             raise QwenDeployError("the prompt is empty; send at least one token.")
+        return ids
+
+    def chat_text(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        **template_kwargs,
+    ) -> str:
+        """The prompt text of chat messages: the chat template rendered (ChatTemplate.render)."""
+        if self.chat_template is None:
+            raise QwenDeployError(
+                f"{self.folder} has no chat template (e.g. a base model): send a raw prompt "
+                "instead of chat messages (`--raw` on the command line)."
+            )
+        return self.chat_template.render(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs
+        )
+
+    def check_token_ids(self, ids: list[int], what: str = "token ids") -> list[int]:
+        """`ids` as ints; ids outside the model's vocabulary are refused (QwenDeployError)."""
+        ids = [int(t) for t in ids]
+        vocab = self.manifest.model.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise QwenDeployError(f"{what} {bad[:5]} are outside [0, {vocab}).")
         return ids
 
     def sampling_params(self, params: SamplingParams | None = None, **overrides) -> SamplingParams:
@@ -158,6 +167,17 @@ class RequestBuilder:
         if params.max_tokens is None or params.max_tokens > room:
             return params.replace(max_tokens=room)
         return params
+
+
+def check_template_kwargs(template_kwargs: dict | None) -> None:
+    """Refuse chat template kwargs that would replace the request's own messages, tools or
+    prompt (TemplateKwargsError)."""
+    taken = sorted(set(template_kwargs or {}) & set(TEMPLATE_ARGUMENTS))
+    if taken:
+        raise TemplateKwargsError(
+            f"chat template kwargs may not set {', '.join(taken)}: the request's own fields "
+            "give them; send the value there instead."
+        )
 
 
 def _context_error(limit: int, count: int) -> ContextLengthError:

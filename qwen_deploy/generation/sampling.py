@@ -20,7 +20,7 @@ from ..errors import QwenDeployError
 from ..manifest import Manifest
 from .structured import Constraint
 
-# transformers' values for what a generation_config.json leaves unset
+# transformers' values for what a generation_config.json leaves unset (by Generation field)
 TRANSFORMERS_DEFAULTS = {
     "temperature": 1.0,
     "top_k": 50,
@@ -64,12 +64,12 @@ class SamplingParams:
 
         Like transformers, a generation config without do_sample=true decodes greedily.
         """
-        gen = manifest.generation or {}
-        values = {k: gen.get(k, v) for k, v in TRANSFORMERS_DEFAULTS.items()}
+        gen = manifest.generation
+        values = {k: getattr(gen, k) for k in TRANSFORMERS_DEFAULTS}
         values = {k: v if v is not None else TRANSFORMERS_DEFAULTS[k] for k, v in values.items()}
-        if not gen.get("do_sample", False):
+        if not gen.do_sample:
             values["temperature"] = 0.0
-        values["max_tokens"] = gen.get("max_new_tokens")
+        values["max_tokens"] = gen.max_new_tokens
         values["stop_token_ids"] = list(manifest.eos_token_ids)
         unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
         if unknown:

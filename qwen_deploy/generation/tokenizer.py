@@ -105,13 +105,16 @@ class Tokenizer:
         _add_declared_tokens(tok, tokenizer_config(folder), special)
         return cls(tok, special)
 
-    def encode(self, text: str, limit: int | None = None) -> list[int]:
-        """Token ids of `text` (no special tokens added), through tokenizers' batch path, which
-        releases the GIL for the whole computation: its single-text encode holds it while
-        another thread tokenizes (three 2 MB prompts prepared at once stopped a server's event
-        loop ~3 s each). With `limit`, a text of that many tokens or more raises TooManyTokens
-        before its ids become a Python list."""
-        encoding = self._tok.encode_batch_fast([text], add_special_tokens=False)[0]
+    def encode(
+        self, text: str, limit: int | None = None, add_special_tokens: bool = False
+    ) -> list[int]:
+        """Token ids of `text` (no special tokens added unless `add_special_tokens`: then the
+        tokenizer's post-processor adds its own, e.g. a BOS; Qwen's adds none), through
+        tokenizers' batch path, which releases the GIL for the whole computation: its
+        single-text encode holds it while another thread tokenizes (three 2 MB prompts prepared
+        at once stopped a server's event loop ~3 s each). With `limit`, a text of that many
+        tokens or more raises TooManyTokens before its ids become a Python list."""
+        encoding = self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0]
         if limit is not None and len(encoding) >= limit:
             raise TooManyTokens(len(encoding))
         return encoding.ids
@@ -121,6 +124,11 @@ class Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary entry of an id as the tokenizer spells it (byte-level BPE's "Ġthe");
+        None for an id it does not have."""
+        return self._tok.id_to_token(int(token_id))
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (a token can hold part of a UTF-8 character, so its

@@ -170,7 +170,7 @@ def run_parity(
     """
     artifact = Artifact.open(artifact)
     manifest = artifact.manifest
-    preset = preset or preset_for(manifest.precision, (manifest.quantization or {}).get("mode"))
+    preset = preset or preset_for(manifest.precision, manifest.quantization_mode)
     if preset not in PRESETS:
         raise QwenDeployError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     tolerance = PRESETS[preset].override(**(overrides or {}))

@@ -28,6 +28,7 @@ from ..manifest import Manifest
 from ..parity.metrics import compare_logits, merge_metrics
 from ..parity.presets import PRESETS
 from ..parity.prompts import load_prompts
+from ..records import Quality
 from ..runtime.backend import Backend
 from ..runtime.decode import Batch
 from .text import prompt_ids
@@ -233,9 +234,9 @@ def quality_report(
     prompts: list[dict] | None = None,
     steps: int = STEPS,
     progress: bool = True,
-) -> dict:
+) -> Quality:
     """Top-1 agreement, KL, cosine and text perplexity of `candidate` against `reference`, and
-    whether they pass the gate of `mode`."""
+    whether they pass the gate of `mode` (the quantizer adds its per-layer choices)."""
     ids = prompt_ids(reference, prompts or load_prompts(), MAX_TOKENS)
     texts = load_texts(reference)
     ref_logits, fed, ref_text = _source_results(reference, ids, steps, texts, progress)
@@ -246,48 +247,48 @@ def quality_report(
     metrics = _compare(np.concatenate(ref_logits), np.concatenate(cand_logits))
     perplexity, text_top1 = _text_report(ref_text, cand_text)
     failures = gate_failures(mode, metrics, perplexity["relative"])
-    return {
-        "reference": str(Path(reference).resolve()),
-        "reference_precision": Manifest.load(reference).precision,
-        "prompts": HELD_OUT if prompts is None else "given",
-        "cases": len(ids),
-        "decode_steps": steps,
-        "rows": int(sum(len(x) for x in ref_logits)),
-        "top1": metrics["top1"],
-        "kl_max": metrics["kl"],
-        "cosine_min": metrics["cosine"],
-        "max_abs": metrics["max_abs"],
-        "mean_abs": metrics["mean_abs"],
-        "perplexity": perplexity,
-        "text_top1": text_top1,
-        "preset": mode,
-        "gate": gate_bounds(mode),
-        "passed": not failures,
-        "failures": failures,
-    }
+    return Quality(
+        reference=str(Path(reference).resolve()),
+        reference_precision=Manifest.load(reference).precision,
+        prompts=HELD_OUT if prompts is None else "given",
+        cases=len(ids),
+        decode_steps=steps,
+        rows=int(sum(len(x) for x in ref_logits)),
+        top1=metrics["top1"],
+        kl_max=metrics["kl"],
+        cosine_min=metrics["cosine"],
+        max_abs=metrics["max_abs"],
+        mean_abs=metrics["mean_abs"],
+        perplexity=perplexity,
+        text_top1=text_top1,
+        preset=mode,
+        gate=gate_bounds(mode),
+        passed=not failures,
+        failures=failures,
+    )
 
 
-def format_report(report: dict) -> str:
+def format_report(report: Quality) -> str:
     """Human-readable quality summary (the CLI prints this)."""
-    ppl = report["perplexity"]
-    verdict = "pass" if report["passed"] else "FAIL: " + "; ".join(report["failures"])
+    ppl = report.perplexity
+    verdict = "pass" if report.passed else "FAIL: " + "; ".join(report.failures)
     passages = ", ".join(f"{n} {p['relative']:+.2%}" for n, p in ppl["passages"].items())
     lines = [
-        f"quality vs the {report['reference_precision']} source ({report['cases']} held-out "
-        f"prompts, prefill + {report['decode_steps']} decode steps, {report['rows']} rows):",
-        f"  top-1 agreement  {report['top1']:.4f}",
-        f"  cosine (min)     {report['cosine_min']:.6f}",
-        f"  KL (max, nats)   {report['kl_max']:.3g}",
+        f"quality vs the {report.reference_precision} source ({report.cases} held-out "
+        f"prompts, prefill + {report.decode_steps} decode steps, {report.rows} rows):",
+        f"  top-1 agreement  {report.top1:.4f}",
+        f"  cosine (min)     {report.cosine_min:.6f}",
+        f"  KL (max, nats)   {report.kl_max:.3g}",
         f"  perplexity       {ppl['reference']:.4g} -> {ppl['quantized']:.4g} "
         f"({ppl['relative']:+.2%}; {passages}) on {ppl['tokens']} tokens of held-out text",
-        f"  text top-1       {report['text_top1']:.4f}",
+        f"  text top-1       {report.text_top1:.4f}",
     ]
-    lines += _layer_lines(report.get("layers"), report["preset"])
-    lines.append(f"  preset {report['preset']}: {verdict}")
+    lines += _layer_lines(report.layers, report.preset)
+    lines.append(f"  preset {report.preset}: {verdict}")
     return "\n".join(lines)
 
 
-def _layer_lines(layers: dict | None, mode: str) -> list[str]:
+def _layer_lines(layers: dict, mode: str) -> list[str]:
     """The quantizer's per-layer choices: quantized share, groups kept in float and why, alphas."""
     if not layers:
         return []
@@ -317,11 +318,11 @@ ADVICE = {
 }
 
 
-def gate_message(report: dict, out: str | Path) -> str:
+def gate_message(report: Quality, out: str | Path) -> str:
     """Why the gate failed (worst metric first) and what to try, for stderr."""
-    worst, *others = report["failures"]
+    worst, *others = report.failures
     also = f" (also: {'; '.join(others)})" if others else ""
     return (
-        f"quality gate {report['preset']} FAILED: {worst}{also}. The artifact is kept at {out}, "
-        f"marked failed (manifest quality.passed false). Try {ADVICE[report['preset']]}."
+        f"quality gate {report.preset} FAILED: {worst}{also}. The artifact is kept at {out}, "
+        f"marked failed (manifest quality.passed false). Try {ADVICE[report.preset]}."
     )

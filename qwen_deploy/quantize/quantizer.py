@@ -8,7 +8,7 @@ decides what a failed gate means (the CLI exits 1).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,7 @@ from ..errors import ArtifactError, QwenDeployError
 from ..export.genai_config import write_genai_config
 from ..manifest import Manifest, producer_record
 from ..parity.prompts import load_prompts
+from ..records import Quantization
 from .calibration import SAMPLE_TOKENS, collect_activations, load_calibration
 from .gptq import GPTQ_TOKENS
 from .linears import find_linears
@@ -44,12 +45,12 @@ KEEP_FLOAT = 0.145
 
 def _check_source(source: Path) -> Manifest:
     manifest = Manifest.load(source)
-    if manifest.quantization:
+    if manifest.quantization is not None:
         raise ArtifactError(
-            f"{source} is already quantized ({manifest.quantization.get('mode')}); quantize the "
+            f"{source} is already quantized ({manifest.quantization.mode}); quantize the "
             "fp32 (or fp16) artifact it came from."
         )
-    if manifest.engine or manifest.precision not in FLOAT_DTYPES:
+    if manifest.engine is not None or manifest.precision not in FLOAT_DTYPES:
         raise ArtifactError(
             f"{source} is not an fp32/fp16 ONNX artifact (precision {manifest.precision}); "
             "quantize the output of `qwen-deploy export`."
@@ -134,11 +135,11 @@ def quantize_artifact(
         onnx.save_model(model, str(tmp / manifest.model_file))
         copy_side_files(source, tmp, manifest.tokenizer_files)
         manifest.data_files = [DATA_FILE]
-        manifest.quantization = {"mode": mode, **details}
+        manifest.quantization = Quantization.from_dict({"mode": mode, **details})
         manifest.producer = producer_record(stage="quantize", **{"from": str(source.resolve())})
         manifest.save(tmp)  # the quality run loads the new artifact through its manifest
         report = quality_report(source, tmp, mode, held_out, progress=progress)
-        manifest.quality = {**report, "layers": layers}
+        manifest.quality = replace(report, layers=layers)
         write_genai_config(manifest, tmp)
         manifest.save(tmp)  # last: it records every file's size and hash
     return manifest

@@ -82,8 +82,8 @@ def disabled_optimizers(manifest: Manifest) -> list[str]:
     (and gate/up), and onnxruntime fuses only single-consumer units into MatMulIntegerToFloat:
     the merged ones stay float MatMuls that dequantize their weights every step (real 0.5B
     SmoothQuant: 40 of 160 INT8 linears fused with it, all 160 without it)."""
-    quantization = manifest.quantization or {}
-    return ["CommonSubexpressionElimination"] if quantization.get("format") == "QDQ" else []
+    qdq = manifest.quantization is not None and manifest.quantization.format == "QDQ"
+    return ["CommonSubexpressionElimination"] if qdq else []
 
 
 # What onnxruntime and onnx raise on a damaged model or weight file (flipped bytes that kept the

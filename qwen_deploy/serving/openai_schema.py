@@ -63,8 +63,8 @@ class Prediction(BaseModel):
         return "".join(str(part.get("text", "")) for part in self.content)
 
 
-class SamplingFields(BaseModel):
-    """The decoding options both endpoints share; None means the artifact's default."""
+class RequestBody(BaseModel):
+    """A request body: unknown fields ignored, lone surrogates refused by path."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -79,6 +79,10 @@ class SamplingFields(BaseModel):
                 "not valid Unicode; send well-formed text.",
             )
         return data
+
+
+class SamplingFields(RequestBody):
+    """The decoding options both endpoints share; None means the artifact's default."""
 
     model: str
     stream: bool | None = False

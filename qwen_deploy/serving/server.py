@@ -1,12 +1,14 @@
 """OpenAI-compatible HTTP server (FastAPI + uvicorn) over the continuous-batching engine.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON, or SSE with `stream: true`
-ending in `data: [DONE]`), GET /v1/models, GET /health. Streams send one chunk per generated token,
-so a client can count tokens; with `stream_options.include_usage` a last chunk carries usage.
+ending in `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus: metrics.py).
+Streams send one chunk per generated token, so a client can count tokens; with
+`stream_options.include_usage` a last chunk carries usage.
 Errors use OpenAI's shape {"error": {"message", "type", "param", "code"}}: any error a request
 causes is a 4xx naming its parameter; 500 is kept for the server's own failures.
 
-Exposure guards: an API key covers every route but /health (the docs too); a keyless server on
+Exposure guards: an API key covers every route but /health and /metrics (the docs too: metrics
+tell load and latency, as /health does, and Prometheus scrapers send no key); a keyless server on
 loopback answers only loopback Host names (a web page that rebinds its DNS name to 127.0.0.1
 cannot reach it); a connection whose request has not fully arrived within `request_timeout` of
 opening (or of its previous response) is closed, since uvicorn's keep-alive timer stops at the
@@ -46,7 +48,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -70,6 +72,7 @@ from ..generation.structured import grammar_for
 from ..generation.tokenizer import Tokenizer
 from ..generation.tool_calls import ToolCall, ToolCallStream, ToolError, plan_tools
 from ..manifest import Manifest
+from .metrics import EngineMetrics, PrometheusSink
 from .openai_schema import (
     ChatCompletionRequest,
     ChatMessage,
@@ -317,12 +320,12 @@ def server_config(
 
 def artifact_warnings(manifest: Manifest) -> list[str]:
     """What a client should know about the artifact served: a failed quantization gate."""
-    quality = manifest.quality or {}
-    if quality.get("passed") is not False:
+    quality = manifest.quality
+    if quality is None or not quality.failed:
         return []
-    failures = "; ".join(quality.get("failures") or []) or "see `qwen-deploy inspect`"
+    failures = "; ".join(quality.failures) or "see `qwen-deploy inspect`"
     return [
-        f"this artifact failed its quantization quality gate ({quality.get('preset')}: "
+        f"this artifact failed its quantization quality gate ({quality.preset}: "
         f"{failures}); its answers may be worse than its source model's: quantize it again "
         "(`quantize` prints what to try) or serve the source artifact."
     ]
@@ -990,6 +993,9 @@ def create_app(
     host_allow_list); `docs`: /docs and /openapi.json, behind the API key like the API."""
     server = OpenAIServer(engine, model_name, speculator)
     warnings = artifact_warnings(engine.manifest)
+    sink = PrometheusSink()  # GET /metrics
+    metrics = EngineMetrics(engine, sink, model_name)
+    engine.observer = metrics
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -1042,6 +1048,11 @@ def create_app(
             "warnings": warnings,
         }
 
+    @app.get("/metrics", include_in_schema=False)  # open like /health: scrapers send no key
+    async def prometheus_metrics() -> Response:
+        metrics.refresh()
+        return Response(sink.exposition(), media_type=sink.content_type)
+
     if docs:
 
         @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
@@ -1075,6 +1086,9 @@ def create_app(
     async def completions(body: CompletionRequest, request: Request):
         return await server.completions(body, request)
 
+    from .tokenize_api import add_tokenizer_routes  # it imports this module
+
+    add_tokenizer_routes(app, server, auth)  # /tokenize, /detokenize, /tokenizer_info (vLLM's)
     return app
 
 

@@ -12,11 +12,16 @@ messages), sampling_parameters (JSON object: SamplingParams fields, plus `tools`
 `chat_template_kwargs` for the chat template), stream (TYPE_BOOL [1]).
 Outputs: text_output, content, reasoning_content, token_ids (INT64 [-1]), finish_reason,
 prompt_tokens (INT64 [1]).
+
+Metrics: each instance's engine reports `serve`'s Prometheus metrics (vLLM's names,
+serving/metrics.py) through Triton's custom metrics API, on Triton's metrics port next to
+Triton's own; labels model_name (the Triton model) and engine (the instance).
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +33,7 @@ from qwen_deploy.generation.engine import BatchEngine, EngineRequest
 from qwen_deploy.generation.generator import Generator, generation_result
 from qwen_deploy.generation.requests import PreparedRequest
 from qwen_deploy.generation.sequence import StreamDelta
+from qwen_deploy.serving.metrics import EngineMetrics, TritonSink
 
 TEMPLATE_KEYS = ("tools", "chat_template_kwargs")
 
@@ -145,6 +151,17 @@ class TritonPythonModel:
         device_id = int(args.get("model_instance_device_id", 0))
         self.generator = Generator(folder, backend=open_backend(folder, provider, None, device_id))
         self.engine = BatchEngine(self.generator, max_batch=int(params.get("max_batch", 8)))
+        self.metrics = None
+        try:  # metrics must not keep the model from serving
+            self.metrics = TritonSink(pb_utils)
+            self.engine.observer = EngineMetrics(
+                self.engine,
+                self.metrics,
+                args["model_name"],
+                args.get("model_instance_name", "0"),
+            )
+        except Exception as e:
+            print(f"warning: no metrics ({type(e).__name__}: {e})", file=sys.stderr)
         self.engine.start()
 
     def execute(self, requests):
@@ -162,6 +179,9 @@ class TritonPythonModel:
 
     def finalize(self) -> None:
         self.engine.close()  # requests still in flight get an error response
+        self.engine.observer = None  # Triton wants a family's metrics released before it
+        if self.metrics is not None:
+            self.metrics.close()
 
     def _prepare(self, request) -> tuple[PreparedRequest, bool]:
         prompt = _string(request, "text_input")

@@ -168,16 +168,17 @@ def generate_config(
 
 
 def _engine_file(manifest: Manifest) -> str:
-    return (manifest.engine or {}).get("plan") or manifest.model_file
+    engine = manifest.engine
+    return engine.plan if engine is not None and engine.plan else manifest.model_file
 
 
 def _engine_profiles(manifest: Manifest) -> int:
-    return len((manifest.engine or {}).get("profiles") or [])
+    return 0 if manifest.engine is None else len(manifest.engine.profiles)
 
 
 def _engine_plugins(manifest: Manifest, artifact: Path) -> list[str]:
     """Plugin libraries the engine needs (paths inside the artifact), checked to be there."""
-    libs = list((manifest.engine or {}).get("plugin_libraries") or [])
+    libs = [] if manifest.engine is None else list(manifest.engine.plugin_libraries)
     for lib in libs:
         if not (artifact / lib).is_file():
             raise QwenDeployError(
@@ -236,20 +237,20 @@ def _check_options(
     if max_batch < 0 or instances < 1:
         raise QwenDeployError("--max-batch must be >= 0 (0 = no batching) and --instances >= 1.")
     if backend == "tensorrt":
-        if not manifest.engine:
+        if manifest.engine is None:
             raise QwenDeployError(
                 "--backend tensorrt needs a TensorRT engine artifact (its manifest has `engine`): "
                 "run `qwen-deploy build` first, or use --backend onnxruntime."
             )
         if provider != "cuda":
             raise QwenDeployError("TensorRT engines run on the GPU: use --provider cuda.")
-        limit = (manifest.engine.get("limits") or {}).get("max_batch")
+        limit = manifest.engine.limits.max_batch
         if limit is not None and max_batch > limit:
             raise QwenDeployError(
                 f"--max-batch {max_batch} exceeds the engine's largest batch ({limit}, its "
                 f"optimization profiles): pass --max-batch {limit} or rebuild the engine."
             )
-    elif manifest.engine:
+    elif manifest.engine is not None:
         raise QwenDeployError(
             "this artifact is a TensorRT engine: use --backend tensorrt (or the ONNX artifact "
             "it was built from for --backend onnxruntime)."

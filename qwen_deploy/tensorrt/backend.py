@@ -15,35 +15,36 @@ import numpy as np
 
 from ..errors import QwenDeployError
 from ..manifest import Artifact
+from ..records import Engine
 from ..runtime.backend import Capabilities, kv_bytes
 from .cuda import CudaDriver, DeviceBuffer, DeviceInfo
 from .device_cache import DeviceKVCache, check_step
 
 
-def check_engine_compat(engine: dict, trt_version: str, device: DeviceInfo) -> list[str]:
+def check_engine_compat(engine: Engine, trt_version: str, device: DeviceInfo) -> list[str]:
     """Refuse a plan this TensorRT/GPU cannot run, naming both sides; returns soft warnings.
 
     Plans load only in the TensorRT version that built them and only on the compute capability
     they were built for (no version- or hardware-compatibility mode is used).
     """
-    built = str(engine.get("tensorrt_version", "unknown"))
+    built = str(engine.tensorrt_version or "unknown")
     if built.split(".")[:3] != str(trt_version).split(".")[:3]:
         raise QwenDeployError(
             f"this engine was built with TensorRT {built} but this machine has TensorRT "
             f"{trt_version}; TensorRT plans load only in the version that built them. Rebuild "
             f"it here with `qwen-deploy build` (or install TensorRT {built})."
         )
-    target = engine.get("device") or {}
-    if target.get("compute_capability") != device.compute_capability:
+    target = engine.device
+    if target.compute_capability != device.compute_capability:
         raise QwenDeployError(
-            f"this engine was built for {target.get('name', 'an unknown GPU')} (compute "
-            f"capability {target.get('compute_capability', '?')}) but this GPU is {device.name} "
+            f"this engine was built for {target.name or 'an unknown GPU'} (compute "
+            f"capability {target.compute_capability or '?'}) but this GPU is {device.name} "
             f"(compute capability {device.compute_capability}); rebuild the engine on this GPU "
             "with `qwen-deploy build`."
         )
-    if target.get("name") != device.name:
+    if target.name != device.name:
         return [
-            f"engine built on {target.get('name')}, running on {device.name} (same compute "
+            f"engine built on {target.name}, running on {device.name} (same compute "
             "capability): it runs, but its kernels were timed on the other GPU."
         ]
     return []
@@ -98,7 +99,7 @@ class TensorRTBackend:
         artifact = Artifact.open(artifact)
         self.folder, self.manifest = artifact.folder, artifact.manifest
         engine = self.manifest.engine
-        if not engine or engine.get("format") != "tensorrt":
+        if engine is None or engine.format != "tensorrt":
             raise QwenDeployError(
                 f"{artifact} is not a TensorRT engine artifact; build one with "
                 "`qwen-deploy build ARTIFACT -o OUT`."
@@ -109,7 +110,7 @@ class TensorRTBackend:
             print(f"warning: {warning}", file=sys.stderr)
         logger = trt.Logger(trt.Logger.WARNING)
         registry = trt.get_plugin_registry()
-        for lib in engine.get("plugin_libraries", []):
+        for lib in engine.plugin_libraries:
             if registry.load_library(str(self.folder / lib)) is None:
                 raise QwenDeployError(f"TensorRT could not load plugin library {lib}.")
         self._runtime = trt.Runtime(logger)
@@ -123,9 +124,9 @@ class TensorRTBackend:
             )
         self.context = self.engine.create_execution_context()
         self.stream = self.driver.stream()
-        self.profiles = engine["profiles"]
-        self.capacity = int(engine["limits"]["max_seq_len"])
-        self.max_batch = int(engine["limits"]["max_batch"])
+        self.profiles = engine.profiles
+        self.capacity = int(engine.limits.max_seq_len)
+        self.max_batch = int(engine.limits.max_batch)
         self._profile: int | None = None
         self._profile_for: dict[tuple[int, int, int], int] = {}  # (batch, seq, past) -> profile
         self.dtypes = {

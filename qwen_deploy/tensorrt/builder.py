@@ -26,6 +26,7 @@ from ..contract import BATCH, PAST, TOTAL
 from ..contract import SEQUENCE as SEQ
 from ..errors import QwenDeployError
 from ..manifest import Manifest, producer_record
+from ..records import Engine, EngineDevice, EngineLimits
 from .preflight import MIN_TRT, check_path, parse_version
 
 PLAN_FILE = "model.plan"
@@ -137,10 +138,10 @@ def profile_shapes(manifest: Manifest, options: BuildOptions) -> list[dict]:
     return profiles
 
 
-def engine_manifest(source: Manifest, engine: dict) -> Manifest:
+def engine_manifest(source: Manifest, engine: Engine) -> Manifest:
     """The engine artifact's manifest: the source contract plus where the plan came from.
 
-    Plugin libraries are listed in engine["plugin_libraries"] (paths inside the artifact); the
+    Plugin libraries are listed in engine.plugin_libraries (paths inside the artifact); the
     runtime loads them before deserializing the plan.
     """
     return replace(
@@ -160,32 +161,26 @@ def engine_record(
     plugin_files: list[str],
     source: Manifest,
     seconds: float,
-) -> dict:
+) -> Engine:
     """manifest.engine: what the runtime checks before loading and what users need to know."""
-    return {
-        "format": "tensorrt",
-        "plan": PLAN_FILE,
-        "tensorrt_version": trt_version,
-        "device": device,
-        "strongly_typed": True,
-        "profiles": [{"index": i, **p} for i, p in enumerate(profiles)],
-        "limits": {
-            "max_batch": options.max_batch,
-            "max_input_len": options.max_input_len,
-            "max_seq_len": options.max_seq_len,
-        },
-        "workspace_bytes": None
-        if options.workspace_gb is None
-        else int(options.workspace_gb * 2**30),
-        "plugin_libraries": plugin_files,
-        "source": {
+    return Engine(
+        format="tensorrt",
+        plan=PLAN_FILE,
+        tensorrt_version=trt_version,
+        device=EngineDevice.from_dict(device),
+        strongly_typed=True,
+        profiles=[{"index": i, **p} for i, p in enumerate(profiles)],
+        limits=EngineLimits(options.max_batch, options.max_input_len, options.max_seq_len),
+        workspace_bytes=None if options.workspace_gb is None else int(options.workspace_gb * 2**30),
+        plugin_libraries=plugin_files,
+        source={
             "precision": source.precision,
             "attention": source.attention,
-            "quantization": (source.quantization or {}).get("mode"),
+            "quantization": source.quantization_mode,
             "model_file": source.model_file,
         },
-        "build_seconds": round(seconds, 1),
-    }
+        build_seconds=round(seconds, 1),
+    )
 
 
 def import_tensorrt():
@@ -347,7 +342,7 @@ def build_engine(
             source,
             time.time() - start,
         )
-        engine["plan_sha256"] = hashlib.sha256(plan_bytes).hexdigest()
+        engine = replace(engine, plan_sha256=hashlib.sha256(plan_bytes).hexdigest())
         manifest = engine_manifest(source, engine)
         manifest.save(tmp)
     return manifest

@@ -15,6 +15,7 @@ from qwen_deploy.errors import QwenDeployError
 from qwen_deploy.generation import sampling
 from qwen_deploy.generation.sampling import Sampler, SamplingParams
 from qwen_deploy.manifest import Manifest
+from qwen_deploy.records import Generation
 
 VOCAB = 151936
 
@@ -194,7 +195,7 @@ def test_defaults_come_from_the_artifacts_generation_config(tiny_artifact):
     assert params.stop_token_ids == [151645, 151643]
     tuned = SamplingParams.from_defaults(manifest, temperature=0, top_k=None, stop="\n")
     assert (tuned.temperature, tuned.top_k, tuned.stop) == (0, 20, ["\n"])
-    manifest.generation = {"do_sample": False}
+    manifest.generation = Generation(do_sample=False)
     greedy = SamplingParams.from_defaults(manifest)
     assert greedy.greedy and greedy.top_k == 50  # transformers' default for an unset top_k
     with pytest.raises(QwenDeployError, match="unknown sampling parameter"):

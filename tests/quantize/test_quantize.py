@@ -21,7 +21,7 @@ from onnx import TensorProto, numpy_helper
 
 from qwen_deploy.cli import main
 from qwen_deploy.errors import QwenDeployError
-from qwen_deploy.manifest import Manifest
+from qwen_deploy.manifest import MANIFEST, Manifest
 from qwen_deploy.parity.metrics import compare_logits
 from qwen_deploy.parity.prompts import load_prompts
 from qwen_deploy.quantize.calibration import collect_activations, load_calibration
@@ -35,6 +35,7 @@ from qwen_deploy.runtime.onnxruntime_backend import (
     create_session,
     session_options,
 )
+from tests.test_manifest import assert_round_trip
 
 CALM = {"init_std": 0.05}
 # cosine (worst row), top-1. SmoothQuant's per-layer alpha search lowers the mean error (what
@@ -101,11 +102,11 @@ def test_quantized_logits_stay_close_to_fp32(quantized, mode, attention):
     assert metrics["max_abs"] > 1e-3  # the weights really changed: this is not fp32 vs itself
     # the manifest's report measured the same thing on the held-out prompt set
     quality = Manifest.load(out).quality
-    assert quality["passed"] and quality["failures"] == []
-    assert quality["cosine_min"] >= cosine and quality["top1"] >= top1
-    assert quality["decode_steps"] == 8 and quality["cases"] == len(load_prompts())
-    assert quality["perplexity"]["reference"] > 0
-    assert abs(quality["perplexity"]["relative"]) < 0.01
+    assert quality.passed and quality.failures == []
+    assert quality.cosine_min >= cosine and quality.top1 >= top1
+    assert quality.decode_steps == 8 and quality.cases == len(load_prompts())
+    assert quality.perplexity["reference"] > 0
+    assert abs(quality.perplexity["relative"]) < 0.01
 
 
 @pytest.mark.parametrize(
@@ -140,8 +141,8 @@ def test_thresholds_catch_a_ten_percent_error_in_one_layer(quantized, tmp_path):
     onnx.save_model(model, str(broken / "model.onnx"))
     Manifest.read(broken).save(broken)
     report = quality_report(source, broken, "int8-weight", progress=False)
-    assert not report["passed"]
-    assert any(f.startswith(("cosine", "top1")) for f in report["failures"])
+    assert report.failed
+    assert any(f.startswith(("cosine", "top1")) for f in report.failures)
 
 
 def test_the_source_is_measured_again_only_when_it_changes(quantized, tmp_path):
@@ -160,8 +161,8 @@ def test_the_source_is_measured_again_only_when_it_changes(quantized, tmp_path):
     norm_bytes *= 2  # the final norm's weight doubled, in place
     weights.flush()
     changed = report(copy, out, "int8-weight")
-    assert changed["perplexity"]["reference"] != first["perplexity"]["reference"]
-    assert changed["kl_max"] > 10 * first["kl_max"]  # logits twice as sharp as the candidate's
+    assert changed.perplexity["reference"] != first.perplexity["reference"]
+    assert changed.kl_max > 10 * first.kl_max  # logits twice as sharp as the candidate's
 
 
 def test_int8_codes_are_nearest_within_half_a_step():
@@ -303,9 +304,9 @@ def test_cli_gptq_rounds_int4_differently_and_says_so(quantized, tmp_path):
     args = ["quantize", str(source), "-o", str(out), "--mode", "int4-weight", "--gptq", "--quiet"]
     result = CliRunner().invoke(main, args)
     manifest = Manifest.load(out)  # the random model's gate verdict is beside the point here
-    assert result.exit_code == (0 if manifest.quality["passed"] else 1), result.output
-    assert manifest.quantization["rounding"] == "gptq"
-    assert Manifest.load(nearest).quantization["rounding"] == "nearest"
+    assert result.exit_code == (0 if manifest.quality.passed else 1), result.output
+    assert manifest.quantization.rounding == "gptq"
+    assert Manifest.load(nearest).quantization.rounding == "nearest"
     name = "model.layers.0.mlp.up_proj.weight.int4"
     codes = [SourceTensors(o, load_graph(o, "model.onnx")).array(name) for o in (nearest, out)]
     assert codes[0].shape == codes[1].shape and (codes[0] != codes[1]).mean() > 0.05
@@ -331,8 +332,25 @@ def test_int4_weight_graph_is_int4_but_an_int8_head_and_embedding(quantized):
     assert types["model.layers.0.mlp.up_proj.weight.int4"] == TensorProto.UINT8
     assert types["model.layers.0.mlp.down_proj.weight.int8"] == TensorProto.UINT8
     q = Manifest.load(out).quantization
-    assert q["mode"] == "int4-weight" and q["bits"] == 4 and q["block_size"] == 32
-    assert q["lm_head"] == "int8, block 64" and q["int8_roles"] == list(INT8_ROLES)
+    assert q.mode == "int4-weight" and q.bits == 4 and q.block_size == 32
+    assert q.lm_head == "int8, block 64" and q.int8_roles == list(INT8_ROLES)
+
+
+@pytest.mark.parametrize(
+    ("mode", "attention"),
+    [("int8-weight", "gqa"), ("int4-weight", "onnx"), ("int8-smoothquant", "onnx")],
+)
+def test_quantized_manifest_reads_as_records_and_round_trips(quantized, mode, attention):
+    """Each mode's scheme and report load as typed records and write back byte for byte (each
+    mode records its own details, in its own order)."""
+    manifest = assert_round_trip(quantized(mode, attention)[1] / MANIFEST)
+    q, quality = manifest.quantization, manifest.quality
+    assert q.mode == manifest.quantization_mode == quality.preset == mode
+    assert q.calibration["samples"] > 0 and q.smoothing["alphas"]
+    assert (q.format == "QDQ") == (mode == "int8-smoothquant")
+    assert (q.rounding == "nearest") == (mode == "int4-weight")  # only int4 records a rounding
+    assert quality.gate["top1"] > 0 and "alphas" in quality.layers
+    assert quality.failed == (not quality.passed)
 
 
 def test_quality_metrics_chunked_like_compare_logits():
@@ -375,7 +393,7 @@ def test_int8_weight_graph_quantizes_every_linear_head_and_embedding(quantized):
     )
     manifest = Manifest.load(out)
     q = manifest.quantization
-    assert q["mode"] == "int8-weight" and q["lm_head"] and q["embedding"] == "int8 per row"
+    assert q.mode == "int8-weight" and q.lm_head and q.embedding == "int8 per row"
     assert manifest.source == Manifest.load(source).source
     assert manifest.data_files == ["model.onnx.data"]
     for name in [*manifest.tokenizer_files, "config.json", "generation_config.json"]:
@@ -409,10 +427,11 @@ def test_smoothquant_graph_is_explicit_qdq_for_tensorrt(quantized):
         assert tensors.array(act.input[2]).dtype == np.int8 and tensors.array(act.input[2]) == 0
     assert check_path(out).passed
     q = Manifest.load(out).quantization
-    assert q["smoothing"]["kept_float"] == []  # no outlier layers in a random model
-    assert q["calibration"]["source"].endswith("calibration.jsonl")
-    assert q["calibration"]["samples"] == len(load_calibration(None, 10_000)[0])
-    assert q["smoothing"]["alpha"] == "searched per group"
+    assert q.format == "QDQ" and q.bits is None  # per mode: weight-only records bits instead
+    assert q.smoothing["kept_float"] == []  # no outlier layers in a random model
+    assert q.calibration["source"].endswith("calibration.jsonl")
+    assert q.calibration["samples"] == len(load_calibration(None, 10_000)[0])
+    assert q.smoothing["alpha"] == "searched per group"
 
 
 def test_onnxruntime_cpu_runs_every_smoothquant_linear_as_an_integer_matmul(quantized, tmp_path):
@@ -486,7 +505,7 @@ def test_smoothing_absorbs_activation_outliers(checkpoint, quantized, tmp_path, 
         without = trajectory_metrics(source, quantized(mode, "gqa")[1], 4, PROMPTS)
         assert with_outliers["cosine"] >= max(cosine, without["cosine"] - 3e-4), mode
         assert with_outliers["top1"] >= without["top1"] - 0.03, mode
-        folds = Manifest.load(out).quantization["smoothing"]["folded_into"]
+        folds = Manifest.load(out).quantization.smoothing["folded_into"]
         assert folds == {"norm": 5, "mul": 2, "up_proj": 2}
 
 
@@ -555,8 +574,8 @@ def test_calibration_files_txt_and_jsonl(artifact, tmp_path, one_prompt):
         progress=False,
     )
     q = Manifest.load(out).quantization
-    assert q["calibration"] == {"source": str(jsonl.resolve()), "samples": 2}
-    assert q["smoothing"]["alpha"] == 0.8
+    assert q.calibration == {"source": str(jsonl.resolve()), "samples": 2}
+    assert q.smoothing["alpha"] == 0.8
 
 
 def test_default_calibration_set_is_varied_and_held_out():
@@ -648,9 +667,10 @@ def test_cli_prints_the_quality_report(artifact, tmp_path, one_prompt):
     report = json.loads(result.stdout)  # one prompt's 27 rows: one flip moves top-1 by 0.037
     assert result.exit_code == (0 if report["passed"] else 1), result.output
     manifest = Manifest.load(out)
-    assert report == manifest.quality and report["cases"] == 1 and report["prompts"] == "given"
-    assert manifest.quantization["calibration"]["samples"] == 8
-    text = format_report(report)
+    assert report == manifest.quality.to_dict() and report["cases"] == 1
+    assert manifest.quality.prompts == "given"
+    assert manifest.quantization.calibration["samples"] == 8
+    text = format_report(manifest.quality)
     assert f"top-1 agreement  {report['top1']:.4f}" in text
     assert ("preset int8-weight: pass" in text) == report["passed"]
 
@@ -670,10 +690,10 @@ def test_a_failing_gate_exits_1_and_keeps_the_artifact_marked_failed(checkpoint,
     assert "quality gate int8-smoothquant FAILED: top1 " in result.stderr
     assert "--keep-float" in result.stderr and "--alpha auto" in result.stderr
     quality = Manifest.load(out).quality  # kept, marked failed
-    assert not quality["passed"] and quality["failures"][0].startswith("top1")
+    assert quality.failed and quality.failures[0].startswith("top1")
     assert "preset int8-smoothquant: FAIL: top1" in result.stdout
-    assert (out / "model.onnx").is_file() and quality["layers"]["kept_float"] == []
-    assert set(quality["layers"]["alphas"].values()) == {0.0}
+    assert (out / "model.onnx").is_file() and quality.layers["kept_float"] == []
+    assert set(quality.layers["alphas"].values()) == {0.0}
     result = CliRunner().invoke(main, [*args, "--force"])  # the defaults pass on the same model
     assert result.exit_code == 0, result.output
 
@@ -792,5 +812,5 @@ def test_real_smoothquant_without_smoothing_or_fallback_fails_its_gate(real_arti
     assert "quality gate int8-smoothquant FAILED: " in result.stderr
     assert "--alpha auto" in result.stderr and "--keep-float" in result.stderr
     quality = Manifest.load(out).quality
-    assert not quality["passed"] and quality["top1"] < 0.95
-    assert quality["layers"]["int8_weight_fraction"] == 1.0
+    assert quality.failed and quality.top1 < 0.95
+    assert quality.layers["int8_weight_fraction"] == 1.0

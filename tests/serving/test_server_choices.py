@@ -5,33 +5,19 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from types import SimpleNamespace
 
 import httpx
 import numpy as np
-import openai
 import pytest
 
 from qwen_deploy.generation.engine import BatchEngine
-from qwen_deploy.generation.generator import Generator
 from qwen_deploy.serving.server import MAX_CHOICES
-from tests.serving.test_server import running_server
+from tests.serving import test_server
 from tests.serving.test_server_logprobs import teacher_forced_logprobs
 
 MODEL = "tiny-qwen"
 PROMPTS = ["Bonds pay", "A convertible bond is", "Equity means"]
-
-
-@pytest.fixture(scope="module")
-def served(tiny_artifact) -> Iterator[SimpleNamespace]:
-    generator = Generator(tiny_artifact)
-    engine = BatchEngine(generator, max_batch=8)
-    with (
-        running_server(engine, MODEL) as url,
-        openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0) as client,
-    ):
-        yield SimpleNamespace(url=url, engine=engine, generator=generator, client=client)
+served = test_server.served  # the tiny model served with a batch of 8
 
 
 def _idle(engine: BatchEngine) -> bool:

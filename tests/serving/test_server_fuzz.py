@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -233,7 +234,7 @@ def served(tiny_artifact) -> Iterator[SimpleNamespace]:
     generator = Generator(tiny_artifact)
     # a request without max_tokens gets the artifact's default: a few tokens, as generation_config
     # may set it, so a mutation that drops max_tokens costs no more than the rest
-    generator.manifest.generation = {**generator.manifest.generation, "max_new_tokens": 4}
+    generator.manifest.generation = replace(generator.manifest.generation, max_new_tokens=4)
     engine = BatchEngine(generator, max_batch=4, max_context=CONTEXT)
     with running_server(engine, MODEL) as url:
         yield SimpleNamespace(url=url, engine=engine)

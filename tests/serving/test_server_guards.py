@@ -23,6 +23,7 @@ from qwen_deploy.cli import main
 from qwen_deploy.generation.engine import BatchEngine
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.manifest import Manifest
+from qwen_deploy.records import Quality
 from qwen_deploy.serving.server import host_allow_list
 from tests.serving.test_server import running_server
 
@@ -210,7 +211,7 @@ def test_a_failed_quality_gate_is_warned_at_start_and_in_health(tiny_artifact, t
         if file.name != "manifest.json":
             os.symlink(file, folder / file.name)
     manifest = Manifest.load(tiny_artifact)
-    manifest.quality = {"preset": "int8-weight", "passed": False, "failures": ["top-1 0.81 < 0.95"]}
+    manifest.quality = Quality(preset="int8-weight", passed=False, failures=["top-1 0.81 < 0.95"])
     manifest.save(folder)
     warning = (
         "this artifact failed its quantization quality gate (int8-weight: top-1 0.81 < 0.95); "

@@ -34,6 +34,7 @@ from qwen_deploy.artifact import MARKER
 from qwen_deploy.cli import main
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.manifest import Manifest
+from qwen_deploy.records import Engine, EngineLimits
 from qwen_deploy.serving.triton_repo import MODEL_TEMPLATE, write_repository
 
 CLIENT = Path(__file__).with_name("triton_client.py")
@@ -122,13 +123,13 @@ def _engine_artifact(onnx_artifact: Path, folder: Path, max_batch: int) -> Path:
     (folder / "plugins").mkdir()
     (folder / "plugins" / "libqwen_plugins.so").write_bytes(b"\x7fELF")
     manifest = Manifest.load(onnx_artifact)
-    engine = {
-        "format": "tensorrt",
-        "plan": "model.plan",
-        "profiles": [{"index": 0, "name": "prefill"}, {"index": 1, "name": "decode"}],
-        "limits": {"max_batch": max_batch},
-        "plugin_libraries": ["plugins/libqwen_plugins.so"],
-    }
+    engine = Engine(
+        format="tensorrt",
+        plan="model.plan",
+        profiles=[{"index": 0, "name": "prefill"}, {"index": 1, "name": "decode"}],
+        limits=EngineLimits(max_batch=max_batch),
+        plugin_libraries=["plugins/libqwen_plugins.so"],
+    )
     dataclasses.replace(manifest, model_file="model.plan", data_files=[], engine=engine).save(
         folder
     )

@@ -18,6 +18,7 @@ from qwen_deploy.cli import main
 from qwen_deploy.errors import QwenDeployError
 from qwen_deploy.manifest import Manifest
 from qwen_deploy.parity.presets import PRESETS
+from qwen_deploy.records import Engine, EngineDevice, EngineLimits
 from qwen_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from qwen_deploy.tensorrt.backend import (
     TensorRTBackend,
@@ -143,17 +144,19 @@ def test_engine_manifest_round_trip(manifest, tmp_path):
     assert loaded.model_file == PLAN_FILE and loaded.data_files == []
     assert loaded.inputs == manifest.inputs and loaded.outputs == manifest.outputs
     e = loaded.engine
-    assert e["tensorrt_version"] == "10.15.1.29" and e["device"]["compute_capability"] == "9.0"
-    assert [p["index"] for p in e["profiles"]] == [0, 1]
-    assert e["profiles"][1]["shapes"] == profiles[1]["shapes"]
-    assert e["limits"] == {"max_batch": 2, "max_input_len": 64, "max_seq_len": 128}
-    assert e["workspace_bytes"] == int(1.5 * 2**30)
-    assert e["plugin_libraries"] == ["plugins/libx.so"] and e["strongly_typed"] is True
-    assert e["source"]["precision"] == manifest.precision
+    assert e == record
+    assert e.tensorrt_version == "10.15.1.29" and e.device.compute_capability == "9.0"
+    assert e.device.extra == {"index": 0, "total_memory_bytes": H100.total_memory}  # kept
+    assert [p["index"] for p in e.profiles] == [0, 1]
+    assert e.profiles[1]["shapes"] == profiles[1]["shapes"]
+    assert e.limits == EngineLimits(max_batch=2, max_input_len=64, max_seq_len=128)
+    assert e.workspace_bytes == int(1.5 * 2**30)
+    assert e.plugin_libraries == ["plugins/libx.so"] and e.strongly_typed is True
+    assert e.source["precision"] == manifest.precision
 
 
 def test_engine_compatibility_checks():
-    engine = {"tensorrt_version": "10.15.1.29", "device": H100.to_dict()}
+    engine = Engine(tensorrt_version="10.15.1.29", device=EngineDevice.from_dict(H100.to_dict()))
     assert check_engine_compat(engine, "10.15.1.29", H100) == []
     with pytest.raises(
         QwenDeployError,
@@ -201,7 +204,7 @@ def plan_only(manifest, tiny_artifact, tmp_path) -> Path:
     folder.mkdir()
     (folder / PLAN_FILE).write_bytes(b"plan")
     copy_side_files(tiny_artifact, folder, manifest.tokenizer_files)
-    engine = {"format": "tensorrt", "plan": PLAN_FILE}
+    engine = Engine(format="tensorrt", plan=PLAN_FILE)
     replace(manifest, model_file=PLAN_FILE, data_files=[], engine=engine).save(folder)
     return folder
 
@@ -278,8 +281,8 @@ def test_build_writes_engine_artifact(engine_artifact, artifact):
     out, cache = engine_artifact
     manifest = Manifest.load(out)
     assert (out / PLAN_FILE).stat().st_size > 0 and cache.stat().st_size > 0
-    assert manifest.engine["limits"]["max_seq_len"] == 64
-    assert manifest.engine["device"]["compute_capability"] == CudaDriver().info().compute_capability
+    assert manifest.engine.limits.max_seq_len == 64
+    assert manifest.engine.device.compute_capability == CudaDriver().info().compute_capability
     assert (out / "tokenizer.json").is_file()
 
 
