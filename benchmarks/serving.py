@@ -6,14 +6,17 @@ tritonserver) processes on one artifact: what issue-style acceptance numbers com
 - conversation: a first turn carrying ~1,500 tokens of context, then a follow-up: the second
   turn's time to first token over the first's, and the text with `--prefix-cache-gb 0`.
 - long_prompt: a 4,000-token prompt arriving while 4 streams decode: their largest gap between
-  tokens against one prefill chunk plus one decode step (both measured in the same run).
+  tokens against one prefill chunk (its last, after ~3,700 cached tokens: attention makes later
+  chunks the longest) plus one decode step, both measured in the same run.
 - event_loop: while 3 clients send 4 MB bodies (refused: past the context) and one a fresh
   json_schema, a streaming client's largest gap between tokens over its median, and /health's
   answer time.
 - template: a copy of the artifact whose chat template never ends: the chat's error and time,
   /health while it renders, and how long SIGTERM takes to stop the server.
-- echo: an 8,000-token prompt with `echo` and `logprobs: 5`: the server's peak RSS rise (VmHWM)
-  and, with --checkpoint, its prompt logprobs against transformers'.
+- echo: an 8,000-token prompt with `echo` and `logprobs: 5`: the server's peak RSS rise (VmHWM,
+  reset to the RSS after a warm-up of an ordinary 1,000-token prompt, so neither loading's peak
+  nor the first long prompt's one-time buffer growth is counted as the echo's) and, with
+  --checkpoint, its prompt logprobs against transformers'.
 
     .venv/bin/python benchmarks/serving.py ARTIFACT [--checkpoint CKPT] [--only NAME ...] [--json]
 """
@@ -90,6 +93,14 @@ class Served:
     def peak_rss_mib(self) -> float:
         return (_status_kib(self.process.pid, "VmHWM") or 0) / 1024
 
+    def rss_mib(self) -> float:
+        return (_status_kib(self.process.pid, "VmRSS") or 0) / 1024
+
+    def reset_peak_rss(self) -> None:
+        """VmHWM back to the current RSS (Linux: 5 to clear_refs), so loading's peak is not
+        what a later request is measured against."""
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(60)
@@ -160,10 +171,17 @@ def conversation(artifact: str, tokenizer: Tokenizer) -> dict:
 
 def long_prompt(artifact: str, tokenizer: Tokenizer) -> dict:
     long_text = text_of(tokenizer, 4000)  # before the clients run: it holds the GIL a second
-    with Served(artifact, "--prefix-cache-gb", "0") as server:
+    with Served(artifact) as server:
         stream_times(server.url, chat("warm-up", 2))
-        chunk = stream_times(server.url, chat(text_of(tokenizer, PREFILL_CHUNK), 1))
-        chunk_s = chunk["times"][0] - chunk["start"]
+        # one chunk where the long prompt's last one runs: its first 4000 - PREFILL_CHUNK tokens
+        # cached (as token ids: the chat below starts with other tokens and misses the cache)
+        ids = tokenizer.encode(long_text)
+        head = {"model": "m", "prompt": ids[:-PREFILL_CHUNK], "max_tokens": 1}
+        httpx.post(server.url + "/v1/completions", json=head, timeout=600).raise_for_status()
+        start = time.perf_counter()
+        last = httpx.post(server.url + "/v1/completions", json={**head, "prompt": ids}, timeout=600)
+        chunk_s = time.perf_counter() - start
+        cached = last.raise_for_status().json()["usage"]["prompt_tokens_details"]["cached_tokens"]
         with ThreadPoolExecutor(5) as pool:
             streams = [
                 pool.submit(stream_times, server.url, chat(f"Count from {i} to 400.", 160))
@@ -184,6 +202,7 @@ def long_prompt(artifact: str, tokenizer: Tokenizer) -> dict:
     return {
         "prefill_chunk": PREFILL_CHUNK,
         "chunk_s": chunk_s,
+        "chunk_after_cached_tokens": cached,
         "decode_step_s": step,
         "largest_gap_during_long_prefill_s": max(during) if during else None,
         "bound_chunk_plus_step_s": chunk_s + step,
@@ -296,7 +315,11 @@ def echo(artifact: str, tokenizer: Tokenizer, checkpoint: str | None) -> dict:
     prompt = text_of(tokenizer, 8000)
     body = {"model": "m", "prompt": prompt, "echo": True, "logprobs": 5, "max_tokens": 1}
     with Served(artifact, "--prefix-cache-gb", "0") as server:
+        # a server in service has sized its buffers on ordinary prompts: one of 1,000 tokens
+        ordinary = {"model": "m", "prompt": text_of(tokenizer, 1000), "max_tokens": 1}
+        httpx.post(server.url + "/v1/completions", json=ordinary, timeout=600).raise_for_status()
         httpx.post(server.url + "/v1/completions", json={**body, "prompt": "warm up"}, timeout=60)
+        server.reset_peak_rss()
         before = server.peak_rss_mib()
         start = time.perf_counter()
         response = httpx.post(server.url + "/v1/completions", json=body, timeout=1200)

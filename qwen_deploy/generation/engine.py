@@ -48,7 +48,7 @@ Emit = Callable[[StreamDelta | BaseException], None]
 BOUND_HEADROOM = 256  # positions a rebuilt running cache can grow before it is moved
 PREFILL_CHUNK = 256  # prompt tokens per step: what a new prompt can delay the running rows by
 PREFIX_CACHE_GB = 1.0  # a server's default room for earlier prompts' KV
-ECHO_CHUNK = 128  # echo's chunks hold every position's logits: [chunk, vocab] float32
+ECHO_CHUNK = 64  # echo's chunks hold every position's logits: [chunk, vocab] float32
 _CANCELLED = object()
 
 
@@ -416,14 +416,17 @@ class BatchEngine:
         least two tokens left to prefill; none for echo, which needs every position's
         logits)."""
         cached = None
+        # room for the whole prompt and the running batch's headroom: chunks write in place
+        # and the batch it starts needs no copy
+        capacity = self._room(len(request.prompt_ids))
         if self.prefix_cache is not None and request.prompt_top is None:
             length, cached = self.prefix_cache.lookup(
                 request.prompt_ids, len(request.prompt_ids) - 2
             )
         if cached is None:
-            request.prefill = Batch(self.backend, 1)
+            request.prefill = Batch(self.backend, 1, capacity)
             return
-        request.prefill = Batch.resume(self.backend, cached)
+        request.prefill = Batch.resume(self.backend, cached, capacity)
         request.prefilled = request.cached_tokens = length
 
     def _prefill(self, request: EngineRequest, take: int) -> None:
@@ -463,10 +466,10 @@ class BatchEngine:
             self._count_cancelled(request)  # cancelled at its first token: it never runs
             return
         if self._batch is None:
-            batch.keep([0], batch.length + BOUND_HEADROOM)
+            batch.keep([0], self._room(batch.length))
             self._batch = batch
         else:
-            self._batch.merge(batch, max(self._batch.length, batch.length) + BOUND_HEADROOM)
+            self._batch.merge(batch, self._room(max(self._batch.length, batch.length)))
         with self._cond:
             self._running.append(request)
             self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._running))
@@ -533,7 +536,11 @@ class BatchEngine:
         if not keep:
             self._batch = None
             return
-        self._batch.keep(keep, self._batch.length + BOUND_HEADROOM)
+        self._batch.keep(keep, self._room(self._batch.length))
+
+    def _room(self, length: int) -> int:
+        """A cache's capacity for rows `length` long: room to grow before it is moved."""
+        return min(length + BOUND_HEADROOM, self.max_context)
 
     def _count_cancelled(self, request: EngineRequest) -> None:
         if request.cancelled and not request.failed and not request.state.finished:

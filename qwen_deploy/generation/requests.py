@@ -79,7 +79,7 @@ class RequestBuilder:
             ids = self._prompt_ids(prompt, messages, tools, limit, **(template_kwargs or {}))
         except TooManyTokens as e:  # no room to generate, whatever the suffix
             count = e.count + (len(self.tokenizer.encode(suffix)) if suffix else 0)
-            raise _context_error(limit, count) from None
+            raise _context_error(limit, count, e.at_least) from None
         if suffix:
             ids += self.tokenizer.encode(suffix)
         if reasoning is None:
@@ -180,8 +180,9 @@ def check_template_kwargs(template_kwargs: dict | None) -> None:
         )
 
 
-def _context_error(limit: int, count: int) -> ContextLengthError:
+def _context_error(limit: int, count: int, at_least: bool = False) -> ContextLengthError:
+    has = f"at least {count}" if at_least else f"{count}"
     return ContextLengthError(
-        f"this model's maximum context length is {limit} tokens, but the prompt has {count} "
+        f"this model's maximum context length is {limit} tokens, but the prompt has {has} "
         "tokens (at least one must be left to generate); shorten the prompt or the conversation."
     )

@@ -77,12 +77,21 @@ class Constraint:
         if self._matcher.is_error():
             raise QwenDeployError(f"the grammar cannot be used: {self._matcher.get_error()}")
         self._mask = llg.numpy.allocate_token_bitmask(1, vocabulary.vocab_size)
+        # the first mask is the slowest (the grammar's lexer is built on demand): computed here,
+        # where the request is prepared, not in the decode step it would hold up for every row
+        self._fill()
+
+    def _fill(self) -> None:
+        self._numpy.fill_next_token_bitmask(self._matcher, self._mask, 0)
+        self._filled = True
 
     def apply(self, logits: np.ndarray) -> None:
         """Set the logits of tokens the grammar forbids next to -inf (in place, [vocab])."""
-        self._numpy.fill_next_token_bitmask(self._matcher, self._mask, 0)
+        if not self._filled:
+            self._fill()
         self._numpy.apply_token_bitmask_inplace(logits[None], self._mask)
 
     def accept(self, token: int) -> None:
         if not self._matcher.consume_token(int(token)):
             raise QwenDeployError(f"the grammar refused token {token}: {self._matcher.get_error()}")
+        self._filled = False

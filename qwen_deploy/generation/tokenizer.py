@@ -29,14 +29,18 @@ NAMED_SPECIAL_TOKENS = (
     "mask_token",
 )
 REPLACEMENT_CHAR = "\ufffd"
+PROBE_CHARS = 6  # a long text's first probe: characters per token of the limit
+HEAD_SLACK = 64  # tokens a cut text's head can have beyond the same stretch of the whole text
 
 
 class TooManyTokens(Exception):
-    """A text has `count` tokens, at least its limit (its ids were not listed)."""
+    """A text has `count` tokens (`at_least`: a head of it had that many more than a cut can
+    add), at least its limit; its ids were not listed."""
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, at_least: bool = False):
         super().__init__(count)
         self.count = count
+        self.at_least = at_least
 
 
 def _read_json(path: Path) -> dict:
@@ -113,11 +117,33 @@ class Tokenizer:
         tokenizers' batch path, which releases the GIL for the whole computation: its
         single-text encode holds it while another thread tokenizes (three 2 MB prompts prepared
         at once stopped a server's event loop ~3 s each). With `limit`, a text of that many
-        tokens or more raises TooManyTokens before its ids become a Python list."""
-        encoding = self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0]
+        tokens or more raises TooManyTokens before its ids become a Python list, and a text far
+        past it is refused from a head of it, without tokenizing the rest (a 4 MB body takes
+        seconds of CPU that the running requests' decode steps need)."""
+        if limit is not None:
+            self._refuse_from_head(text, limit)
+        encoding = self._encoding(text, add_special_tokens)
         if limit is not None and len(encoding) >= limit:
             raise TooManyTokens(len(encoding))
         return encoding.ids
+
+    def _encoding(self, text: str, add_special_tokens: bool = False):
+        return self._tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0]
+
+    def _refuse_from_head(self, text: str, limit: int) -> None:
+        """TooManyTokens when a head of `text` has `limit` + HEAD_SLACK tokens. Each probe takes
+        1.5-4x the characters of the last, as many as its tokens per character say reach the
+        limit (while shorter than the text). A head ends before whitespace where it can, so
+        pre-tokenization splits it where it splits the whole text and only the last piece can
+        differ."""
+        need = limit + HEAD_SLACK
+        chars = PROBE_CHARS * limit
+        while chars < len(text):
+            cut = text.rfind(" ", chars // 2, chars)
+            count = len(self._encoding(text[: cut if cut > 0 else chars]))
+            if count >= need:
+                raise TooManyTokens(count - HEAD_SLACK, at_least=True)
+            chars = int(chars * min(4.0, max(1.5, 1.2 * need / max(count, 1))))
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

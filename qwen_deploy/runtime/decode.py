@@ -102,9 +102,13 @@ class Batch:
         self.mask = self.mask[:, :length]
 
     def keep(self, rows: list[int], capacity: int | None = None) -> None:
-        """Only `rows` stay, without the left columns that are padding in all of them."""
+        """Only `rows` stay, without the left columns that are padding in all of them (no copy
+        when that is all of it and the cache already has room for `capacity`)."""
         mask = self.mask[rows]
         first = int(np.argmax(mask.any(axis=0))) if mask.size else 0
+        unchanged = rows == list(range(self.rows)) and first == 0
+        if unchanged and self.capacity is not None and (capacity or 0) <= self.capacity:
+            return
         arrays = {k: v[rows, :, first:] for k, v in self.backend.cache_arrays(self.cache).items()}
         self._rebuild(arrays, np.ascontiguousarray(mask[:, first:]), capacity)
 

@@ -33,6 +33,7 @@ import dataclasses
 import hmac
 import ipaddress
 import json
+import os
 import re
 import sys
 import threading
@@ -88,6 +89,7 @@ KEEP_ALIVE_S = 5  # an idle connection between requests is closed after this (uv
 KV_MEMORY_SHARE = 0.5  # of the memory free after loading, for the requests' KV by default
 REQUEST_TIMEOUT_S = 30.0  # a request's head and body must arrive within this
 PREPARE_THREADS = 4  # requests prepared at once off the event loop; more wait their turn
+PREPARE_NICE = 10  # their threads' CPU priority: a request's preparation yields to decode steps
 MAX_CHOICES = 64  # choices (prompts x n) one request may ask for: the rest of the queue waits
 SHUTDOWN_GRACE_S = 2  # after SIGTERM, how long open responses may take to end
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
@@ -393,6 +395,7 @@ class OpenAIServer:
                     future.set_result(result)
 
             def run() -> None:
+                _lower_priority()
                 try:
                     outcome = (work(), None)
                 except BaseException as e:  # handed to the awaiting task
@@ -978,6 +981,15 @@ def _field(error: dict, body: Any) -> str | None:
     return ".".join(path) or None
 
 
+def _lower_priority() -> None:
+    """This thread's CPU priority to PREPARE_NICE (Linux gives each thread its own nice value):
+    on cores the model's threads keep busy, tokenizing a 4 MB body or compiling a grammar takes
+    their time slices, and every running stream's next token waits."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREPARE_NICE)
+
+
 def create_app(
     engine: BatchEngine,
     model_name: str,
@@ -992,6 +1004,8 @@ def create_app(
     choose (none without it); `allowed_hosts`: the Host names answered (None: any, see
     host_allow_list); `docs`: /docs and /openapi.json, behind the API key like the API."""
     server = OpenAIServer(engine, model_name, speculator)
+    # a text is tokenized in the (lowered) thread that asks, not on tokenizers' own thread pool
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     warnings = artifact_warnings(engine.manifest)
     sink = PrometheusSink()  # GET /metrics
     metrics = EngineMetrics(engine, sink, model_name)

@@ -9,7 +9,7 @@ import pytest
 
 from qwen_deploy.checkpoint.random_model import qwen_tokenizer_dir
 from qwen_deploy.errors import ArtifactError
-from qwen_deploy.generation.tokenizer import IncrementalDecoder, Tokenizer
+from qwen_deploy.generation.tokenizer import IncrementalDecoder, Tokenizer, TooManyTokens
 
 transformers = pytest.importorskip("transformers", reason="transformers is the reference tokenizer")
 
@@ -148,3 +148,18 @@ def test_incremental_decoding_of_random_ids_concatenates_to_decode(qwen):
         for skip in (False, True):
             deltas = _stream(qwen, ids, skip)
             assert "".join(deltas) == qwen.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("unit", ["word ", "数据", "x" * 40 + "\n"])
+def test_a_text_far_past_the_limit_is_refused_from_a_head_with_a_lower_bound(qwen, unit):
+    limit = 200
+    text = unit * 20_000  # hundreds of thousands of characters, thousands of tokens
+    whole = len(qwen.encode(text))
+    with pytest.raises(TooManyTokens) as refused:
+        qwen.encode(text, limit)
+    assert refused.value.at_least
+    assert limit <= refused.value.count <= whole
+    # a long text under the limit is not refused by its head: spaces compress to few tokens
+    sparse = " " * 5_000 + "end"
+    assert len(sparse) > 4 * limit
+    assert qwen.encode(sparse, limit) == qwen.encode(sparse)

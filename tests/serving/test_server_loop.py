@@ -103,9 +103,9 @@ def _stream_gaps(url: str, gaps: list[float], stop: threading.Event) -> None:
 
 
 def test_health_and_streams_go_on_while_large_bodies_are_prepared(tiny_artifact):
-    """Three 1.5 MB prompts (tokenized to be refused: the context is 4096 tokens) and a fresh
-    json_schema: on the event loop each prompt held it ~2 s on a 2-core machine; off it, /health
-    and a running stream go on."""
+    """Three 1.5 MB prompts (refused from a head of their text: the context is 4096 tokens) and
+    a fresh json_schema: on the event loop each prompt held it ~2 s on a 2-core machine; off it,
+    /health and a running stream go on."""
     generator = Generator(tiny_artifact)
     warm_structured(generator.tokenizer)  # as serve does before it listens
     text = ("hello world, this is some text. " * 50000)[:1_500_000]
@@ -150,7 +150,7 @@ def test_health_and_streams_go_on_while_large_bodies_are_prepared(tiny_artifact)
     assert sorted(answers) == [(200, None)] + [(400, "context_length_exceeded")] * 3
     # bounds for a loaded 2-core machine (measured there: /health at most ~0.2 s, stream gaps
     # ~4x their median; with the work on the loop: /health and the stream stop for seconds)
-    assert len(health) > 10 and max(health) < 1.0, (max(health), statistics.median(health))
+    assert len(health) >= 3 and max(health) < 1.0, (max(health), statistics.median(health))
     assert during and max(during) < 1.0, (max(during), statistics.median(during))
 
 
