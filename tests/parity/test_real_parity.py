@@ -13,6 +13,7 @@ from qwen_deploy.cli import main
 from qwen_deploy.export import export_checkpoint
 from qwen_deploy.manifest import Manifest
 from qwen_deploy.parity.presets import PRESETS
+from tests.forms import forms
 from tests.parity.broken_exports import (
     decode_positions_off_by_one,
     drop_qkv_bias,
@@ -36,7 +37,7 @@ def _parity(artifact, checkpoint, prompts, *extra) -> tuple[int, dict]:
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("attention", ["onnx", "gqa", "decomposed"])
+@pytest.mark.parametrize("attention", forms(["onnx", "gqa", "decomposed"], ["gqa"]))
 def test_default_presets_pass_every_form(
     real_artifact, real_checkpoint, prompts, precision, attention
 ):
