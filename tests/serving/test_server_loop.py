@@ -4,6 +4,7 @@ stops `serve` within seconds with requests in flight."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -24,7 +25,7 @@ from qwen_deploy.generation.chat_template import ChatTemplate, ChatTemplateError
 from qwen_deploy.generation.engine import BatchEngine
 from qwen_deploy.generation.generator import Generator
 from qwen_deploy.manifest import Manifest
-from qwen_deploy.serving.server import warm_structured
+from qwen_deploy.serving.server import PREPARE_NICE, OpenAIServer, warm_structured
 from tests.serving.test_server import running_server
 
 MODEL = "tiny-qwen"
@@ -261,3 +262,20 @@ def test_sigterm_stops_serve_within_5_s_with_requests_in_flight(looping_artifact
             process.kill()
             process.wait(30)
         process.stderr.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a nice value per thread is Linux's")
+def test_requests_are_prepared_at_a_lower_cpu_priority_than_the_engine(tiny_artifact):
+    """The model's threads keep the cores busy: a request's preparation must yield to them."""
+    server = OpenAIServer(BatchEngine(Generator(tiny_artifact)), MODEL)
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def prepared() -> int:
+        return await server.off_loop(priority)
+
+    if priority() >= PREPARE_NICE:
+        pytest.skip(f"the tests already run at nice {priority()}, no higher than the workers'")
+    assert asyncio.run(prepared()) == PREPARE_NICE
+    assert priority() < PREPARE_NICE  # the thread that asked keeps its own
