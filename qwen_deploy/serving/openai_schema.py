@@ -245,10 +245,6 @@ class ChatCompletionRequest(SamplingFields):
             overrides["max_tokens"] = limit
         return overrides
 
-    def tool_dicts(self) -> list[dict[str, Any]] | None:
-        """The declared tools as the chat template and the tool-call parser take them."""
-        return None if self.tools is None else [t.model_dump(exclude_none=True) for t in self.tools]
-
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -276,3 +272,8 @@ def error_body(
 ) -> dict[str, Any]:
     """The OpenAI error shape."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def tool_dicts(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
+    """Declared tools as the chat template and the tool-call parser take them."""
+    return None if tools is None else [t.model_dump(exclude_none=True) for t in tools]

@@ -81,6 +81,7 @@ from .openai_schema import (
     FieldError,
     SamplingFields,
     error_body,
+    tool_dicts,
 )
 
 API_KEY_ENV = "QWEN_DEPLOY_API_KEY"
@@ -435,10 +436,14 @@ class OpenAIServer:
 
     # -- validation ----------------------------------------------------------------------------
     def check_common(self, body: SamplingFields) -> None:
-        if body.model != self.model_name:
+        self.check_model(body.model)
+
+    def check_model(self, model: str | None) -> None:
+        """A request naming another model is a 404 (None: the field is optional there)."""
+        if model is not None and model != self.model_name:
             raise OpenAIError(
                 404,
-                f"The model `{body.model}` does not exist; this server serves `{self.model_name}`.",
+                f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
                 param="model",
                 code="model_not_found",
             )
@@ -569,7 +574,7 @@ class OpenAIServer:
         """A chat request's CPU work (off the loop): ((params, tool plan), engine requests)."""
         params = self.sampling_params(body)
         try:
-            plan = plan_tools(body.tool_dicts(), body.tool_choice)
+            plan = plan_tools(tool_dicts(body.tools), body.tool_choice)
         except ToolError as e:
             raise OpenAIError(400, str(e), param=e.param) from e
         messages = [_templated(i, m) for i, m in enumerate(body.messages)]

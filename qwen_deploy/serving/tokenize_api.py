@@ -21,7 +21,7 @@ from ..errors import QwenDeployError
 from ..generation.requests import RequestBuilder, TemplateKwargsError, check_template_kwargs
 from ..generation.tokenizer import tokenizer_config
 from ..generation.tool_calls import ToolError, plan_tools
-from .openai_schema import ChatMessage, FieldError, RequestBody, Tool
+from .openai_schema import ChatMessage, FieldError, RequestBody, Tool, tool_dicts
 
 # server.py imports this module inside create_app, so server.py is complete by then
 from .server import OpenAIError, OpenAIServer, _templated
@@ -120,16 +120,6 @@ class TokenizerAPI:
         self.builder: RequestBuilder = server.generator
         self.info = tokenizer_info(self.builder)
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.server.model_name:
-            raise OpenAIError(
-                404,
-                f"The model `{model}` does not exist; this server serves "
-                f"`{self.server.model_name}`.",
-                param="model",
-                code="model_not_found",
-            )
-
     def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         """(Off the loop.) The ids of the prompt, or of the messages as the chat endpoint
         renders them."""
@@ -160,11 +150,8 @@ class TokenizerAPI:
                 param="continue_final_message",
             )
         messages = [_templated(i, m) for i, m in enumerate(body.messages or [])]
-        tools = (
-            None if body.tools is None else [t.model_dump(exclude_none=True) for t in body.tools]
-        )
-        try:
-            plan = plan_tools(tools, None)  # the tools the chat endpoint hands the template
+        try:  # the tools the chat endpoint hands the template
+            plan = plan_tools(tool_dicts(body.tools), None)
             check_template_kwargs(body.chat_template_kwargs)
             return self.builder.chat_text(
                 messages,
@@ -195,12 +182,12 @@ def add_tokenizer_routes(app: FastAPI, server: OpenAIServer, auth: list[Any]) ->
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        api.check_model(body.model)
+        server.check_model(body.model)
         return await server.off_loop(lambda: api.tokenize(body))
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
-        api.check_model(body.model)
+        server.check_model(body.model)
         return await server.off_loop(lambda: api.detokenize(body))
 
     @app.get("/tokenizer_info", dependencies=auth)
