@@ -9,13 +9,14 @@ Q4_K_M, so the reference is our own fp32 artifact's score; Qwen's published scor
 Qwen2.5-Coder-0.5B-Instruct is beside it.
 
     python benchmarks/accuracy.py fp32=build/c05 int8-weight=build/c05-w8 \\
-        int8-smoothquant=build/c05-sq [--limit 20] [--json]
+        int8-smoothquant=build/c05-sq [--limit 20] [--batch-invariant] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import hashlib
 import json
 import os
 import re
@@ -98,12 +99,12 @@ def _free_port() -> int:
 class Server:
     """`qwen-deploy serve ARTIFACT` in a child process, until the context exits."""
 
-    def __init__(self, artifact: Path, name: str):
+    def __init__(self, artifact: Path, name: str, options: list[str]):
         self.port = _free_port()
         self.name = name
         exe = Path(sys.executable).with_name("qwen-deploy")
         self.cmd = [str(exe), "serve", str(artifact), "--port", str(self.port)]
-        self.cmd += ["--model-name", name, "--max-batch", str(CONCURRENCY)]
+        self.cmd += ["--model-name", name, "--max-batch", str(CONCURRENCY), *options]
 
     def __enter__(self) -> openai.OpenAI:
         self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -125,9 +126,12 @@ class Server:
         self.proc.wait(timeout=60)
 
 
-def evaluate(name: str, artifact: Path, problems: list[dict], prefix: list[str]) -> dict:
-    """pass@1 (greedy) of one artifact, and the wall time of its answers."""
-    with Server(artifact, name) as client:
+def evaluate(
+    name: str, artifact: Path, problems: list[dict], prefix: list[str], options: list[str]
+) -> dict:
+    """pass@1 (greedy) of one artifact, the wall time of its answers and their digest (equal
+    digests: the same answers, character for character)."""
+    with Server(artifact, name, options) as client:
 
         def ask(problem: dict) -> str:
             reply = client.chat.completions.create(
@@ -150,6 +154,7 @@ def evaluate(name: str, artifact: Path, problems: list[dict], prefix: list[str])
         "passed": sum(results),
         "pass@1": 100.0 * sum(results) / len(problems),
         "answer_s": answer_s,
+        "answers_sha256": hashlib.sha256(json.dumps(answers).encode()).hexdigest(),
         "failed": [p["task_id"] for p, ok in zip(problems, results, strict=True) if not ok],
     }
 
@@ -159,7 +164,11 @@ def main() -> None:
     parser.add_argument("artifacts", nargs="+", help="NAME=ARTIFACT, the first the reference")
     parser.add_argument("--limit", type=int, default=None, help="the first N problems only")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--batch-invariant", action="store_true", help="serve with --batch-invariant"
+    )
     args = parser.parse_args()
+    options = ["--batch-invariant"] if args.batch_invariant else []
     named = [a.split("=", 1) if "=" in a else (Path(a).name, a) for a in args.artifacts]
     problems = load_problems(args.limit)
     prefix = _isolation()
@@ -170,16 +179,19 @@ def main() -> None:
     )
     rows = {}
     for name, folder in named:
-        rows[name] = evaluate(name, Path(folder), problems, prefix)
+        rows[name] = evaluate(name, Path(folder), problems, prefix, options)
         print(f"{name}: pass@1 {rows[name]['pass@1']:.1f}", file=sys.stderr)
     if args.json:
         print(json.dumps({"published": PUBLISHED, "results": rows}, indent=2))
         return
     reference = next(iter(rows.values()))["pass@1"]
-    print(f"{'artifact':<20} {'pass@1':>7} {'vs ref':>7} {'answer s':>9}")
+    print(f"{'artifact':<20} {'pass@1':>7} {'vs ref':>7} {'answer s':>9} {'answers':>12}")
     for name, row in rows.items():
         delta = row["pass@1"] - reference
-        print(f"{name:<20} {row['pass@1']:>7.1f} {delta:>+7.1f} {row['answer_s']:>9.0f}")
+        print(
+            f"{name:<20} {row['pass@1']:>7.1f} {delta:>+7.1f} {row['answer_s']:>9.0f} "
+            f"{row['answers_sha256'][:12]:>12}"
+        )
     for model, score in PUBLISHED.items():
         print(f"published ({model}, bf16): {score:.1f}")
 

@@ -106,7 +106,15 @@ def test_fields_set_after_reading_are_written():
 
 
 def test_a_record_built_in_code_writes_every_field_in_order():
-    assert list(KVCache().to_dict()) == ["layout", "shape", "dtype", "past", "present", "update"]
+    assert list(KVCache().to_dict()) == [
+        "layout",
+        "shape",
+        "dtype",
+        "past",
+        "present",
+        "update",
+        "rows",
+    ]
     quality = Quality(preset="int8-weight", passed=True)
     assert list(quality.to_dict())[-4:] == ["gate", "passed", "failures", "layers"]
     assert quality.to_dict()["failures"] == [] and not quality.failed

@@ -9,7 +9,13 @@ from pathlib import Path
 import click
 
 from .group import main
-from .options import json_option, provider_option, speculative_options, threads_option
+from .options import (
+    batch_invariant_option,
+    json_option,
+    provider_option,
+    speculative_options,
+    threads_option,
+)
 
 
 def _sampling_options(command):
@@ -28,6 +34,7 @@ def _sampling_options(command):
         provider_option(),
         threads_option,
         click.option("--system", help="System message."),
+        batch_invariant_option,
     ]
     for option in reversed(options):
         command = option(command)
@@ -53,15 +60,22 @@ def _speculation(
 def _generator_and_params(
     artifact: Path, provider: str, threads: int | None, sampling: dict, prefix_cache_bytes: int = 0
 ):
+    """The loaded artifact and the sampling options; `sampling` also carries
+    --batch-invariant, which the generator takes."""
     from ..generation.generator import Generator
     from ..generation.sampling import SamplingParams
     from ..manifest import Artifact
 
     sampling["stop"] = list(sampling["stop"]) or None
+    batch_invariant = sampling.pop("batch_invariant")
     opened = Artifact.open(artifact)
     params = SamplingParams.from_defaults(opened.manifest, **sampling)  # before the model loads
     generator = Generator(
-        opened, provider=provider, threads=threads, prefix_cache_bytes=prefix_cache_bytes
+        opened,
+        provider=provider,
+        threads=threads,
+        prefix_cache_bytes=prefix_cache_bytes,
+        batch_invariant=batch_invariant,
     )
     return generator, params
 

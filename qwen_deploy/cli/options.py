@@ -61,3 +61,13 @@ def speculative_options(command):
     for option in reversed(options):
         command = option(command)
     return command
+
+
+batch_invariant_option = click.option(
+    "--batch-invariant",
+    is_flag=True,
+    default=None,
+    help="Require batch-invariant decoding: each request gets bit for bit the logits it would "
+    "get alone, whatever runs next to it (an error for artifacts that cannot: TensorRT engines, "
+    "attention forms other than gqa). gqa artifacts decode this way by default.",
+)

@@ -11,6 +11,7 @@ import click
 from ..generation.engine import PREFILL_CHUNK, PREFIX_CACHE_GB
 from .group import main
 from .options import (
+    batch_invariant_option,
     force_option,
     json_option,
     output_option,
@@ -84,6 +85,7 @@ from .options import (
     help="Memory the requests' KV caches may take at their longest; a request that would pass "
     "it waits, one that cannot fit alone is a 400  [default: half the memory free after loading]",
 )
+@batch_invariant_option
 @speculative_options
 def serve(
     artifact: Path,
@@ -100,6 +102,7 @@ def serve(
     prefix_cache_gb: float,
     prefill_chunk: int,
     kv_cache_gb: float | None,
+    batch_invariant: bool | None,
     prompt_lookup: bool,
     draft: Path | None,
     draft_tokens: int | None,
@@ -132,6 +135,7 @@ def serve(
         prefix_cache_gb=prefix_cache_gb,
         prefill_chunk=prefill_chunk,
         kv_cache_gb=kv_cache_gb,
+        batch_invariant=batch_invariant,
     )
 
 
@@ -162,6 +166,7 @@ def serve(
     type=click.Path(path_type=Path),
     help="Virtual env for the Python-backend model (EXECUTION_ENV_PATH).",
 )
+@batch_invariant_option
 @force_option
 @json_option("what was written")
 def triton(
@@ -173,6 +178,7 @@ def triton(
     instances: int,
     provider: str | None,
     python_env: Path | None,
+    batch_invariant: bool | None,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -188,6 +194,7 @@ def triton(
         instances=instances,
         provider=provider,
         python_env=python_env,
+        batch_invariant=batch_invariant,
         force=force,
     )
     if as_json:

@@ -115,6 +115,7 @@ def build_manifest(
             past=past_name("{layer}", "{key|value}"),
             present=present_name("{layer}", "{key|value}"),
             update="concat",
+            rows="own-length" if attention == "gqa" else None,
         ),
         producer=producer_record(),
     )

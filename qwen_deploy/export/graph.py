@@ -331,18 +331,19 @@ class DecoderGraph:
         return g.op("MatMul", [probs, v], p + "/PV")
 
     def _gqa_inputs(self, pad_only: str, total: str) -> dict:
+        """seqlens_k: each row's last attended position (its mask's last 1). Left-padded rows all
+        end at the last column; a right-padded row ends at its own length, so GroupQueryAttention
+        writes its new tokens there and attends over its own positions only: rows of one batch
+        keep lengths of their own."""
         g = self.g
-        batch = g.op("Shape", [ATTENTION_MASK], "gqa/ShapeB", start=0, end=1)
-        total32 = g.op("Cast", [total], "gqa/Total32", to=TensorProto.INT32)
-        last = g.op("Sub", [total32, g.const(1, "one", np.int32)], "gqa/Last")
-        seqlens = g.op(
-            "Expand",
-            [g.op("Unsqueeze", [last, g.const([0], "axes", np.int64)], "gqa/Last1D"), batch],
-            "gqa/SeqlensK",
+        k_pos = g.op(
+            "Range", [g.const(0, "zero", np.int64), total, g.const(1, "one", np.int64)], "gqa/KPos"
         )
+        ends = g.op("Mul", [ATTENTION_MASK, k_pos], "gqa/MaskedPos")
+        last = g.op("ReduceMax", [ends, g.const([1], "axes", np.int64)], "gqa/LastPos", keepdims=0)
         return {
-            "seqlens_k": seqlens,
-            "total_len": total32,
+            "seqlens_k": g.op("Cast", [last], "gqa/SeqlensK", to=TensorProto.INT32),
+            "total_len": g.op("Cast", [total], "gqa/Total32", to=TensorProto.INT32),
             "bias": self._additive(pad_only, "gqa/Bias"),
         }
 

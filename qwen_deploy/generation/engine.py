@@ -2,13 +2,15 @@
 
 The running requests are one runtime.decode.Batch on the generator's backend (onnxruntime or a
 TensorRT engine): per layer a cache tensor [batch, kv_heads, length, head_dim] on the device,
-left-padded, with an attention mask marking real positions; with onnxruntime's gqa form decode
-steps extend one preallocated buffer in place, so a step copies no cache. A step (1) drops
-finished and cancelled rows and trims all-padding left columns, (2) prefills up to
+with an attention mask marking real positions. With onnxruntime's gqa form the rows keep lengths
+of their own (right-padded) and decode steps extend one preallocated buffer in place, so a step
+copies no cache and a row's logits do not depend on its batch mates (batch invariance); other
+forms and TensorRT left-pad the rows. A step (1) drops finished and cancelled rows and trims
+all-padding columns, (2) prefills up to
 `prefill_chunk` prompt tokens, first come first served, each request on a one-row batch of its
 own (starting from the longest cached prefix of its prompt), so a long prompt arrives in chunks
 between the running rows' decode steps instead of stalling them, (3) moves requests whose prompt
-is complete into the running batch by left-padding the shorter cache to the common length (a
+is complete into the running batch by padding the shorter cache to the common length (a
 copy through host arrays per join or leave, not per token), and (4) decodes one token (seq=1) for
 every running row. A prompt's tokens give the same logits however its prefill is chunked (one
 row, chunks of two or more tokens), so neither the chunking nor a prefix-cache hit changes what
@@ -34,6 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from ..errors import QwenDeployError
+from ..manifest import Manifest
 from ..runtime.decode import Batch
 from ..runtime.prefix_cache import PrefixCache
 from .requests import PreparedRequest
@@ -167,6 +170,7 @@ class BatchEngine:
         max_context: int | None = None,
         prefix_cache_bytes: int = 0,
         kv_budget_bytes: int | None = None,
+        batch_invariant: bool | None = None,
     ):
         """max_context: tokens per sequence (prompt + output), at most the model's positions;
         prefill_chunk: prompt tokens prefilled per step, between the running rows' decode steps
@@ -174,7 +178,9 @@ class BatchEngine:
         once (a TensorRT engine's --max-batch); prefix_cache_bytes: host memory for the KV of
         earlier prompts (0: no prefix cache); kv_budget_bytes: what the requests' caches may
         take at their longest (None: no limit): a request that would pass it waits for rows to
-        leave, one that cannot fit alone is refused."""
+        leave, one that cannot fit alone is refused; batch_invariant: True requires rows of
+        their own length (a request's logits then do not depend on its batch mates), False
+        left-pads them, None (default) keeps own lengths where the backend has them."""
         limit = generator.max_context
         if max_batch < 1:
             raise QwenDeployError(f"max_batch must be >= 1 (got {max_batch}).")
@@ -190,6 +196,7 @@ class BatchEngine:
             )
         self.generator = generator
         self.backend = generator.backend
+        self.own_lengths = own_row_lengths(generator, batch_invariant)
         self.manifest = generator.manifest
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
@@ -424,9 +431,9 @@ class BatchEngine:
                 request.prompt_ids, len(request.prompt_ids) - 2
             )
         if cached is None:
-            request.prefill = Batch(self.backend, 1, capacity)
+            request.prefill = Batch(self.backend, 1, capacity, self.own_lengths)
             return
-        request.prefill = Batch.resume(self.backend, cached, capacity)
+        request.prefill = Batch.resume(self.backend, cached, capacity, self.own_lengths)
         request.prefilled = request.cached_tokens = length
 
     def _prefill(self, request: EngineRequest, take: int) -> None:
@@ -565,6 +572,30 @@ class BatchEngine:
             self._sent.append((request, time.perf_counter(), item))
         with contextlib.suppress(RuntimeError):  # the client's event loop is already closed
             request.emit(item)
+
+
+def own_row_lengths(generator: Generator, batch_invariant: bool | None) -> bool:
+    """Whether the engine's rows keep lengths of their own (see BatchEngine); a clear error when
+    batch invariance is required of an artifact or backend that cannot give it."""
+    capable = generator.backend.capabilities.own_row_lengths
+    if batch_invariant and not capable:
+        raise batch_invariance_error(generator.manifest)
+    return capable if batch_invariant is None else batch_invariant
+
+
+def batch_invariance_error(manifest: Manifest) -> QwenDeployError:
+    """Why `manifest`'s artifact cannot decode batch-invariantly, and the fix."""
+    if manifest.engine is not None:
+        what = "a TensorRT engine (its rows are left-padded)"
+    elif manifest.attention != "gqa":
+        what = f"exported with --attention {manifest.attention} (its rows are left-padded)"
+    else:
+        what = "exported before the gqa graph kept each row's length"
+    return QwenDeployError(
+        f"batch-invariant decoding needs a KV cache whose rows keep lengths of their own; this "
+        f"artifact is {what}: run an artifact exported by this qwen-deploy with `qwen-deploy "
+        "export CHECKPOINT --attention gqa` on onnxruntime, or leave out --batch-invariant."
+    )
 
 
 def _positions(request: EngineRequest) -> int:

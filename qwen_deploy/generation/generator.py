@@ -48,6 +48,7 @@ class Generator(RequestBuilder):
         threads: int | None = None,
         backend: Backend | None = None,
         prefix_cache_bytes: int = 0,
+        batch_invariant: bool | None = None,
     ):
         artifact = Artifact.open(artifact)
         manifest = artifact.manifest
@@ -55,7 +56,10 @@ class Generator(RequestBuilder):
         limit = min(manifest.model.max_position_embeddings, self.backend.capabilities.max_positions)
         super().__init__(artifact.folder, manifest, limit)
         self.pad_id = manifest.pad_id
-        self.engine = BatchEngine(self, prefix_cache_bytes=prefix_cache_bytes)
+        self.batch_invariant = batch_invariant
+        self.engine = BatchEngine(
+            self, prefix_cache_bytes=prefix_cache_bytes, batch_invariant=batch_invariant
+        )
 
     # -- generation ----------------------------------------------------------------------------
     def stream(
@@ -141,7 +145,7 @@ class Generator(RequestBuilder):
             if isinstance(item, BaseException):
                 errors.append(item)
 
-        engine = BatchEngine(self, max_batch=len(prompts))
+        engine = BatchEngine(self, max_batch=len(prompts), batch_invariant=self.batch_invariant)
         queued = [
             engine.add(self.prepare(prompt=list(ids), params=p), failed)
             for ids, p in zip(prompts, params, strict=True)

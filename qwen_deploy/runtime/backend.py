@@ -38,6 +38,8 @@ class Capabilities:
     max_positions: int  # positions one cache holds: prompt + output
     batch_chunks_with_past: bool  # a step of several tokens on several rows after a past
     kv_bytes_per_position: int  # one row's cache, every layer's key and value, per position
+    # rows of one cache may have lengths of their own (right-padded; runtime.decode.Batch)
+    own_row_lengths: bool = False
 
 
 def kv_bytes(manifest: Manifest, itemsize: int) -> int:

@@ -3,10 +3,15 @@ or a token at a time.
 
 The generator, the batching engine, speculative decoding, parity and the quality report all run
 their models through a Batch, so attention masks, position ids and the cache's bookkeeping are
-written once. Rows are left-padded: the mask marks real positions and a token's position is the
-count of real tokens before it (padding gets 0), as transformers' generate computes it, so each
-row gets the tokens it would get alone. Rows leave (`keep`) and join (`merge`) by rebuilding the
-cache from host arrays: a copy per change of the batch, not per token.
+written once. Two layouts:
+- left-padded (every backend): the mask marks real positions and a token's position is the count
+  of real tokens before it (padding gets 0), as transformers' generate computes it;
+- rows of their own length (`own_lengths`, where the backend's capabilities allow it: the gqa
+  form): each row's cache holds its tokens from position 0 and is right-padded, a row's new
+  tokens go after its own length and its attention spans its own positions only, so a row's
+  logits do not depend on the other rows' lengths (bit for bit on onnxruntime CPU).
+Either way each row gets the tokens it would get alone. Rows leave (`keep`) and join (`merge`)
+by rebuilding the cache from host arrays: a copy per change of the batch, not per token.
 """
 
 from __future__ import annotations
@@ -20,20 +25,34 @@ from .padding import left_pad
 class Batch:
     """Sequences decoding together: a backend, its cache, and the attention mask over it."""
 
-    def __init__(self, backend: Backend, rows: int, capacity: int | None = None):
-        """An empty batch of `rows` sequences; `capacity`: positions to make room for."""
+    def __init__(
+        self,
+        backend: Backend,
+        rows: int,
+        capacity: int | None = None,
+        own_lengths: bool = False,
+    ):
+        """An empty batch of `rows` sequences; `capacity`: positions to make room for;
+        `own_lengths`: rows of their own length (right-padded) instead of left-padded."""
+        if own_lengths and not backend.capabilities.own_row_lengths:
+            raise ValueError("this backend's rows share one length: they are left-padded")
         self.backend = backend
         self.capacity = capacity
+        self.own_lengths = own_lengths
         self.cache = backend.new_cache(rows, capacity)
         self.mask = np.zeros((rows, 0), np.int64)
 
     @classmethod
     def resume(
-        cls, backend: Backend, arrays: dict[str, np.ndarray], capacity: int | None = None
+        cls,
+        backend: Backend,
+        arrays: dict[str, np.ndarray],
+        capacity: int | None = None,
+        own_lengths: bool = False,
     ) -> Batch:
         """One row whose cache already holds `arrays` ([1, kv_heads, length, head_dim] per cache
         name, no padding: a cached prefix)."""
-        batch = cls(backend, 0)
+        batch = cls(backend, 0, own_lengths=own_lengths)
         length = next(iter(arrays.values())).shape[2]
         batch._rebuild(arrays, np.ones((1, length), np.int64), capacity)
         return batch
@@ -51,7 +70,16 @@ class Batch:
         self, ids: np.ndarray, real: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(attention_mask, position_ids) for feeding `ids` [rows, n] next; `real` marks which
-        of them are tokens (1) or left padding (0), all tokens by default."""
+        of them are tokens (1) or left padding (0), all tokens by default (rows of their own
+        length take no padding: each row's tokens go after its own length)."""
+        if self.own_lengths:
+            if real is not None and not real.all():
+                raise ValueError("rows of their own length take no padding in what they are fed")
+            lengths = self.mask.sum(axis=1)
+            seq = ids.shape[1]
+            width = int(lengths.max(initial=0)) + seq
+            mask = (np.arange(width)[None] < (lengths + seq)[:, None]).astype(np.int64)
+            return mask, lengths[:, None] + np.arange(seq)[None]
         real = np.ones(ids.shape, np.int64) if real is None else real
         mask = np.concatenate([self.mask, real], axis=1)
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)[:, -ids.shape[1] :]
@@ -87,7 +115,8 @@ class Batch:
         last_only: bool = True,
         chunk: int | None = None,
     ) -> np.ndarray:
-        """Feed each row its prompt, left-padded to the longest; logits as `extend` returns."""
+        """Feed each row its prompt, left-padded to the longest (rows of their own length: prompts
+        of one length); logits as `extend` returns."""
         ids, real, _ = left_pad(prompts, pad_id)
         return self.extend(ids, real, last_only=last_only, chunk=chunk)
 
@@ -102,32 +131,35 @@ class Batch:
         self.mask = self.mask[:, :length]
 
     def keep(self, rows: list[int], capacity: int | None = None) -> None:
-        """Only `rows` stay, without the left columns that are padding in all of them (no copy
-        when that is all of it and the cache already has room for `capacity`)."""
+        """Only `rows` stay, without the columns that are padding in all of them (no copy when
+        that is all of it and the cache already has room for `capacity`)."""
         mask = self.mask[rows]
-        first = int(np.argmax(mask.any(axis=0))) if mask.size else 0
-        unchanged = rows == list(range(self.rows)) and first == 0
+        used = np.flatnonzero(mask.any(axis=0))
+        first, end = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
+        unchanged = rows == list(range(self.rows)) and first == 0 and end == self.length
         if unchanged and self.capacity is not None and (capacity or 0) <= self.capacity:
             return
-        arrays = {k: v[rows, :, first:] for k, v in self.backend.cache_arrays(self.cache).items()}
-        self._rebuild(arrays, np.ascontiguousarray(mask[:, first:]), capacity)
+        arrays = self.backend.cache_arrays(self.cache)
+        arrays = {k: v[rows, :, first:end] for k, v in arrays.items()}
+        self._rebuild(arrays, np.ascontiguousarray(mask[:, first:end]), capacity)
 
     def merge(
         self, other: Batch, capacity: int | None = None, rows: list[int] | None = None
     ) -> None:
-        """Append `other`'s rows (all, or `rows` of them; same backend), left-padding the
-        shorter side's cache."""
+        """Append `other`'s rows (all, or `rows` of them; same backend and layout), padding the
+        shorter side's cache (on the left, or on the right for rows of their own length)."""
+        if other.own_lengths != self.own_lengths:
+            raise ValueError("batches of different layouts do not merge")
         rows = list(range(other.rows)) if rows is None else rows
         length = max(self.length, other.length)
         mine = self.backend.cache_arrays(self.cache)
         theirs = other.backend.cache_arrays(other.cache)
-        arrays = {
-            k: np.concatenate([_left_pad(v, length, 2), _left_pad(theirs[k][rows], length, 2)])
-            for k, v in mine.items()
-        }
-        mask = np.concatenate(
-            [_left_pad(self.mask, length, 1), _left_pad(other.mask[rows], length, 1)]
-        )
+
+        def pad(array: np.ndarray, axis: int) -> np.ndarray:
+            return _pad(array, length, axis, right=self.own_lengths)
+
+        arrays = {k: np.concatenate([pad(v, 2), pad(theirs[k][rows], 2)]) for k, v in mine.items()}
+        mask = np.concatenate([pad(self.mask, 1), pad(other.mask[rows], 1)])
         self._rebuild(arrays, mask, capacity)
 
     def _rebuild(
@@ -138,11 +170,12 @@ class Batch:
         self.mask = mask
 
 
-def _left_pad(array: np.ndarray, length: int, axis: int) -> np.ndarray:
-    """Zero-pad `array` on the left of `axis` to `length` (zeros are masked-out positions)."""
+def _pad(array: np.ndarray, length: int, axis: int, right: bool) -> np.ndarray:
+    """Zero-pad `array` along `axis` to `length`, on the left or the right (zeros are masked-out
+    positions)."""
     missing = length - array.shape[axis]
     if missing == 0:
         return array
     widths = [(0, 0)] * array.ndim
-    widths[axis] = (missing, 0)
+    widths[axis] = (0, missing) if right else (missing, 0)
     return np.pad(array, widths)

@@ -4,8 +4,8 @@ system prompt, a conversation's history) prefills only what is new.
 A block holds `block` tokens' keys and values of every layer. It is found by its tokens and its
 parent block (vLLM's automatic prefix caching, with exact keys instead of hashes), so a lookup
 walks a prompt block by block and stops at the first miss. Only prefill-computed KV is stored: a
-prefill gives every position the same values however it is chunked (one-row GEMMs of two or more
-rows round alike), while a decode step's one-token GEMV rounds differently, so reused prompt KV
+prefill gives every position the same values however it is chunked (chunks of two or more tokens
+round alike), while a decode step's one-token forward rounds differently, so reused prompt KV
 keeps the output bit for bit that of a full prefill. Blocks are evicted least recently used,
 leaves before the blocks they extend, within a byte budget.
 """

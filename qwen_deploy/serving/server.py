@@ -1149,6 +1149,7 @@ def serve(
     prefix_cache_gb: float = PREFIX_CACHE_GB,
     prefill_chunk: int = PREFILL_CHUNK,
     kv_cache_gb: float | None = None,
+    batch_invariant: bool | None = None,
 ) -> None:
     """Load the artifact (and the draft artifact) and serve it until interrupted."""
     from ..generation.generator import Generator
@@ -1161,6 +1162,7 @@ def serve(
         prefill_chunk=prefill_chunk,
         prefix_cache_bytes=int(prefix_cache_gb * 2**30),
         kv_budget_bytes=kv_budget(kv_cache_gb, prefix_cache_gb),
+        batch_invariant=batch_invariant,
     )
     vocab = generator.manifest.model.vocab_size
     speculator = Speculator.open(vocab, prompt_lookup, draft, draft_tokens, provider, threads)

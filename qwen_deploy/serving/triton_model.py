@@ -150,7 +150,11 @@ class TritonPythonModel:
         provider = params.get("provider", "cpu")
         device_id = int(args.get("model_instance_device_id", 0))
         self.generator = Generator(folder, backend=open_backend(folder, provider, None, device_id))
-        self.engine = BatchEngine(self.generator, max_batch=int(params.get("max_batch", 8)))
+        self.engine = BatchEngine(
+            self.generator,
+            max_batch=int(params.get("max_batch", 8)),
+            batch_invariant=params.get("batch_invariant") == "true" or None,
+        )
         self.metrics = None
         try:  # metrics must not keep the model from serving
             self.metrics = TritonSink(pb_utils)

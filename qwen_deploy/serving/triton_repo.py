@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..artifact import MARKER, check_output, staged_output
 from ..errors import QwenDeployError
+from ..generation.engine import batch_invariance_error
 from ..manifest import Manifest, TensorSpec
 from ..runtime.backend import PROVIDERS
 
@@ -153,6 +154,7 @@ def generate_config(
     provider: str,
     python_env: Path | None,
     max_batch: int = 8,
+    batch_invariant: bool | None = None,
 ) -> str:
     """config.pbtxt of the Python-backend text generation model (decoupled: it streams, and each
     instance batches up to `max_batch` concurrent requests on one engine)."""
@@ -162,6 +164,8 @@ def generate_config(
     text += _block("output", [_tensor(*t) for t in GENERATE_OUTPUTS])
     text += _block("instance_group", [f"  {{\n    count: {instances}\n    kind: KIND_CPU\n  }}"])
     params = {"artifact": artifact_rel, "provider": provider, "max_batch": str(max_batch)}
+    if batch_invariant:
+        params["batch_invariant"] = "true"
     if python_env is not None:
         params["EXECUTION_ENV_PATH"] = str(python_env)
     return text + _parameters(params)
@@ -272,6 +276,7 @@ def write_repository(
     instances: int = 1,
     provider: str | None = None,
     python_env: str | Path | None = None,
+    batch_invariant: bool | None = None,
     force: bool = False,
     progress: bool = False,
 ) -> TritonRepository:
@@ -282,6 +287,8 @@ def write_repository(
     name = name or default_name(artifact)
     provider = provider or ("cuda" if backend == "tensorrt" else "cpu")
     _check_options(manifest, name, backend, max_batch, instances, provider)
+    if batch_invariant and (manifest.engine is not None or manifest.kv_cache.rows != "own-length"):
+        raise batch_invariance_error(manifest)
     env = _check_python_env(python_env)
     check_output(out, force, [artifact])
     manifest.verify(artifact, progress)  # a copy of damaged weights would fail only at load
@@ -295,7 +302,15 @@ def write_repository(
         (tmp / name / VERSION).mkdir(parents=True)
         shutil.copy2(MODEL_TEMPLATE, tmp / name / VERSION / "model.py")
         (tmp / name / "config.pbtxt").write_text(
-            generate_config(name, f"../{decoder}/{VERSION}", instances, provider, env, max_batch)
+            generate_config(
+                name,
+                f"../{decoder}/{VERSION}",
+                instances,
+                provider,
+                env,
+                max_batch,
+                batch_invariant,
+            )
         )
         (tmp / "README.md").write_text(
             readme(manifest, name, decoder, backend, provider, env, plugins)

@@ -232,6 +232,11 @@ def test_cli_generate_streams_the_generators_text(tiny_artifact, tiny_generator)
     assert data["token_ids"] == again.token_ids and data["text"] == again.text
     bad = CliRunner().invoke(main, ["generate", str(tiny_artifact), "Hi", "--top-p", "3"])
     assert bad.exit_code == 2 and "top_p=3.0 is out of range" in bad.stderr
+    left_padded = CliRunner().invoke(
+        main, ["generate", str(tiny_artifact), "Hi", "--batch-invariant"]
+    )
+    assert left_padded.exit_code == 2 and "Traceback" not in left_padded.output
+    assert left_padded.stderr.count("\n") == 1 and "--attention onnx" in left_padded.stderr
 
 
 def test_cli_chat_keeps_the_conversation(tiny_artifact, tiny_generator):

@@ -79,3 +79,37 @@ def test_truncate_forgets_the_rejected_positions(backend):
     want = alone(backend, [*PROMPTS[2], 41], [44])[-1]
     np.testing.assert_allclose(got, want, atol=ATOL)
     assert batch.length == kept + 2
+
+
+def test_rows_of_their_own_length_get_their_solo_logits_bit_for_bit(artifact):
+    """The gqa form's rows keep lengths of their own: rows of other lengths joining and leaving
+    change no bit of a row's logits (what batch-invariant decoding rests on)."""
+    backend = OnnxRuntimeBackend(artifact(attention="gqa"))
+
+    def row(prompt: list[int]) -> tuple[Batch, np.ndarray]:
+        batch = Batch(backend, 1, capacity=32, own_lengths=True)
+        return batch, batch.extend(np.array([prompt]), last_only=True)[:, -1]
+
+    def alone_bound(prompt: list[int], then: list[int]) -> np.ndarray:
+        batch, first = row(prompt)
+        return np.stack([first[0], *(batch.step([token])[0] for token in then)])
+
+    batch, first0 = row(PROMPTS[0])
+    other, first1 = row(PROMPTS[1])
+    batch.merge(other, capacity=32)  # lengths 6 and 2
+    assert batch.mask.sum(axis=1).tolist() == [6, 2] and batch.length == 6
+    second = batch.step([1, 2])
+    late, first2 = row(PROMPTS[2])
+    batch.keep([0])  # the short row leaves
+    batch.merge(late, capacity=32)  # lengths 7 and 4
+    third = batch.step([3, 4])
+    np.testing.assert_array_equal(
+        np.stack([first0[0], second[0], third[0]]), alone_bound(PROMPTS[0], [1, 3])
+    )
+    np.testing.assert_array_equal(np.stack([first1[0], second[1]]), alone_bound(PROMPTS[1], [2]))
+    np.testing.assert_array_equal(np.stack([first2[0], third[1]]), alone_bound(PROMPTS[2], [4]))
+
+
+def test_rows_of_their_own_length_need_a_backend_that_has_them(artifact):
+    with pytest.raises(ValueError, match="left-padded"):
+        Batch(OnnxRuntimeBackend(artifact(attention="onnx")), 1, own_lengths=True)

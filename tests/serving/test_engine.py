@@ -383,3 +383,16 @@ def test_the_kv_budget_makes_requests_wait_and_refuses_what_cannot_fit(generator
     big = params.replace(max_tokens=longest)
     with pytest.raises(KVBudgetError, match=r"MiB of KV cache \(\d+ prompt tokens \+ max_tokens"):
         engine.add(generator.prepare(prompt=prompts[0], params=big), lambda _: None)
+
+
+def test_batch_invariance_needs_rows_of_their_own_length(generator):
+    """gqa artifacts keep each row's length by default; a left-padded form cannot be batch
+    invariant, and asking for it says so with the fix."""
+    if generator.manifest.attention == "gqa":
+        assert BatchEngine(generator).own_lengths
+        assert BatchEngine(generator, batch_invariant=True).own_lengths
+        assert not BatchEngine(generator, batch_invariant=False).own_lengths
+        return
+    assert not BatchEngine(generator).own_lengths
+    with pytest.raises(QwenDeployError, match="export CHECKPOINT --attention gqa` on onnxrunt"):
+        BatchEngine(generator, batch_invariant=True)

@@ -99,6 +99,7 @@ def test_repository_layout(tiny_artifact, tmp_path):
         (["--name", "my model"], "model name 'my model' is not a valid Triton model name"),
         (["--instances", "0"], "--instances >= 1"),
         (["--python-env", "."], "is not a virtual environment (no bin/activate)"),
+        (["--batch-invariant"], "artifact is exported with --attention onnx (its rows are left-"),
     ],
 )
 def test_bad_options_are_refused(tiny_artifact, tmp_path, args, message):
@@ -106,6 +107,16 @@ def test_bad_options_are_refused(tiny_artifact, tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "repo").exists()
+
+
+def test_batch_invariance_reaches_the_model_config(artifact, tmp_path):
+    out = tmp_path / "repo"
+    result = cli("triton", artifact(attention="gqa"), "-o", out, "--name", "q", "--batch-invariant")
+    assert result.exit_code == 0, result.output
+    assert (
+        'key: "batch_invariant"\n    value: { string_value: "true" }'
+        in (out / "q" / "config.pbtxt").read_text()
+    )
 
 
 def test_existing_output_needs_force(tiny_artifact, tmp_path):
