@@ -75,9 +75,15 @@ class Backend(Protocol):
         """Host copies of the cache: past name -> [batch, kv_heads, length, head_dim]."""
 
     def cache_from_arrays(
-        self, arrays: dict[str, np.ndarray], length: int, capacity: int | None = None
+        self,
+        arrays: dict[str, np.ndarray],
+        length: int,
+        capacity: int | None = None,
+        lengths: np.ndarray | None = None,
     ) -> KVCache:
-        """A cache holding `arrays` (as cache_arrays returns them), with room for `capacity`."""
+        """A cache holding `arrays` (as cache_arrays returns them), with room for `capacity`;
+        `lengths`: rows of their own length, only each row's first `lengths[row]` positions
+        matter (a backend may copy only those)."""
 
     def truncate(self, cache: KVCache, length: int) -> None:
         """Forget every cached position from `length` on (rejected draft tokens)."""

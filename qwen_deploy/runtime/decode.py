@@ -140,8 +140,13 @@ class Batch:
         if unchanged and self.capacity is not None and (capacity or 0) <= self.capacity:
             return
         arrays = self.backend.cache_arrays(self.cache)
-        arrays = {k: v[rows, :, first:end] for k, v in arrays.items()}
-        self._rebuild(arrays, np.ascontiguousarray(mask[:, first:end]), capacity)
+        if self.own_lengths:  # each row's own positions: what lies past them is never read
+            lengths = self.mask.sum(axis=1)
+            parts = [{k: v[r : r + 1, :, : lengths[r]] for k, v in arrays.items()} for r in rows]
+        else:
+            parts = [{k: v[rows, :, first:end] for k, v in arrays.items()}]
+        mask = np.ascontiguousarray(mask[:, first:end])
+        self._rebuild(_stack(parts, end - first, self.own_lengths), mask, capacity)
 
     def merge(
         self, other: Batch, capacity: int | None = None, rows: list[int] | None = None
@@ -152,30 +157,44 @@ class Batch:
             raise ValueError("batches of different layouts do not merge")
         rows = list(range(other.rows)) if rows is None else rows
         length = max(self.length, other.length)
-        mine = self.backend.cache_arrays(self.cache)
         theirs = other.backend.cache_arrays(other.cache)
-
-        def pad(array: np.ndarray, axis: int) -> np.ndarray:
-            return _pad(array, length, axis, right=self.own_lengths)
-
-        arrays = {k: np.concatenate([pad(v, 2), pad(theirs[k][rows], 2)]) for k, v in mine.items()}
-        mask = np.concatenate([pad(self.mask, 1), pad(other.mask[rows], 1)])
-        self._rebuild(arrays, mask, capacity)
+        parts = [self.backend.cache_arrays(self.cache), {k: v[rows] for k, v in theirs.items()}]
+        mask = np.concatenate(
+            [_pad(m, length, self.own_lengths) for m in (self.mask, other.mask[rows])]
+        )
+        self._rebuild(_stack(parts, length, self.own_lengths), mask, capacity)
 
     def _rebuild(
         self, arrays: dict[str, np.ndarray], mask: np.ndarray, capacity: int | None
     ) -> None:
         self.capacity = capacity if capacity is not None else self.capacity
-        self.cache = self.backend.cache_from_arrays(arrays, mask.shape[1], self.capacity)
+        lengths = mask.sum(axis=1) if self.own_lengths else None
+        self.cache = self.backend.cache_from_arrays(arrays, mask.shape[1], self.capacity, lengths)
         self.mask = mask
 
 
-def _pad(array: np.ndarray, length: int, axis: int, right: bool) -> np.ndarray:
-    """Zero-pad `array` along `axis` to `length`, on the left or the right (zeros are masked-out
-    positions)."""
-    missing = length - array.shape[axis]
-    if missing == 0:
-        return array
-    widths = [(0, 0)] * array.ndim
-    widths[axis] = (0, missing) if right else (missing, 0)
-    return np.pad(array, widths)
+def _stack(parts: list[dict[str, np.ndarray]], length: int, right: bool) -> dict[str, np.ndarray]:
+    """Rows of several caches ([rows, kv_heads, positions, head_dim] per name) as one cache of
+    `length` positions, each part zero-padded on the right or the left (zeros are masked-out
+    positions; untouched zero pages cost no memory)."""
+    if len(parts) == 1 and next(iter(parts[0].values())).shape[2] == length:
+        return parts[0]
+    stacked = {}
+    for name, first in parts[0].items():
+        rows = sum(part[name].shape[0] for part in parts)
+        out = np.zeros((rows, first.shape[1], length, first.shape[3]), first.dtype)
+        row = 0
+        for part in parts:
+            array = part[name]
+            n, width = array.shape[0], array.shape[2]
+            columns = slice(0, width) if right else slice(length - width, length)
+            out[row : row + n, :, columns] = array
+            row += n
+        stacked[name] = out
+    return stacked
+
+
+def _pad(mask: np.ndarray, length: int, right: bool) -> np.ndarray:
+    """Zero-pad a mask [rows, positions] to `length` positions, on the right or the left."""
+    missing = length - mask.shape[1]
+    return np.pad(mask, [(0, 0), (0, missing) if right else (missing, 0)])

@@ -276,17 +276,26 @@ class OnnxRuntimeBackend:
         return {name: v.numpy()[:, :, : cache.length] for name, v in cache.values.items()}
 
     def cache_from_arrays(
-        self, arrays: dict[str, np.ndarray], length: int, capacity: int | None = None
+        self,
+        arrays: dict[str, np.ndarray],
+        length: int,
+        capacity: int | None = None,
+        lengths: np.ndarray | None = None,
     ) -> OrtKVCache:
         """A bound cache holding `arrays` ([batch, kv_heads, length, head_dim] each); in place
-        (gqa) with room for at least `capacity` positions. Rows join or leave a running batch
-        this way, so decode steps themselves copy no cache."""
+        (gqa) with room for at least `capacity` positions, copying only each row's `lengths`
+        when given (the rest of a fresh buffer stays untouched zero pages). Rows join or leave a
+        running batch this way, so decode steps themselves copy no cache."""
         size = _round_up(max(capacity or 0, length + 1)) if self.in_place else 0
         values = {}
         for name, array in arrays.items():
             if self.in_place:
                 buffer = np.zeros((*array.shape[:2], size, array.shape[3]), self.kv_dtype)
-                buffer[:, :, :length] = array[:, :, :length]
+                if lengths is None:
+                    buffer[:, :, :length] = array[:, :, :length]
+                else:
+                    for row, n in enumerate(lengths):
+                        buffer[row, :, :n] = array[row, :, :n]
             else:
                 buffer = np.ascontiguousarray(array, self.kv_dtype)
             values[name] = self._device_value(buffer)

@@ -247,9 +247,14 @@ class TensorRTBackend:
         return out
 
     def cache_from_arrays(
-        self, arrays: dict[str, np.ndarray], length: int, capacity: int | None = None
+        self,
+        arrays: dict[str, np.ndarray],
+        length: int,
+        capacity: int | None = None,
+        lengths: np.ndarray | None = None,
     ) -> DeviceKVCache:
-        """A device cache holding `arrays`: rows join or leave a running batch this way."""
+        """A device cache holding `arrays`: rows join or leave a running batch this way (whole
+        rows are uploaded; `lengths` is for backends whose rows keep their own, not this one)."""
         batch = len(next(iter(arrays.values())))
         cache = self.new_cache(batch, capacity)
         staged = []  # host arrays stay alive until the stream is synchronized
