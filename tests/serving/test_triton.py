@@ -258,14 +258,22 @@ def test_configs_parse_as_triton_model_config(artifact, tmp_path, precision, max
 
 
 @pytest.fixture(scope="module")
-def generator(tiny_artifact) -> Generator:
-    return Generator(tiny_artifact, threads=1)
+def served_artifact(artifact) -> Path:
+    """The gqa form, served batch-invariant: the model config's option reaches the engine."""
+    return artifact(attention="gqa")
 
 
 @pytest.fixture(scope="module")
-def server(tiny_artifact, tmp_path_factory):
+def generator(served_artifact) -> Generator:
+    return Generator(served_artifact, threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(served_artifact, tmp_path_factory):
     folder = tmp_path_factory.mktemp("triton")
-    write_repository(tiny_artifact, folder / "repo", name="qwen", python_env=TRITON_ENV)
+    write_repository(
+        served_artifact, folder / "repo", name="qwen", python_env=TRITON_ENV, batch_invariant=True
+    )
     server = TritonServer(folder / "repo", "qwen", folder / "server.log")
     yield server
     server.stop()
