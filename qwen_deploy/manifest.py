@@ -18,7 +18,7 @@ from .checkpoint.huggingface import ModelSpec
 from .contract import kv_pairs
 from .errors import ArtifactError
 from .integrity import check_sizes, file_records, verify_hashes
-from .records import Engine, Generation, KVCache, Quality, Quantization
+from .records import OWN_LENGTH, Engine, Generation, KVCache, Quality, Quantization
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -189,6 +189,12 @@ class Manifest:
     def quantization_mode(self) -> str | None:
         """The quantization mode, None for a float artifact."""
         return None if self.quantization is None else self.quantization.mode
+
+    @property
+    def own_row_lengths(self) -> bool:
+        """Whether the artifact's cache rows may keep lengths of their own (right-padded): an
+        ONNX graph that says so; a TensorRT engine's rows are left-padded."""
+        return self.engine is None and self.kv_cache.rows == OWN_LENGTH
 
     def kv_pairs(self) -> list[tuple[str, str]]:
         """(past, present) tensor names of every layer's key and value, in layer order."""

@@ -94,9 +94,12 @@ class KVCache(Record):
     past: str | None = None  # name pattern of the past inputs
     present: str | None = None  # name pattern of the present outputs
     update: str | None = None  # "concat": present = past + this step
-    # "own-length": a row may be right-padded; its new tokens go after its mask's last 1 (gqa).
+    # OWN_LENGTH: a row may be right-padded; its new tokens go after its mask's last 1 (gqa).
     # None: rows are left-padded, every row's new tokens go after the last column.
     rows: str | None = None
+
+
+OWN_LENGTH = "own-length"  # KVCache.rows of a graph whose rows keep lengths of their own
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from ..manifest import (
     TensorSpec,
     producer_record,
 )
-from ..records import Generation, KVCache
+from ..records import OWN_LENGTH, Generation, KVCache
 from .genai_config import write_genai_config
 from .graph import OPSET, DecoderGraph, graph_io
 from .weights import ExternalData
@@ -115,7 +115,7 @@ def build_manifest(
             past=past_name("{layer}", "{key|value}"),
             present=present_name("{layer}", "{key|value}"),
             update="concat",
-            rows="own-length" if attention == "gqa" else None,
+            rows=OWN_LENGTH if attention == "gqa" else None,
         ),
         producer=producer_record(),
     )

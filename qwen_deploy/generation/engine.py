@@ -6,15 +6,14 @@ with an attention mask marking real positions. With onnxruntime's gqa form the r
 of their own (right-padded) and decode steps extend one preallocated buffer in place, so a step
 copies no cache and a row's logits do not depend on its batch mates (batch invariance); other
 forms and TensorRT left-pad the rows. A step (1) drops finished and cancelled rows and trims
-all-padding columns, (2) prefills up to
-`prefill_chunk` prompt tokens, first come first served, each request on a one-row batch of its
-own (starting from the longest cached prefix of its prompt), so a long prompt arrives in chunks
-between the running rows' decode steps instead of stalling them, (3) moves requests whose prompt
-is complete into the running batch by padding the shorter cache to the common length (a
-copy through host arrays per join or leave, not per token), and (4) decodes one token (seq=1) for
-every running row. A prompt's tokens give the same logits however its prefill is chunked (one
-row, chunks of two or more tokens), so neither the chunking nor a prefix-cache hit changes what
-a request generates.
+all-padding columns, (2) prefills up to `prefill_chunk` prompt tokens, first come first served,
+each request on a one-row batch of its own (starting from the longest cached prefix of its
+prompt), so a long prompt arrives in chunks between the running rows' decode steps instead of
+stalling them, (3) moves requests whose prompt is complete into the running batch by padding the
+shorter cache to the common length (a copy through host arrays per join or leave, not per
+token), and (4) decodes one token (seq=1) for every running row. A prompt's tokens give the same
+logits however its prefill is chunked (one row, chunks of two or more tokens), so neither the
+chunking nor a prefix-cache hit changes what a request generates.
 
 A request with a drafter (speculative decoding) runs on a one-row batch of its own: each step
 gives it one round (draft up to k tokens, verify them in one forward), next to the batched decode

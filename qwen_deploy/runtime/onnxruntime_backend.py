@@ -173,7 +173,7 @@ class OnnxRuntimeBackend:
             batch_chunks_with_past=not self.in_place,
             kv_bytes_per_position=kv_bytes(self.manifest, np.dtype(self.kv_dtype).itemsize),
             # the gqa graph finds each row's length in its mask (export/graph.py _gqa_inputs)
-            own_row_lengths=self.manifest.kv_cache.rows == "own-length",
+            own_row_lengths=self.manifest.own_row_lengths,
         )
 
     def _kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
