@@ -74,9 +74,9 @@ triton-env: $(TRITON_ENV)/.ready
 
 interop-env: .venv-genai/.ready .venv-optimum/.ready
 
-# OpenVINO int4 of the real model, a peer of `qwen-deploy bench --openvino`: optimum-intel exports
-# it in its own venv (it pulls torchvision and a CUDA torch: put back the CPU build, drop the rest);
-# openvino-genai, which runs it, goes into .venv (the `openvino` extra).
+# OpenVINO int4 of the real model, a peer in `benchmarks/peers/compare.py --openvino`: optimum-intel
+# exports it in its own venv (it pulls torchvision and a CUDA torch: put back the CPU build, drop
+# the rest); openvino-genai, which runs it, goes into .venv (the `openvino` extra).
 OPENVINO_ENV := .venv-openvino
 OPENVINO_MODEL := $(REAL_MODEL)/openvino-int4
 $(OPENVINO_ENV)/.ready:

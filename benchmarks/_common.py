@@ -1,8 +1,10 @@
 """Measurement helpers for the benchmarks: child processes with their own peak RSS, disk speed.
 
 Each measured job runs in a fresh interpreter so that its peak RSS is its own: the child reports
-the kernel's high-water mark (VmHWM in /proc/self/status, reset at exec), and the parent polls the
-child's anonymous RSS (heap, not page-cache-backed file maps) to tell the two apart.
+the kernel's high-water mark (VmHWM in /proc/self/status, reset at exec). A one-shot job
+(`run_child`) is a function run to completion, while the parent polls the child's anonymous RSS
+(heap, not page-cache-backed file maps) to tell the two apart; a long-lived engine (`Worker`) is
+an object the parent calls over a pipe, turn by turn with others.
 
 Run as a script, this file is that child: `python _common.py module:function result.json KWARGS`.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -20,6 +23,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -87,13 +91,17 @@ def run_child(target: str, kwargs: dict, poll_s: float = 0.02, quiet: bool = Tru
     )
 
 
+def _resolve(target: str) -> Any:
+    """The object `module:name` names."""
+    module_name, name = target.split(":")
+    return getattr(importlib.import_module(module_name), name)
+
+
 def _child_main(target: str, result_file: str, kwargs_json: str) -> int:
-    module_name, func_name = target.split(":")
     out: dict = {}
     code = 0
     try:
-        func = getattr(importlib.import_module(module_name), func_name)
-        out["report"] = func(**json.loads(kwargs_json))
+        out["report"] = _resolve(target)(**json.loads(kwargs_json))
     except Exception as e:  # reported to the parent, which prints it next to the numbers
         out["error"] = f"{type(e).__name__}: {e}".strip()[:2000]
         out["traceback"] = traceback.format_exc()[-4000:]
@@ -103,6 +111,80 @@ def _child_main(target: str, result_file: str, kwargs_json: str) -> int:
     out["rss_anon_kib"] = _status_kib("self", "RssAnon") or 0
     Path(result_file).write_text(json.dumps(out))
     return code
+
+
+class WorkerError(Exception):
+    """A Worker's child failed: the message names the worker and holds the child's traceback
+    (or, when the child died, its exit code)."""
+
+
+class Worker:
+    """`module:Class(*args)` built in a fresh spawned process and called over a pipe: its peak
+    RSS and thread pools are its own, and several take turns on one machine.
+
+    A context manager: leaving it kills a child that `close` did not stop.
+    """
+
+    def __init__(self, target: str, *args: Any, name: str | None = None):
+        context = multiprocessing.get_context("spawn")
+        self.name = name or target
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(target, args, child))
+        self.process.start()
+        child.close()
+        self._receive()
+
+    def _receive(self) -> Any:
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            self.process.join()
+            status, value = "error", f"the process died (exit code {self.process.exitcode})"
+        if status == "error":
+            self.process.kill()
+            self.process.join()
+            raise WorkerError(f"{self.name} failed:\n{value}")
+        return value
+
+    def call(self, method: str, *args: Any) -> Any:
+        """The object's `method(*args)`, run in the child (arguments and result are pickled)."""
+        self.conn.send((method, args))
+        return self._receive()
+
+    def close(self) -> float:
+        """Stop the child; returns its peak RSS in MB (its own VmHWM, not its parent's)."""
+        self.conn.send((None, ()))
+        peak_kib = self._receive()
+        self.process.join()
+        return peak_kib / 1024
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join()
+
+
+def _serve(target: str, args: tuple, conn) -> None:
+    """A Worker's child: build the object, then answer (method, args) calls until (None, ()),
+    answered with this process's peak RSS in KiB."""
+    try:
+        obj = _resolve(target)(*args)
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", None))
+    while True:
+        method, call_args = conn.recv()
+        if method is None:
+            conn.send(("ok", _status_kib("self", "VmHWM") or 0))
+            return
+        try:
+            conn.send(("ok", getattr(obj, method)(*call_args)))
+        except BaseException:
+            conn.send(("error", traceback.format_exc()))
 
 
 def median(values: list[float]) -> float:

@@ -1,10 +1,10 @@
 """Runtime benchmark: generation speed on a Qwen2-0.5B-shaped fp32 artifact vs its peers.
 
 Builds (once, in --workdir) a random checkpoint with Qwen2-0.5B's shapes and its fp32 exports
-with the `gqa` and `onnx` attention forms, then runs `qwen_deploy.bench` on each: time to first
-token, batch-1 decode tokens/s, aggregate tokens/s at 4 and 8 concurrent requests, peak RSS,
-next to transformers eager `generate` and onnxruntime-genai (its own fp32 CPU export) measured
-in the same run (on the first form only: the peers do not depend on our attention form).
+with the `gqa` and `onnx` attention forms, then runs benchmarks/peers/compare.py on each: time
+to first token, batch-1 decode tokens/s, aggregate tokens/s at 4 and 8 concurrent requests, peak
+RSS, next to transformers eager `generate` and onnxruntime-genai (its own fp32 CPU export)
+measured in the same run (on the first form only: the peers do not depend on our attention form).
 
     .venv/bin/python benchmarks/runtime.py [--workdir /tmp/qd-runtime] [--repeats 3] [--json]
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen_deploy.bench import BenchConfig, format_report, run_bench  # noqa: E402
+from benchmarks.peers.compare import compare  # noqa: E402
+from qwen_deploy.bench import BenchConfig, format_report  # noqa: E402
 
 CLI = [str(Path(sys.executable).with_name("qwen-deploy"))]  # the console script of this venv
 
@@ -75,7 +76,7 @@ def main() -> None:
     reports = {}
     for i, (form, artifact) in enumerate(artifacts.items()):
         peers = ("transformers", "onnxruntime-genai") if i == 0 else ()
-        reports[form] = run_bench(
+        reports[form] = compare(
             artifact, checkpoint, config, genai_dir=args.workdir / "genai", peers=peers, log=log
         )
     if args.json:

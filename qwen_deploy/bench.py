@@ -1,13 +1,10 @@
-"""`qwen-deploy bench`: generation speed of an artifact, next to its peers measured in the same run.
+"""`qwen-deploy bench`: generation speed and memory of an artifact, measured in this process.
 
-Each engine lives in its own fresh process (spawned), so its peak RSS is its own and thread pools
-do not mix: qwen-deploy on the artifact; transformers eager `generate` on the source checkpoint
-(with --reference); onnxruntime-genai on its own fp32 CPU export of that checkpoint (when the
-package is installed); llama.cpp (llama-cpp-python) on each GGUF file given (--llama-gguf);
-OpenVINO (openvino-genai) on each model folder given (--openvino, what `optimum-cli export openvino`
-writes). All decode greedily exactly `new_tokens` tokens from the same random prompt ids, so the
-work is identical. The engines take turns, one run each per repeat, so a
-shared machine's changing load hits them alike; medians over the repeats are reported.
+Our engine decodes greedily exactly `new_tokens` tokens from a fixed random prompt, `repeats`
+times; medians are reported. The competing engines (transformers, onnxruntime-genai, llama.cpp,
+OpenVINO) are measured on the same work by benchmarks/peers/compare.py, each in its own process,
+taking turns with ours: it reuses the measurement (`measure`, on anything with a `call`) and the
+report (`build_report`, `format_report`) here.
 
 Definitions: time to first token (TTFT) = prompt in -> first token out (prefill + one sample);
 decode tokens/s = (tokens - 1) / (last token time - first token time); aggregate tokens/s at
@@ -26,20 +23,13 @@ acceptance rate and the tokens per target forward.
 
 from __future__ import annotations
 
-import json
-import multiprocessing
-import os
 import resource
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import traceback
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -48,19 +38,7 @@ from .manifest import Manifest
 
 ASSUMED_BANDWIDTH_GBS = 40.0  # this project's reference CPU machine
 PROMPT_SEED = 0
-LLAMA_CPP_BUILD = (
-    "llama-cpp-python is not installed; build it (8-11 minutes) with "
-    'CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON '
-    "-DGGML_AVX512_VBMI=OFF -DGGML_AVX_VNNI=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF "
-    '-DGGML_AMX_BF16=OFF" pip install llama-cpp-python, turning on only what /proc/cpuinfo '
-    "lists (a native build here dies with an illegal instruction: it emits AMX, and VBMI or "
-    "AVX-VNNI where a VM hides them)"
-)
-OPENVINO_INSTALL = (
-    "openvino-genai is not installed (pip install 'qwen-deploy[openvino]'); export the model "
-    "with optimum-cli export openvino --weight-format int4 in a separate environment "
-    "(optimum-intel pulls a CUDA torch and pins transformers)"
-)
+OURS = "qwen-deploy"  # our engine's name in a report; it alone runs batches and speculation
 EDITED_CODE = '''def moving_average(values, window):
     """Return the moving averages of `values` over `window` items."""
     if window <= 0:
@@ -117,7 +95,7 @@ class EngineResult:
     peak_rss_mb: float | None = None
     runs: dict = field(default_factory=dict)
     skipped: str | None = None
-    weights: dict | None = None  # llama.cpp: what its file holds (gguf_weights)
+    weights: dict | None = None  # a peer's weights as its file holds them (llama.cpp's GGUF)
 
 
 def prompts(config: BenchConfig, vocab: int) -> list[list[int]]:
@@ -128,7 +106,8 @@ def prompts(config: BenchConfig, vocab: int) -> list[list[int]]:
     return [[int(t) for t in rng.integers(0, high, config.prompt_len)] for _ in range(count)]
 
 
-def _timings(start: float, stamps: list[float]) -> dict:
+def timings(start: float, stamps: list[float]) -> dict:
+    """TTFT and decode tokens/s of one run from its start and its token times."""
     return {
         "ttft_s": stamps[0] - start,
         "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
@@ -140,15 +119,15 @@ def _summary(runs: list[dict]) -> dict:
 
 
 def _peak_rss_mb() -> float:
-    """This process's own peak RSS. Not getrusage's ru_maxrss: a spawned child inherits its
-    parent's (the bench parent's 1 GiB bandwidth probe showed as every engine's peak)."""
+    """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss where procfs is there: it
+    survives exec (a spawned child showed its parent's peak) and clear_refs does not reset it."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs: an upper bound
 
 
-# -- engines: each lives in its own spawned process and answers `single` / `batch` calls --------
+# -- the engine: answers `single`, `batch` and `speculative` calls ------------------------------
 
 
 class QwenDeployRunner:
@@ -206,7 +185,7 @@ class QwenDeployRunner:
                     stamps.append(time.perf_counter())
                     token_ids.append(delta.token_id)
                 runs[workload][name] = {
-                    **_timings(start, stamps),
+                    **timings(start, stamps),
                     "tok_s": len(stamps) / (stamps[-1] - start),
                     "token_ids": token_ids,
                     "stats": stats.to_dict() if drafter else None,
@@ -219,7 +198,7 @@ class QwenDeployRunner:
         return start, [time.perf_counter() for _ in stream]
 
     def single(self) -> dict:
-        return _timings(*self._timed())
+        return timings(*self._timed())
 
     def batch(self, batch: int) -> dict:
         """`batch` requests arriving together at the engine `serve` runs (continuous batching)."""
@@ -244,225 +223,23 @@ class QwenDeployRunner:
         }
 
 
-class TransformersRunner:
-    def __init__(self, checkpoint: str, config: BenchConfig):
-        import torch
-
-        from .parity.reference import TorchReference
-
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        self.torch = torch
-        self.model = TorchReference(checkpoint).model  # float32, eager attention
-        self.ids = torch.tensor(prompts(config, self.model.config.vocab_size)[:1])
-        self.new_tokens = config.new_tokens
-        self._timed(2)
-
-    def _timed(self, new_tokens: int) -> dict:
-        from transformers.generation.streamers import BaseStreamer
-
-        stamps: list[float] = []
-
-        class Stamps(BaseStreamer):
-            def put(self, value):  # the first put is the prompt itself
-                stamps.append(time.perf_counter())
-
-            def end(self):
-                pass
-
-        start = time.perf_counter()
-        with self.torch.inference_mode():
-            self.model.generate(
-                self.ids,
-                attention_mask=self.torch.ones_like(self.ids),
-                do_sample=False,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                streamer=Stamps(),
-                pad_token_id=0,
-            )
-        return _timings(start, stamps[1:])
-
-    def single(self) -> dict:
-        return self._timed(self.new_tokens)
+# -- the measurement and the report ------------------------------------------------------------
 
 
-class GenaiRunner:
-    def __init__(self, model_dir: str, config: BenchConfig):
-        import onnxruntime_genai as og
+class Caller(Protocol):
+    """A loaded engine, in this process (InProcess) or another (benchmarks' Worker)."""
 
-        og_config = og.Config(model_dir)
-        if config.threads:
-            options = {"intra_op_num_threads": config.threads}
-            og_config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        self.og = og
-        self.model = og.Model(og_config)
-        genai_config = json.loads((Path(model_dir) / "genai_config.json").read_text())
-        self.ids = prompts(config, genai_config["model"]["vocab_size"])[0]
-        self.new_tokens = config.new_tokens
-        self._timed(2)
-
-    def _timed(self, new_tokens: int) -> dict:
-        params = self.og.GeneratorParams(self.model)
-        total = len(self.ids) + new_tokens
-        params.set_search_options(do_sample=False, max_length=total, min_length=total)
-        start = time.perf_counter()
-        generator = self.og.Generator(self.model, params)
-        generator.append_tokens(self.ids)
-        stamps = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            stamps.append(time.perf_counter())
-        return _timings(start, stamps)
-
-    def single(self) -> dict:
-        return self._timed(self.new_tokens)
+    def call(self, method: str, *args: Any) -> Any: ...
 
 
-class LlamaCppRunner:
-    def __init__(self, gguf: str, config: BenchConfig):
-        from llama_cpp import Llama
+class InProcess:
+    """A runner in this process, called the way a Worker calls one in its child."""
 
-        threads = config.threads or os.cpu_count()  # llama.cpp's default is half the cores
-        self.llm = Llama(
-            model_path=gguf,
-            n_ctx=config.prompt_len + config.new_tokens + 16,
-            n_batch=max(config.prompt_len, 32),
-            n_threads=threads,
-            n_threads_batch=threads,
-            verbose=False,
-        )
-        self.ids = prompts(config, self.llm.n_vocab())[0]
-        self.new_tokens = config.new_tokens
-        self._timed(2)
+    def __init__(self, runner: object):
+        self.runner = runner
 
-    def _timed(self, new_tokens: int) -> dict:
-        self.llm.reset()  # no prefix reuse from the previous run
-        stamps = []
-        start = time.perf_counter()
-        for _ in self.llm.generate(self.ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
-            stamps.append(time.perf_counter())
-            if len(stamps) == new_tokens:  # exactly new_tokens, end of text or not
-                break
-        return _timings(start, stamps)
-
-    def single(self) -> dict:
-        return self._timed(self.new_tokens)
-
-
-class OpenVinoRunner:
-    """openvino-genai's LLMPipeline on CPU with the f32 precision hint: it decodes faster here than
-    the default bf16 (AMX) hint, which speeds up prefill instead."""
-
-    def __init__(self, model_dir: str, config: BenchConfig):
-        import openvino as ov
-        import openvino_genai as og
-
-        self.og, self.ov = og, ov
-        self.pipe = og.LLMPipeline(
-            model_dir,
-            "CPU",
-            INFERENCE_NUM_THREADS=config.threads or os.cpu_count(),
-            INFERENCE_PRECISION_HINT="f32",
-        )
-        self.vocab = json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"]
-        self.ids = np.array(prompts(config, self.vocab)[:1], np.int64)
-        self.new_tokens = config.new_tokens
-        self._timed(2)
-
-    def _timed(self, new_tokens: int) -> dict:
-        # the pipeline keeps the last run's KV cache and reuses a shared prefix: a changed first
-        # token makes every run prefill the whole prompt, as the other engines do
-        self.ids[0, 0] = (self.ids[0, 0] + 1) % self.vocab
-        config = self.og.GenerationConfig()
-        config.max_new_tokens = config.min_new_tokens = new_tokens
-        config.do_sample, config.ignore_eos = False, True
-        stamps: list[float] = []
-        og = self.og
-
-        class Stamps(og.StreamerBase):
-            def write(self, token):
-                stamps.append(time.perf_counter())
-                return og.StreamingStatus.RUNNING
-
-            def end(self):
-                pass
-
-        inputs = og.TokenizedInputs(
-            self.ov.Tensor(self.ids), self.ov.Tensor(np.ones_like(self.ids))
-        )
-        start = time.perf_counter()
-        self.pipe.generate(inputs, config, Stamps())
-        return _timings(start, stamps)
-
-    def single(self) -> dict:
-        return self._timed(self.new_tokens)
-
-
-RUNNERS = {
-    "qwen-deploy": QwenDeployRunner,
-    "transformers": TransformersRunner,
-    "onnxruntime-genai": GenaiRunner,
-    "llama.cpp": LlamaCppRunner,
-    "openvino": OpenVinoRunner,
-}
-
-
-def _serve(kind: str, source: str, config: BenchConfig, conn) -> None:
-    """Child process: load one engine, then answer (method, args) calls until ("stop", ())."""
-    try:
-        runner = RUNNERS[kind](source, config)
-    except BaseException:
-        conn.send(("error", traceback.format_exc()))
-        return
-    conn.send(("ok", None))
-    while True:
-        method, args = conn.recv()
-        if method == "stop":
-            conn.send(("ok", _peak_rss_mb()))
-            return
-        try:
-            conn.send(("ok", getattr(runner, method)(*args)))
-        except BaseException:
-            conn.send(("error", traceback.format_exc()))
-
-
-class EngineProcess:
-    """One engine loaded in a fresh spawned process (its own peak RSS and thread pools)."""
-
-    def __init__(self, engine: str, source: str, config: BenchConfig, kind: str | None = None):
-        context = multiprocessing.get_context("spawn")
-        self.engine = engine
-        self.conn, child = context.Pipe()
-        args = (kind or engine, source, config, child)
-        self.process = context.Process(target=_serve, args=args)
-        self.process.start()
-        child.close()
-        self._receive()
-
-    def _receive(self):
-        try:
-            status, value = self.conn.recv()
-        except EOFError:
-            self.process.join()
-            status, value = "error", f"the process died (exit code {self.process.exitcode})"
-        if status == "error":
-            self.process.kill()
-            raise QwenDeployError(f"{self.engine} benchmark failed:\n{value}")
-        return value
-
-    def call(self, method: str, *args):
-        self.conn.send((method, args))
-        return self._receive()
-
-    def close(self) -> float:
-        """Stop the process; returns its peak RSS in MB."""
-        rss = self.call("stop")
-        self.process.join()
-        return rss
-
-
-# -- the whole comparison ----------------------------------------------------------------------
+    def call(self, method: str, *args: Any) -> Any:
+        return getattr(self.runner, method)(*args)
 
 
 def weight_bytes_per_token(artifact: str | Path) -> int:
@@ -482,27 +259,6 @@ def weight_bytes_per_token(artifact: str | Path) -> int:
     return total
 
 
-def gguf_weights(gguf: str | Path) -> dict | None:
-    """Bytes of the tensors a llama.cpp decode step reads (all but the embedding table, unless
-    the LM head is tied to it) and the count of weight matrices of each type; None without the
-    `gguf` package or a readable file. The file type's name alone misleads: a "Q4_K_M" file of
-    a model whose rows are not a multiple of 256 (Qwen2.5-0.5B: 896) stores those matrices in
-    llama.cpp's fallback type, Q5_0 (5.5 bits per weight)."""
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        return None
-    try:
-        tensors = GGUFReader(gguf).tensors
-    except (ValueError, IndexError, OSError):  # unreadable: llama.cpp's own load says why
-        return None
-    tied = not any(t.name == "output.weight" for t in tensors)
-    read = [t for t in tensors if t.name != "token_embd.weight" or tied]
-    # weight matrices only: norms and biases are F32 vectors
-    types = Counter(t.tensor_type.name for t in read if len(t.shape) > 1)
-    return {"bytes_per_token": sum(int(t.n_bytes) for t in read), "types": dict(types)}
-
-
 def measured_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
     """Bandwidth now: a float32 matrix-vector product over 1 GiB, larger than CPU caches."""
     matrix = np.ones(size_mb << 18, np.float32).reshape(-1, 1024)  # size_mb MiB of float32
@@ -516,97 +272,49 @@ def measured_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
     return matrix.nbytes / statistics.median(times) / 1e9
 
 
-def genai_model(checkpoint: Path, folder: Path, log: Callable[[str], None]) -> str | None:
-    """onnxruntime-genai's own fp32 CPU export of `checkpoint` in `folder` (reused if present).
-
-    Returns the reason it is unavailable, or None.
-    """
-    try:
-        import onnxruntime_genai  # noqa: F401
-    except ImportError:
-        return "onnxruntime-genai is not installed (pip install 'qwen-deploy[bench]')"
-    if (folder / "genai_config.json").is_file():
-        return None
-    log(f"building the onnxruntime-genai model of {checkpoint} (fp32, cpu) in {folder}")
-    with tempfile.TemporaryDirectory(prefix="qd-genai-cache-") as cache:
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "onnxruntime_genai.models.builder",
-                "-i",
-                str(checkpoint),
-                "-o",
-                str(folder),
-                "-p",
-                "fp32",
-                "-e",
-                "cpu",
-                "-c",
-                cache,
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-    if proc.returncode != 0 or not (folder / "genai_config.json").is_file():
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return f"its model builder failed: {last}"
-    return None
-
-
-def run_bench(
-    artifact: str | Path,
-    reference: str | Path | None = None,
-    config: BenchConfig | None = None,
-    genai_dir: str | Path | None = None,
-    peers: Iterable[str] = ("transformers", "onnxruntime-genai"),
+def measure(
+    callers: Mapping[str, Caller],
+    engines: dict[str, EngineResult],
+    config: BenchConfig,
     log: Callable[[str], None] = lambda _: None,
-    llama_ggufs: Iterable[str | Path] = (),
-    openvino_dirs: Iterable[str | Path] = (),
 ) -> dict:
-    """Measure the artifact and its peers; returns the report (see module docstring)."""
-    config = config or BenchConfig()
-    config.check()
-    manifest = Manifest.load(artifact)
-    source = Path(reference) if reference else Path(manifest.source.get("path", ""))
-    engines: dict[str, EngineResult] = {"qwen-deploy": EngineResult()}
-    sources = {"qwen-deploy": str(artifact)}
-    files = [
-        (f"llama.cpp {Path(f).stem}", f, _llama_cpp_missing, gguf_weights) for f in llama_ggufs
-    ]
-    files += [(f"openvino {Path(d).name}", d, _openvino_missing, None) for d in openvino_dirs]
-    for name, path, missing, weights in files:
-        engines[name] = EngineResult(skipped=missing(Path(path)))
-        if engines[name].skipped:
-            log(f"skipping {name}: {engines[name].skipped}")
-        else:
-            sources[name] = str(path)
-            engines[name].weights = weights(path) if weights else None
-    if "transformers" in peers:
-        if reference is None:
-            engines["transformers"] = EngineResult(skipped="no --reference checkpoint given")
-        else:
-            engines["transformers"], sources["transformers"] = EngineResult(), str(reference)
-    bandwidth_before = measured_bandwidth_gbs(config.bandwidth_probe_mb)
-    with tempfile.TemporaryDirectory(prefix="qd-genai-") as tmp:
-        if "onnxruntime-genai" in peers:
-            folder = Path(genai_dir) if genai_dir else Path(tmp) / "model"
-            reason = _genai_source(source, folder, log)
-            engines["onnxruntime-genai"] = EngineResult(skipped=reason)
-            if reason:
-                log(f"skipping onnxruntime-genai: {reason}")
-            else:
-                sources["onnxruntime-genai"] = str(folder)
-        speculative = _measure(engines, sources, config, log)
+    """Run the loaded engines by turns, one run each per repeat, so a shared machine's changing
+    load hits them alike; ours (OURS) also runs its batches and speculative variants in its turn.
+
+    Fills each caller's `engines` entry (raw runs and medians); returns the speculative
+    comparison ({} without drafters).
+    """
+    speculative_runs: list[dict] = []
+    for repeat in range(config.repeats):
+        log(f"repeat {repeat + 1}/{config.repeats}")
+        for name, caller in callers.items():
+            engines[name].runs.setdefault("1", []).append(caller.call("single"))
+        for batch in config.batches:
+            run = callers[OURS].call("batch", batch)
+            engines[OURS].runs.setdefault(str(batch), []).append(run)
+        if config.speculative:
+            speculative_runs.append(callers[OURS].call("speculative"))
+    for name in callers:
+        result = engines[name]
+        result.ttft_s, result.decode_tok_s = _summary(result.runs["1"]).values()
+        result.batches = {b: _summary(r) for b, r in result.runs.items() if b != "1"}
+    return _speculative_summary(speculative_runs)
+
+
+def build_report(
+    artifact: str | Path,
+    config: BenchConfig,
+    engines: dict[str, EngineResult],
+    speculative: dict,
+    bandwidth_gbs: float,
+) -> dict:
+    """The report of measured engines (see module docstring): ours over each peer and each batch
+    over batch 1, and the roofline at the assumed and at the measured bandwidth."""
     bytes_per_token = weight_bytes_per_token(artifact)
-    bandwidth = statistics.mean(
-        [bandwidth_before, measured_bandwidth_gbs(config.bandwidth_probe_mb)]
-    )
-    ours = engines["qwen-deploy"]
+    ours = engines[OURS]
     ratios = {}
     for peer in engines:
-        if peer != "qwen-deploy" and engines[peer].decode_tok_s:
+        if peer != OURS and engines[peer].decode_tok_s:
             ratios[f"decode_vs_{peer}"] = ours.decode_tok_s / engines[peer].decode_tok_s
             ratios[f"ttft_vs_{peer}"] = engines[peer].ttft_s / ours.ttft_s  # > 1: we are faster
     for batch, numbers in ours.batches.items():
@@ -620,86 +328,34 @@ def run_bench(
         "weight_bytes_per_token": bytes_per_token,
         "roofline_tok_s": {
             f"at_{ASSUMED_BANDWIDTH_GBS:g}_gbs": ASSUMED_BANDWIDTH_GBS * 1e9 / bytes_per_token,
-            "at_measured_gemv_bandwidth": bandwidth * 1e9 / bytes_per_token,
+            "at_measured_gemv_bandwidth": bandwidth_gbs * 1e9 / bytes_per_token,
         },
-        "measured_gemv_bandwidth_gbs": bandwidth,
+        "measured_gemv_bandwidth_gbs": bandwidth_gbs,
         "engines": {name: asdict(result) for name, result in engines.items()},
         "ratios": ratios,
         "speculative": speculative,
     }
 
 
-def _llama_cpp_missing(gguf: Path) -> str | None:
-    """Why llama.cpp cannot run `gguf` (None when it can)."""
-    if not gguf.is_file():
-        return f"GGUF file {gguf} not found"
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return LLAMA_CPP_BUILD
-    return None
-
-
-def _openvino_missing(folder: Path) -> str | None:
-    """Why OpenVINO cannot run `folder` (None when it can)."""
-    if not (folder / "openvino_model.xml").is_file():
-        return f"{folder} holds no openvino_model.xml (optimum-cli export openvino writes one)"
-    try:
-        import openvino_genai  # noqa: F401
-    except ImportError:
-        return OPENVINO_INSTALL
-    return None
-
-
-def _genai_source(source: Path, folder: Path, log: Callable[[str], None]) -> str | None:
-    """Why onnxruntime-genai cannot run (None when its model is ready in `folder`)."""
-    if not (source / "config.json").is_file():
-        return f"source checkpoint {source} not found; pass --reference"
-    return genai_model(source, folder, log)
-
-
-def _measure(
-    engines: dict[str, EngineResult],
-    sources: dict[str, str],
-    config: BenchConfig,
-    log: Callable[[str], None],
+def run_bench(
+    artifact: str | Path,
+    config: BenchConfig | None = None,
+    log: Callable[[str], None] = lambda _: None,
 ) -> dict:
-    """Load every engine, then take turns (repeat by repeat) so load changes hit all alike;
-    returns the speculative comparison ({} without drafters)."""
-    processes = {}
-    speculative_runs: list[dict] = []
-    try:
-        for name, source in sources.items():
-            log(f"loading {name} from {source}")
-            try:
-                kind = name.split(" ")[0]  # "llama.cpp <file>", "openvino <folder>"
-                processes[name] = EngineProcess(name, source, config, kind)
-            except QwenDeployError as e:
-                if name == "qwen-deploy":
-                    raise
-                engines[name].skipped = f"failed: {str(e).strip().splitlines()[-1]}"
-                log(f"skipping {name}: {engines[name].skipped}")
-        measured = list(processes)
-        for repeat in range(config.repeats):
-            log(f"repeat {repeat + 1}/{config.repeats}")
-            for name, process in processes.items():
-                engines[name].runs.setdefault("1", []).append(process.call("single"))
-            for batch in config.batches:
-                run = processes["qwen-deploy"].call("batch", batch)
-                engines["qwen-deploy"].runs.setdefault(str(batch), []).append(run)
-            if config.speculative:
-                speculative_runs.append(processes["qwen-deploy"].call("speculative"))
-        for name, process in list(processes.items()):
-            engines[name].peak_rss_mb = process.close()
-            del processes[name]
-    finally:
-        for process in processes.values():
-            process.process.kill()
-    for name in measured:
-        result = engines[name]
-        result.ttft_s, result.decode_tok_s = _summary(result.runs["1"]).values()
-        result.batches = {b: _summary(r) for b, r in result.runs.items() if b != "1"}
-    return _speculative_summary(speculative_runs)
+    """Measure the artifact in this process; returns the report (see module docstring).
+
+    The peak RSS is read right after the measurement, and the bandwidth probed once after it:
+    the probe's matrix (1 GiB by default) would otherwise be this process's peak.
+    """
+    config = config or BenchConfig()
+    config.check()
+    log(f"loading {OURS} from {artifact}")
+    ours = InProcess(QwenDeployRunner(str(artifact), config))
+    engines = {OURS: EngineResult()}
+    speculative = measure({OURS: ours}, engines, config, log)
+    engines[OURS].peak_rss_mb = _peak_rss_mb()
+    bandwidth = measured_bandwidth_gbs(config.bandwidth_probe_mb)
+    return build_report(artifact, config, engines, speculative, bandwidth)
 
 
 def _speculative_summary(runs: list[dict]) -> dict:
@@ -755,10 +411,10 @@ def format_report(report: dict) -> str:
                 f"{'':20s} {engine['weights']['bytes_per_token'] / 1e9:.2f} GB of weights per "
                 f"token (weight matrices: {types})"
             )
-    ours = report["engines"]["qwen-deploy"]
+    ours = report["engines"][OURS]
     for batch, numbers in ours["batches"].items():
         lines.append(
-            f"qwen-deploy batch {batch}: aggregate {numbers['aggregate_tok_s']:.2f} tok/s "
+            f"{OURS} batch {batch}: aggregate {numbers['aggregate_tok_s']:.2f} tok/s "
             f"(decode phase {numbers['aggregate_decode_tok_s']:.2f} tok/s, "
             f"TTFT {numbers['ttft_s']:.3f} s)"
         )

@@ -1,29 +1,28 @@
-"""`qwen-deploy bench`: each engine in its own process on the same work; the report's numbers."""
+"""`qwen-deploy bench` (our engine, in this process) and benchmarks/peers/compare.py (every engine
+in its own Worker process) on the same work; the report's numbers."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from qwen_deploy.bench import (
-    LLAMA_CPP_BUILD,
-    OPENVINO_INSTALL,
-    BenchConfig,
-    format_report,
-    gguf_weights,
-    run_bench,
-)
+from benchmarks._common import Worker, WorkerError
+from benchmarks.peers.compare import compare
+from benchmarks.peers.models import LLAMA_CPP_BUILD, OPENVINO_INSTALL, gguf_weights
+from qwen_deploy.bench import BenchConfig, _peak_rss_mb, format_report, run_bench
 
 
 def _config(**options) -> BenchConfig:
+    options.setdefault("bandwidth_probe_mb", 16)  # the probe's size is not under test here
     return BenchConfig(prompt_len=8, new_tokens=4, repeats=2, batches=(2,), **options)
 
 
 def test_speculative_variants_are_compared_with_plain_decoding(tiny_artifact):
     config = _config(prompt_lookup=True, draft_tokens=(2, 4), speculative_tokens=12)
-    report = run_bench(tiny_artifact, config=config, peers=())
+    report = run_bench(tiny_artifact, config=config)
     ours = report["engines"]["qwen-deploy"]
     assert ours["decode_tok_s"] > 0 and len(ours["runs"]["1"]) == 2
     assert set(ours["batches"]) == {"2"}
@@ -45,12 +44,12 @@ def test_speculative_variants_are_compared_with_plain_decoding(tiny_artifact):
 
 def test_llama_cpp_peer_is_skipped_with_the_reason(tiny_artifact, tmp_path, monkeypatch):
     missing = tmp_path / "none.gguf"
-    report = run_bench(tiny_artifact, config=_config(), peers=(), llama_ggufs=[missing])
+    report = compare(tiny_artifact, config=_config(), peers=(), llama_ggufs=[missing])
     assert report["engines"]["llama.cpp none"]["skipped"] == f"GGUF file {missing} not found"
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if not installed
-    report = run_bench(tiny_artifact, config=_config(), peers=(), llama_ggufs=[gguf])
+    report = compare(tiny_artifact, config=_config(), peers=(), llama_ggufs=[gguf])
     skipped = report["engines"]["llama.cpp model"]["skipped"]
     assert skipped == LLAMA_CPP_BUILD and "-DGGML_AMX_TILE=OFF" in skipped
     assert "decode_vs_llama.cpp model" not in report["ratios"]
@@ -98,7 +97,7 @@ def test_gguf_weights_counts_what_a_decode_step_reads(tmp_path):
 
 
 def test_openvino_peer_is_skipped_with_the_reason(tiny_artifact, tmp_path, monkeypatch):
-    report = run_bench(tiny_artifact, config=_config(), peers=(), openvino_dirs=[tmp_path])
+    report = compare(tiny_artifact, config=_config(), peers=(), openvino_dirs=[tmp_path])
     skipped = report["engines"][f"openvino {tmp_path.name}"]["skipped"]
     assert (
         skipped
@@ -106,7 +105,7 @@ def test_openvino_peer_is_skipped_with_the_reason(tiny_artifact, tmp_path, monke
     )
     (tmp_path / "openvino_model.xml").write_text("<net/>")
     monkeypatch.setitem(sys.modules, "openvino_genai", None)  # as if not installed
-    report = run_bench(tiny_artifact, config=_config(), peers=(), openvino_dirs=[tmp_path])
+    report = compare(tiny_artifact, config=_config(), peers=(), openvino_dirs=[tmp_path])
     assert report["engines"][f"openvino {tmp_path.name}"]["skipped"] == OPENVINO_INSTALL
     assert not any("openvino" in ratio for ratio in report["ratios"])
 
@@ -123,7 +122,7 @@ def _assert_peer_measured(report: dict, peer: str) -> None:
 @pytest.mark.real
 def test_llama_cpp_runs_the_same_work_on_the_real_gguf(tiny_artifact, real_gguf):
     pytest.importorskip("llama_cpp", reason=LLAMA_CPP_BUILD)
-    report = run_bench(tiny_artifact, config=_config(), peers=(), llama_ggufs=[real_gguf])
+    report = compare(tiny_artifact, config=_config(), peers=(), llama_ggufs=[real_gguf])
     _assert_peer_measured(report, "llama.cpp model")
     # the real "Q4_K_M" download: 896-wide rows fall back to Q5_0, the LM head is Q8_0
     weights = report["engines"]["llama.cpp model"]["weights"]
@@ -134,21 +133,39 @@ def test_llama_cpp_runs_the_same_work_on_the_real_gguf(tiny_artifact, real_gguf)
 @pytest.mark.real
 def test_openvino_runs_the_same_work_on_its_export_of_the_real_model(tiny_artifact, real_openvino):
     pytest.importorskip("openvino_genai", reason=OPENVINO_INSTALL)
-    report = run_bench(tiny_artifact, config=_config(), peers=(), openvino_dirs=[real_openvino])
+    report = compare(tiny_artifact, config=_config(), peers=(), openvino_dirs=[real_openvino])
     _assert_peer_measured(report, "openvino openvino-int4")
 
 
-def test_peak_rss_is_the_engine_process_own():
-    """A spawned child inherits its parent's ru_maxrss; the bench reports the child's own."""
-    import multiprocessing
-
-    import numpy as np
-
-    from qwen_deploy.bench import _peak_rss_mb
-
+def test_worker_reports_its_own_peak_rss():
+    """A spawned child's ru_maxrss carries its parent's peak; the Worker reports the child's."""
     ballast = np.ones(300 << 18, np.float32)  # 300 MB in this process
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
-        child = pool.apply(_peak_rss_mb)
+    with Worker("collections:Counter", "abc", name="counter") as worker:
+        assert worker.call("most_common", 1) == [("a", 1)]
+        child = worker.close()
     assert ballast.sum() > 0 and _peak_rss_mb() > 300
-    assert child < 200, child
+    assert 0 < child < 200, child
+
+
+def test_worker_errors_carry_the_child_traceback_or_exit_code():
+    with (
+        Worker("collections:Counter", "abc", name="counter") as worker,
+        pytest.raises(WorkerError) as error,
+    ):
+        worker.call("nope")
+    message = str(error.value)
+    assert message.startswith("counter failed:\nTraceback (most recent call last):")
+    assert message.rstrip().endswith("AttributeError: 'Counter' object has no attribute 'nope'")
+    with pytest.raises(WorkerError) as error:
+        Worker("os:_exit", 3)  # the child dies while it loads
+    assert str(error.value) == "os:_exit failed:\nthe process died (exit code 3)"
+
+
+def test_bench_peak_rss_is_the_measurement_not_the_bandwidth_probe(tiny_artifact):
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := RSS now (earlier tests' peaks gone)
+    before = _peak_rss_mb()
+    report = run_bench(tiny_artifact, config=_config(bandwidth_probe_mb=512))
+    peak = report["engines"]["qwen-deploy"]["peak_rss_mb"]
+    # the tiny engine adds tens of MB; the probe's 512 MiB matrix, allocated after, is not in it
+    assert before <= peak < before + 256, (before, peak, _peak_rss_mb())
+    assert _peak_rss_mb() > before + 400  # ... though it did raise this process's peak after

@@ -1,4 +1,4 @@
-"""bench: speed and memory of an artifact against its peers."""
+"""bench: speed and memory of an artifact (its peers: benchmarks/peers/compare.py)."""
 
 from __future__ import annotations
 
@@ -13,34 +13,10 @@ from .options import json_option
 
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option(
-    "--reference",
-    type=click.Path(path_type=Path),
-    help="Source checkpoint: adds transformers eager generate as a baseline.",
-)
 @click.option("--prompt-len", type=int, default=128, show_default=True)
 @click.option("--new-tokens", type=int, default=64, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True)
-@click.option("--threads", type=int, help="Intra-op threads for every engine [their default].")
-@click.option(
-    "--genai-dir",
-    type=click.Path(path_type=Path),
-    help="Keep (or reuse) onnxruntime-genai's export here [a temp folder].",
-)
-@click.option("--no-genai", is_flag=True, help="Skip the onnxruntime-genai baseline.")
-@click.option(
-    "--llama-gguf",
-    type=click.Path(path_type=Path),
-    multiple=True,
-    help="A GGUF file of the same model: adds llama.cpp (llama-cpp-python) as a peer; repeatable.",
-)
-@click.option(
-    "--openvino",
-    type=click.Path(path_type=Path),
-    multiple=True,
-    help="An OpenVINO model folder of the same model (optimum-cli export openvino): adds "
-    "openvino-genai as a peer; repeatable.",
-)
+@click.option("--threads", type=int, help="Intra-op threads [onnxruntime's default].")
 @click.option(
     "--prompt-lookup", is_flag=True, help="Compare speculative decoding by prompt lookup."
 )
@@ -67,30 +43,23 @@ from .options import json_option
 @json_option("the whole report")
 def bench(
     artifact: Path,
-    reference: Path | None,
     prompt_len: int,
     new_tokens: int,
     repeats: int,
     threads: int | None,
-    genai_dir: Path | None,
-    no_genai: bool,
-    llama_gguf: tuple[Path, ...],
-    openvino: tuple[Path, ...],
     prompt_lookup: bool,
     draft: tuple[Path, ...],
     draft_tokens: tuple[int, ...],
     speculative_tokens: int,
     as_json: bool,
 ) -> None:
-    """Time to first token, decode tokens/s (batch 1, 4, 8), peak RSS of ARTIFACT vs its peers
-    (transformers, onnxruntime-genai, llama.cpp, OpenVINO); speculative decoding against plain
-    decoding."""
+    """Time to first token, decode tokens/s (batch 1, 4, 8) and peak RSS of ARTIFACT, measured in
+    this process; speculative decoding against plain decoding. Its peers (transformers,
+    onnxruntime-genai, llama.cpp, OpenVINO) on the same work: benchmarks/peers/compare.py."""
     from ..bench import BenchConfig, format_report, run_bench
 
-    peers = ("transformers",) if no_genai else ("transformers", "onnxruntime-genai")
     report = run_bench(
         artifact,
-        reference,
         BenchConfig(
             prompt_len,
             new_tokens,
@@ -101,10 +70,6 @@ def bench(
             draft_tokens=draft_tokens,
             speculative_tokens=speculative_tokens,
         ),
-        genai_dir=genai_dir,
-        peers=peers,
         log=lambda m: click.echo(m, err=True),
-        llama_ggufs=llama_gguf,
-        openvino_dirs=openvino,
     )
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))

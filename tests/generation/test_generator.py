@@ -344,7 +344,7 @@ def test_bench_measures_the_artifact_and_counts_the_weights_a_token_reads(tiny_a
     from safetensors.numpy import load_file
 
     config = BenchConfig(prompt_len=8, new_tokens=3, repeats=1, batches=(2,), bandwidth_probe_mb=16)
-    report = run_bench(tiny_artifact, config=config, peers=())
+    report = run_bench(tiny_artifact, config=config)
     ours = report["engines"]["qwen-deploy"]
     assert ours["decode_tok_s"] > 0 and ours["ttft_s"] > 0 and ours["peak_rss_mb"] > 0
     assert set(ours["batches"]) == {"2"}
