@@ -92,7 +92,8 @@ class EngineResult:
     ttft_s: float | None = None
     decode_tok_s: float | None = None
     batches: dict[str, dict] = field(default_factory=dict)
-    peak_rss_mb: float | None = None
+    peak_rss_mb: float | None = None  # single requests (ours: before its batches ran)
+    batch_peak_rss_mb: float | None = None  # ours, with its batches too
     runs: dict = field(default_factory=dict)
     skipped: str | None = None
     weights: dict | None = None  # a peer's weights as its file holds them (llama.cpp's GGUF)
@@ -200,6 +201,9 @@ class QwenDeployRunner:
     def single(self) -> dict:
         return timings(*self._timed())
 
+    def peak_rss_mb(self) -> float:
+        return _peak_rss_mb()
+
     def batch(self, batch: int) -> dict:
         """`batch` requests arriving together at the engine `serve` runs (continuous batching)."""
         from .generation.engine import BatchEngine
@@ -279,16 +283,22 @@ def measure(
     log: Callable[[str], None] = lambda _: None,
 ) -> dict:
     """Run the loaded engines by turns, one run each per repeat, so a shared machine's changing
-    load hits them alike; ours (OURS) also runs its batches and speculative variants in its turn.
+    load hits them alike; then ours (OURS) alone runs its batches and speculative variants, after
+    its single-request peak RSS is read (a batch's KV cache and arena would otherwise be its peak,
+    which the peers, measured on single requests, never pay).
 
-    Fills each caller's `engines` entry (raw runs and medians); returns the speculative
+    Fills each caller's `engines` entry (raw runs, medians, our peak RSS); returns the speculative
     comparison ({} without drafters).
     """
-    speculative_runs: list[dict] = []
     for repeat in range(config.repeats):
         log(f"repeat {repeat + 1}/{config.repeats}")
         for name, caller in callers.items():
             engines[name].runs.setdefault("1", []).append(caller.call("single"))
+    engines[OURS].peak_rss_mb = callers[OURS].call("peak_rss_mb")
+    speculative_runs: list[dict] = []
+    for repeat in range(config.repeats):
+        if config.batches or config.speculative:
+            log(f"{OURS} batches, repeat {repeat + 1}/{config.repeats}")
         for batch in config.batches:
             run = callers[OURS].call("batch", batch)
             engines[OURS].runs.setdefault(str(batch), []).append(run)
@@ -344,8 +354,8 @@ def run_bench(
 ) -> dict:
     """Measure the artifact in this process; returns the report (see module docstring).
 
-    The peak RSS is read right after the measurement, and the bandwidth probed once after it:
-    the probe's matrix (1 GiB by default) would otherwise be this process's peak.
+    The peak RSS with the batches is read right after the measurement, and the bandwidth probed
+    once after it: the probe's matrix (1 GiB by default) would otherwise be this process's peak.
     """
     config = config or BenchConfig()
     config.check()
@@ -353,7 +363,7 @@ def run_bench(
     ours = InProcess(QwenDeployRunner(str(artifact), config))
     engines = {OURS: EngineResult()}
     speculative = measure({OURS: ours}, engines, config, log)
-    engines[OURS].peak_rss_mb = _peak_rss_mb()
+    engines[OURS].batch_peak_rss_mb = _peak_rss_mb()
     bandwidth = measured_bandwidth_gbs(config.bandwidth_probe_mb)
     return build_report(artifact, config, engines, speculative, bandwidth)
 
@@ -412,6 +422,8 @@ def format_report(report: dict) -> str:
                 f"token (weight matrices: {types})"
             )
     ours = report["engines"][OURS]
+    if ours["batches"]:
+        lines.append(f"qwen-deploy peak RSS with its batches: {ours['batch_peak_rss_mb']:.0f} MB")
     for batch, numbers in ours["batches"].items():
         lines.append(
             f"{OURS} batch {batch}: aggregate {numbers['aggregate_tok_s']:.2f} tok/s "

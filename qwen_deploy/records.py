@@ -107,11 +107,11 @@ class Quantization(Record):
     """How `quantize` rewrote the graph. Absent (manifest.quantization is None) for a float
     artifact; each mode records the details it has, the others stay at their defaults."""
 
-    mode: str  # int8-weight, int4-weight, int8-smoothquant
+    mode: str  # int8-weight, int8-dynamic, int4-weight, int8-smoothquant
     weights: str | None = None
     activations: str | None = None
     format: str | None = None  # "QDQ": explicit QuantizeLinear/DequantizeLinear pairs
-    op: str | None = None  # the weight-only operator (com.microsoft.MatMulNBits)
+    op: str | None = None  # the linear layers' operator (com.microsoft.MatMulNBits, MatMulInteger)
     zero_point: int | None = None
     bits: int | None = None
     block_size: int | None = None

@@ -165,7 +165,10 @@ def test_bench_peak_rss_is_the_measurement_not_the_bandwidth_probe(tiny_artifact
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := RSS now (earlier tests' peaks gone)
     before = _peak_rss_mb()
     report = run_bench(tiny_artifact, config=_config(bandwidth_probe_mb=512))
-    peak = report["engines"]["qwen-deploy"]["peak_rss_mb"]
+    ours = report["engines"]["qwen-deploy"]
+    peak = ours["batch_peak_rss_mb"]
     # the tiny engine adds tens of MB; the probe's 512 MiB matrix, allocated after, is not in it
     assert before <= peak < before + 256, (before, peak, _peak_rss_mb())
+    # the single-request peak was read before the batches ran
+    assert before <= ours["peak_rss_mb"] <= peak and set(ours["batches"]) == {"2"}
     assert _peak_rss_mb() > before + 400  # ... though it did raise this process's peak after

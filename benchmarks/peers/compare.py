@@ -13,7 +13,7 @@ prompt ids.
 
     .venv/bin/python benchmarks/peers/compare.py ARTIFACT [--reference CKPT] [--genai-dir DIR]
         [--no-genai] [--llama-gguf FILE ...] [--openvino DIR ...] [--prompt-len 128]
-        [--new-tokens 64] [--repeats 3] [--threads N] [--json]
+        [--new-tokens 64] [--repeats 3] [--batches 4,8] [--threads N] [--json]
 """
 
 from __future__ import annotations
@@ -129,7 +129,11 @@ def _measure_in_workers(
                 log(f"skipping {name}: {engines[name].skipped}")
         speculative = measure(workers, engines, config, log)
         for name, worker in workers.items():
-            engines[name].peak_rss_mb = worker.close()
+            peak = worker.close()
+            if name == OURS:  # its single-request peak came before its batches
+                engines[name].batch_peak_rss_mb = peak
+            else:
+                engines[name].peak_rss_mb = peak
     return speculative
 
 
@@ -161,6 +165,11 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--batches",
+        default="4,8",
+        help="concurrent requests for qwen-deploy's aggregate rows, comma-separated ('' for none)",
+    )
     parser.add_argument("--threads", type=int, help="intra-op threads for every engine")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
@@ -168,7 +177,13 @@ def main() -> None:
     report = compare(
         args.artifact,
         args.reference,
-        BenchConfig(args.prompt_len, args.new_tokens, args.repeats, threads=args.threads),
+        BenchConfig(
+            args.prompt_len,
+            args.new_tokens,
+            args.repeats,
+            batches=tuple(int(b) for b in args.batches.split(",") if b),
+            threads=args.threads,
+        ),
         genai_dir=args.genai_dir,
         peers=("transformers",) if args.no_genai else ("transformers", "onnxruntime-genai"),
         log=lambda message: print(message, file=sys.stderr, flush=True),

@@ -17,9 +17,11 @@ from .options import force_option, json_option, output_option, quiet_option
 @output_option("Quantized artifact folder to create.")
 @click.option(
     "--mode",
-    type=click.Choice(["int8-weight", "int4-weight", "int8-smoothquant"]),
+    type=click.Choice(["int8-weight", "int8-dynamic", "int4-weight", "int8-smoothquant"]),
     required=True,
-    help="int8-weight: INT8 weights, onnxruntime's fastest CPU form; int4-weight: INT4 "
+    help="int8-weight: INT8 weights, onnxruntime's fastest CPU form for one decoding row; "
+    "int8-dynamic: INT8 weights and per-token INT8 activations on the integer GEMM, fastest "
+    "for prefill and batches; int4-weight: INT4 "
     "transformer weights (asymmetric, block 32; LM head and embedding INT8); int8-smoothquant: "
     "W8A8 Q/DQ graph for TensorRT (also runs on onnxruntime).",
 )

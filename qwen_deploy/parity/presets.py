@@ -65,6 +65,7 @@ PRESETS: dict[str, Tolerance] = {
     "fp32": Tolerance(atol=5e-4, rtol=5e-5, cosine=0.99999, top1=1.0),
     "fp16": Tolerance(atol=0.1, rtol=0.01, cosine=0.9995, top1=0.99, kl=1e-3),
     "int8-weight": Tolerance(cosine=0.995, top1=0.95),
+    "int8-dynamic": Tolerance(cosine=0.995, top1=0.95),
     "int8-smoothquant": Tolerance(cosine=0.95, top1=0.90),
     "int4-weight": Tolerance(cosine=0.97, top1=0.90),  # real 0.5B: cosine 0.982, top-1 0.936
 }

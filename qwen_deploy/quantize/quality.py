@@ -55,6 +55,8 @@ class Gate:
 # +0.4% (the first SmoothQuant, one alpha and no float layers: 0.716, +24%).
 GATES = {
     "int8-weight": Gate(top1=0.97, perplexity=0.015),
+    # INT8 too, with per-token activation scales: held to int8-weight's bounds
+    "int8-dynamic": Gate(top1=0.97, perplexity=0.015),
     "int8-smoothquant": Gate(top1=0.95, perplexity=0.03),
     # measured with default options: top-1 0.968, +1.8% perplexity (all-INT4 linears: 0.906, +5.8%
     # on the earlier 2.6k-token text)
@@ -317,6 +319,8 @@ ADVICE = {
     "--calibration file that looks like your traffic, or --mode int8-weight",
     "int8-weight": "another --alpha (0.5 by default), a --calibration file that looks like your "
     "traffic, or the fp16 artifact",
+    "int8-dynamic": "another --alpha (0.5 by default), a --calibration file that looks like "
+    "your traffic, or --mode int8-weight",
     "int4-weight": "another --alpha (0.5 by default), a --calibration file that looks like your "
     "traffic, or --mode int8-weight",
 }

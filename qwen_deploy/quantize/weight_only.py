@@ -240,7 +240,7 @@ def quantize_weight_only(
                 options = {}
             matmul = matmul_nbits(rw, lin, x, weight, smoother.dtype, **options)
             rw.replace(lin.matmul, [*(nodes if i == 0 else []), matmul])
-    embedded = _quantize_embedding(rw, smoother.dtype)
+    embedded = quantize_embedding(rw, smoother.dtype)
     head = any(lin.role == "lm_head" for lin in smoother.linears)
     scheme = {
         "weights": "int8 symmetric, per output channel and block of input channels",
@@ -266,7 +266,7 @@ def quantize_weight_only(
     return scheme
 
 
-def _quantize_embedding(rw: GraphRewrite, float_dtype: np.dtype) -> bool:
+def quantize_embedding(rw: GraphRewrite, float_dtype: np.dtype) -> bool:
     gathers = [n for n in rw.model.graph.node if n.op_type == "Gather" and n.input[0] == EMBEDDING]
     if len(gathers) != 1:
         return False
