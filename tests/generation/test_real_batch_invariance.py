@@ -34,7 +34,9 @@ MAX_TOKENS = [24, 12, 28, 16, 20, 10, 26, 14]  # rows leave at different steps
 ARRIVALS = [0, 0, 0, 3, 3, 7, 12, 15]  # and join mid-way
 
 
-@pytest.fixture(scope="module", params=forms(["fp32", "int8-weight", "int4-weight"], ["fp32"]))
+@pytest.fixture(
+    scope="module", params=forms(["fp32", "int8-weight", "int8-dynamic", "int4-weight"], ["fp32"])
+)
 def generator(request, real_artifact, tmp_path_factory) -> Generator:
     folder = real_artifact(attention="gqa")
     if request.param != "fp32":  # a third of the default calibration set
