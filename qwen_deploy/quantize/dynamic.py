@@ -126,10 +126,10 @@ def quantize_dynamic(smoother: Smoother, step: Callable[[str], None] = lambda _:
     for group in smoother.groups:
         nodes, x = smoother.smoothed_input(group)
         if group.linears[0].role in BLOCKWISE_ROLES:
-            for lin in group.linears:
+            for i, lin in enumerate(group.linears):
                 step(lin.weight)
                 matmul = matmul_nbits(rw, lin, x, smoother.weight(lin, group), smoother.dtype)
-                rw.replace(lin.matmul, [*nodes, matmul])
+                rw.replace(lin.matmul, [*(nodes if i == 0 else []), matmul])
             continue
         quantized, codes, scale = rows.quantize(x, group.hint + "/Int8Rows")
         for i, lin in enumerate(group.linears):
