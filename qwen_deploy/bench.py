@@ -119,7 +119,7 @@ def _summary(runs: list[dict]) -> dict:
     return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
-def _peak_rss_mb() -> float:
+def process_peak_rss_mb() -> float:
     """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss where procfs is there: it
     survives exec (a spawned child showed its parent's peak) and clear_refs does not reset it."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -202,7 +202,7 @@ class QwenDeployRunner:
         return timings(*self._timed())
 
     def peak_rss_mb(self) -> float:
-        return _peak_rss_mb()
+        return process_peak_rss_mb()
 
     def batch(self, batch: int) -> dict:
         """`batch` requests arriving together at the engine `serve` runs (continuous batching)."""
@@ -363,7 +363,7 @@ def run_bench(
     ours = InProcess(QwenDeployRunner(str(artifact), config))
     engines = {OURS: EngineResult()}
     speculative = measure({OURS: ours}, engines, config, log)
-    engines[OURS].batch_peak_rss_mb = _peak_rss_mb()
+    engines[OURS].batch_peak_rss_mb = process_peak_rss_mb()
     bandwidth = measured_bandwidth_gbs(config.bandwidth_probe_mb)
     return build_report(artifact, config, engines, speculative, bandwidth)
 

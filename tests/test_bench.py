@@ -12,7 +12,7 @@ import pytest
 from benchmarks._common import Worker, WorkerError
 from benchmarks.peers.compare import compare
 from benchmarks.peers.models import LLAMA_CPP_BUILD, OPENVINO_INSTALL, gguf_weights
-from qwen_deploy.bench import BenchConfig, _peak_rss_mb, format_report, run_bench
+from qwen_deploy.bench import BenchConfig, format_report, process_peak_rss_mb, run_bench
 
 
 def _config(**options) -> BenchConfig:
@@ -143,7 +143,7 @@ def test_worker_reports_its_own_peak_rss():
     with Worker("collections:Counter", "abc", name="counter") as worker:
         assert worker.call("most_common", 1) == [("a", 1)]
         child = worker.close()
-    assert ballast.sum() > 0 and _peak_rss_mb() > 300
+    assert ballast.sum() > 0 and process_peak_rss_mb() > 300
     assert 0 < child < 200, child
 
 
@@ -163,12 +163,12 @@ def test_worker_errors_carry_the_child_traceback_or_exit_code():
 
 def test_bench_peak_rss_is_the_measurement_not_the_bandwidth_probe(tiny_artifact):
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := RSS now (earlier tests' peaks gone)
-    before = _peak_rss_mb()
+    before = process_peak_rss_mb()
     report = run_bench(tiny_artifact, config=_config(bandwidth_probe_mb=512))
     ours = report["engines"]["qwen-deploy"]
     peak = ours["batch_peak_rss_mb"]
     # the tiny engine adds tens of MB; the probe's 512 MiB matrix, allocated after, is not in it
-    assert before <= peak < before + 256, (before, peak, _peak_rss_mb())
+    assert before <= peak < before + 256, (before, peak, process_peak_rss_mb())
     # the single-request peak was read before the batches ran
     assert before <= ours["peak_rss_mb"] <= peak and set(ours["batches"]) == {"2"}
-    assert _peak_rss_mb() > before + 400  # ... though it did raise this process's peak after
+    assert process_peak_rss_mb() > before + 400  # ... though it did raise this process's peak after

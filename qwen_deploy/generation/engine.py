@@ -1,19 +1,19 @@
 """Continuous batching: one worker thread runs the model, requests join and leave between steps.
 
 The running requests are one runtime.decode.Batch on the generator's backend (onnxruntime or a
-TensorRT engine): per layer a cache tensor [batch, kv_heads, length, head_dim] on the device,
-with an attention mask marking real positions. With onnxruntime's gqa form the rows keep lengths
-of their own (right-padded) and decode steps extend one preallocated buffer in place, so a step
-copies no cache and a row's logits do not depend on its batch mates (batch invariance); other
-forms and TensorRT left-pad the rows. A step (1) drops finished and cancelled rows and trims
-all-padding columns, (2) prefills up to `prefill_chunk` prompt tokens, first come first served,
-each request on a one-row batch of its own (starting from the longest cached prefix of its
-prompt), so a long prompt arrives in chunks between the running rows' decode steps instead of
-stalling them, (3) moves requests whose prompt is complete into the running batch by padding the
-shorter cache to the common length (a copy through host arrays per join or leave, not per
-token), and (4) decodes one token (seq=1) for every running row. A prompt's tokens give the same
-logits however its prefill is chunked (one row, chunks of two or more tokens), so neither the
-chunking nor a prefix-cache hit changes what a request generates.
+TensorRT engine): per layer a cache tensor [batch, kv_heads, length, head_dim] on the device, with
+an attention mask marking real positions. With onnxruntime's gqa form the rows keep lengths of their
+own (right-padded) and decode steps extend one preallocated buffer in place, so a step copies no
+cache and a row's logits do not depend on its batch mates (batch invariance); other forms and
+TensorRT left-pad the rows. A step (1) drops finished and cancelled rows and trims all-padding
+columns, (2) prefills up to `prefill_chunk` prompt tokens, first come first served, each request on
+a one-row batch of its own (starting from the longest cached prefix of its prompt), so a long prompt
+arrives in chunks between the running rows' decode steps instead of stalling them, (3) moves
+requests whose prompt is complete into the running batch (a copy of each row's cached positions
+through host arrays per join or leave, not per token; left-padded layouts pad the shorter rows to
+the common length), and (4) decodes one token (seq=1) for every running row. A prompt's tokens give
+the same logits however its prefill is chunked (one row, chunks of two or more tokens), so neither
+the chunking nor a prefix-cache hit changes what a request generates.
 
 A request with a drafter (speculative decoding) runs on a one-row batch of its own: each step
 gives it one round (draft up to k tokens, verify them in one forward), next to the batched decode

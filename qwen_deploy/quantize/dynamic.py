@@ -24,7 +24,7 @@ from onnx import helper
 from .linears import Linear
 from .rewrite import GraphRewrite
 from .smoothing import Smoother
-from .weight_only import COLUMN_CHUNK, matmul_nbits, quantize_embedding
+from .weight_only import matmul_nbits, quantize_embedding, quantize_rows
 
 ZERO_POINT = 128  # activations as uint8 around it: the u8 x s8 form the integer kernels take
 # down_proj reads the MLP's product, whose attention-sink token holds channels hundreds of times
@@ -34,19 +34,13 @@ BLOCKWISE_ROLES = ("down_proj",)
 
 
 def quantize_columns(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric INT8 codes of a [K, N] weight, one scale per output channel.
+    """Symmetric INT8 codes of a [K, N] weight, one scale per output channel: the rows of its
+    transpose, as the embedding's (weight_only.quantize_rows).
 
     Returns (codes int8 [K, N], scales float32 [N]); dequantized weight = codes * scales.
     """
-    k, n = weight.shape
-    codes = np.empty((k, n), np.int8)
-    scales = np.empty(n, np.float32)
-    for a in range(0, n, COLUMN_CHUNK):
-        w = np.asarray(weight[:, a : a + COLUMN_CHUNK], np.float32)
-        s = np.abs(w).max(axis=0) / 127.0
-        codes[:, a : a + COLUMN_CHUNK] = np.clip(np.rint(w / np.where(s > 0, s, 1.0)), -127, 127)
-        scales[a : a + COLUMN_CHUNK] = s
-    return codes, scales
+    codes, scales = quantize_rows(np.asarray(weight).T)
+    return np.ascontiguousarray(codes.T), scales[:, 0]
 
 
 class DynamicRows:
