@@ -7,8 +7,12 @@ DEMO := demo
 # reused across clones; the tests find it through this variable.
 REAL_MODEL ?= $(HOME)/.cache/qwen-deploy/qwen2.5-coder-0.5b-instruct
 export QWEN_DEPLOY_REAL_MODEL := $(REAL_MODEL)
+# A second real model of other shapes (Qwen2.5-Coder-1.5B-Instruct: 28 layers, hidden 1536), on
+# which the parity presets and quantize gates are checked too
+REAL_MODEL_2 ?= $(HOME)/.cache/qwen-deploy/qwen2.5-coder-1.5b-instruct
+export QWEN_DEPLOY_REAL_MODEL_2 := $(REAL_MODEL_2)
 
-.PHONY: setup real-model test demo lint format clean triton-env cpp-deps interop-env openvino-peer \
+.PHONY: setup real-model real-model-2 test demo lint format clean triton-env cpp-deps interop-env openvino-peer \
 	lmeval-env
 
 $(BIN)/qwen-deploy: pyproject.toml
@@ -28,7 +32,13 @@ $(REAL_MODEL)/checkpoint/config.json: | $(BIN)/qwen-deploy
 
 real-model: setup $(REAL_MODEL)/checkpoint/config.json
 
-test: setup real-model
+$(REAL_MODEL_2)/checkpoint/config.json: | $(BIN)/qwen-deploy
+	$(BIN)/python scripts/fetch_real_model.py $(REAL_MODEL_2) qwen2.5-coder-1.5b-instruct
+	$(BIN)/qwen-deploy convert-gguf $(REAL_MODEL_2)/model.gguf -o $(REAL_MODEL_2)/checkpoint --force
+
+real-model-2: setup $(REAL_MODEL_2)/checkpoint/config.json
+
+test: setup real-model real-model-2
 	$(BIN)/pytest -q
 
 demo: setup real-model

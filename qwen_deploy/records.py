@@ -137,8 +137,11 @@ class Quality(Record):
     decode_steps: int | None = None
     rows: int | None = None
     top1: float | None = None
-    kl_max: float | None = None
+    kl_mean: float | None = None
+    cosine_mean: float | None = None
+    kl_max: float | None = None  # the extremes: reported, not judged
     cosine_min: float | None = None
+    largest_kl_row: dict[str, Any] = field(default_factory=dict)  # prompt, position, token
     max_abs: float | None = None
     mean_abs: float | None = None
     perplexity: dict[str, Any] = field(default_factory=dict)

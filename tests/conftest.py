@@ -56,13 +56,25 @@ def artifact(checkpoint, tmp_path_factory):
     return make
 
 
-# where `make real-model` puts Qwen2.5-Coder-0.5B-Instruct: model.gguf and its float32 conversion
-REAL_MODEL = Path(
-    os.environ.get(
-        "QWEN_DEPLOY_REAL_MODEL",
-        Path.home() / ".cache" / "qwen-deploy" / "qwen2.5-coder-0.5b-instruct",
-    )
-)
+# where `make real-model` and `make real-model-2` put the real models: model.gguf and its float32
+# conversion. The parity presets and quantize gates are checked on both.
+_CACHE = Path.home() / ".cache" / "qwen-deploy"
+REAL_MODELS = {
+    "0.5b": Path(os.environ.get("QWEN_DEPLOY_REAL_MODEL", _CACHE / "qwen2.5-coder-0.5b-instruct")),
+    "1.5b": Path(
+        os.environ.get("QWEN_DEPLOY_REAL_MODEL_2", _CACHE / "qwen2.5-coder-1.5b-instruct")
+    ),
+}
+REAL_MODEL = REAL_MODELS["0.5b"]
+MAKE_TARGET = {"0.5b": "make real-model", "1.5b": "make real-model-2"}
+
+
+def real_model_checkpoint(model: str) -> Path:
+    """The real `model`'s float32 Hugging Face folder, or a skip naming the make target."""
+    path = REAL_MODELS[model] / "checkpoint"
+    if not (path / "config.json").is_file():
+        pytest.skip(f"the real {model} model is not converted ({path}): run `{MAKE_TARGET[model]}`")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -77,10 +89,7 @@ def real_gguf() -> Path:
 @pytest.fixture(scope="session")
 def real_checkpoint(real_gguf) -> Path:
     """The real model converted to a float32 Hugging Face folder by `make real-model`."""
-    path = REAL_MODEL / "checkpoint"
-    if not (path / "config.json").is_file():
-        pytest.skip(f"the real model is not converted ({path} is missing): run `make real-model`")
-    return path
+    return real_model_checkpoint("0.5b")
 
 
 @pytest.fixture(scope="session")
@@ -93,15 +102,17 @@ def real_openvino() -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_artifact(real_checkpoint, tmp_path_factory):
-    """Factory: real_artifact(**export kwargs) -> the real model exported (cached per kwargs)."""
+def real_artifact(tmp_path_factory):
+    """Factory: real_artifact(model="0.5b", **export kwargs) -> that real model exported (cached
+    per arguments; a skip when the model is not fetched)."""
     cache: dict[str, Path] = {}
 
-    def make(**export_kwargs) -> Path:
-        key = _key(export_kwargs)
+    def make(model: str = "0.5b", **export_kwargs) -> Path:
+        key = _key({"model": model, **export_kwargs})
         if key not in cache:
+            checkpoint = real_model_checkpoint(model)
             out = tmp_path_factory.mktemp("real_artifact") / "a"
-            export_checkpoint(real_checkpoint, out, progress=False, **export_kwargs)
+            export_checkpoint(checkpoint, out, progress=False, **export_kwargs)
             cache[key] = out
         return cache[key]
 

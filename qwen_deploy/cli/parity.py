@@ -48,9 +48,16 @@ from .options import provider_option, quiet_option
     "--atol", type=float, default=None, help="Override: atol of |diff| <= atol + rtol*|ref|."
 )
 @click.option("--rtol", type=float, default=None, help="Override: relative part of that bound.")
-@click.option("--min-cosine", type=float, default=None, help="Override: minimum cosine.")
+@click.option(
+    "--min-cosine",
+    type=float,
+    default=None,
+    help="Override: minimum mean over rows of the centered logit cosine.",
+)
 @click.option("--min-top1", type=float, default=None, help="Override: minimum top-1 agreement.")
-@click.option("--max-kl", type=float, default=None, help="Override: maximum KL divergence.")
+@click.option(
+    "--max-kl", type=float, default=None, help="Override: maximum mean over rows of the KL (nats)."
+)
 @click.option(
     "--json",
     "json_out",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .runner import ParityReport
 
-COLUMNS = ("max_abs", "mean_abs", "tol_ratio", "cosine", "top1", "kl")
+COLUMNS = ("max_abs", "mean_abs", "tol_ratio", "top1", "cos_mean", "kl_mean", "cos_min", "kl_max")
 
 
 def _fmt(metrics: dict[str, float]) -> list[str]:
@@ -13,9 +13,11 @@ def _fmt(metrics: dict[str, float]) -> list[str]:
         f"{metrics['max_abs']:.3e}",
         f"{metrics['mean_abs']:.3e}",
         "-" if ratio is None else f"{ratio:.3f}",
-        f"{metrics['cosine']:.7f}",
         f"{metrics['top1']:.3f}",
-        f"{metrics['kl']:.3e}",
+        f"{metrics['cosine_mean']:.7f}",
+        f"{metrics['kl_mean']:.3e}",
+        f"{metrics['cosine_min']:.7f}",
+        f"{metrics['kl_max']:.3e}",
     ]
 
 
@@ -32,6 +34,16 @@ def _rows(report: ParityReport) -> list[list[str]]:
 def _title(report: ParityReport) -> str:
     judge = "transformers" + (" float64" if report.reference_dtype == "float64" else "")
     return f"{report.artifact} ({report.precision}) vs {judge} on {report.reference}"
+
+
+def extreme(report: ParityReport) -> str:
+    """Where the largest KL is: a report line, not a bound (the extremes grow with the rows)."""
+    step, token = report.extreme_row()
+    where = "prefill" if step.step == 0 else f"decode step {step.step}"
+    return (
+        f"largest KL {step.metrics['kl_max']:.3g}: {step.case}, {where}, row "
+        f"{step.metrics['worst_row']} (input token {token})"
+    )
 
 
 def verdict(report: ParityReport) -> str:
@@ -58,6 +70,7 @@ def table(report: ParityReport) -> str:
             line(header),
             line(["-" * w for w in widths]),
             *map(line, rows),
+            extreme(report),
             verdict(report),
         ]
     )
@@ -75,6 +88,8 @@ def markdown(report: ParityReport) -> str:
             "| " + " | ".join(header) + " |",
             "|" + "---|" * len(header),
             *body,
+            "",
+            extreme(report) + ".",
             "",
             f"**{verdict(report)}**",
             "",

@@ -34,6 +34,7 @@ class StepResult:
     step: int  # 0 = prefill, 1.. = decode steps
     metrics: dict[str, float]
     rows: int  # compared logit rows (positions)
+    tokens: list[int]  # the input token of each compared row
     torch_fp32: dict[str, float] | None = None  # transformers float32 vs a float64 reference
 
 
@@ -68,19 +69,25 @@ class ParityReport:
         return not self.failures
 
     def worst_step(self) -> StepResult:
-        """The step with the most violated bounds; ties broken by logit error, then cosine."""
+        """The step with the most violated bounds; ties broken by logit error, then mean KL."""
         return max(
             self.steps,
             key=lambda s: (
                 len(self.tolerance.failures(s.metrics)),
                 s.metrics.get("tol_ratio", 0.0),
                 s.metrics["max_abs"],
-                -s.metrics["cosine"],
+                s.metrics["kl_mean"],
             ),
         )
 
+    def extreme_row(self) -> tuple[StepResult, int]:
+        """The step and row (within the step) with the largest KL: reported, not judged."""
+        step = max(self.steps, key=lambda s: s.metrics["kl_max"])
+        return step, step.tokens[step.metrics["worst_row"]]
+
     def to_dict(self) -> dict:
         worst = self.worst_step()
+        extreme, token = self.extreme_row()
         data = {
             "artifact": self.artifact,
             "reference": self.reference,
@@ -92,6 +99,13 @@ class ParityReport:
             "failures": self.failures,
             "summary": self.summary,
             "worst": {"case": worst.case, "step": worst.step, **worst.metrics},
+            "largest_kl_row": {
+                "case": extreme.case,
+                "step": extreme.step,
+                "row": extreme.metrics["worst_row"],
+                "input_token": token,
+                "kl": extreme.metrics["kl_max"],
+            },
             "steps": [
                 {"case": s.case, "step": s.step, "rows": s.rows, **s.metrics}
                 | ({"torch_fp32": s.torch_fp32} if s.torch_fp32 else {})
@@ -137,6 +151,7 @@ def _run_case(
                 step,
                 sides.tolerance.measure(ref_rows, cand_rows),
                 len(ref_rows.reshape(-1, ref.shape[-1])),
+                (ids[keep] if step == 0 else ids).reshape(-1).tolist(),
                 sides.tolerance.measure(ref_rows, fp32[keep] if step == 0 else fp32)
                 if shadow
                 else None,

@@ -9,8 +9,9 @@ Two held-out measurements, neither shared with the calibration set:
   to text, docs/DESIGN.md): teacher-forced perplexity of each next token, prefilled in chunks
   through the KV cache. Chat prompts alone make a poor perplexity: their tokens are mostly the
   template's fixed system prompt.
-The gate is the mode's parity preset with the bounds set on the real Qwen2.5-Coder-0.5B-Instruct
-(GATES, docs/DESIGN.md "Precisions"): a top-1 floor, a perplexity ceiling, the worst-row cosine.
+The gate is the mode's parity preset (top-1, mean KL and mean cosine over the prompt rows) with a
+higher top-1 floor and a perplexity ceiling (GATES): bounds that mean the same on every model
+(docs/DESIGN.md "Precisions"); the extreme rows are reported with where they are, not judged.
 """
 
 from __future__ import annotations
@@ -43,23 +44,18 @@ ROW_BLOCK = 32  # logit rows exponentiated at once
 
 @dataclass(frozen=True)
 class Gate:
-    """What quantize adds to the mode's parity preset: a top-1 floor on the held-out prompts and
-    a ceiling on the perplexity increase over the held-out text."""
+    """What quantize adds to the mode's parity preset: a higher top-1 floor on the held-out
+    prompts and a ceiling on the relative perplexity increase over the held-out text."""
 
     top1: float
-    perplexity: float  # largest allowed relative perplexity increase on TEXTS
+    perplexity: float
 
 
-# Set by the issue's acceptance on the real Qwen2.5-Coder-0.5B-Instruct; measured there with
-# default options: int8-weight top-1 0.980, -0.1% perplexity; int8-smoothquant top-1 0.982,
-# +0.4% (the first SmoothQuant, one alpha and no float layers: 0.716, +24%).
+# docs/DESIGN.md "Precisions" gives each bound's measurements on both real models.
 GATES = {
     "int8-weight": Gate(top1=0.97, perplexity=0.015),
-    # INT8 too, with per-token activation scales: held to int8-weight's bounds
-    "int8-dynamic": Gate(top1=0.97, perplexity=0.015),
+    "int8-dynamic": Gate(top1=0.96, perplexity=0.015),
     "int8-smoothquant": Gate(top1=0.95, perplexity=0.03),
-    # measured with default options: top-1 0.968, +1.8% perplexity (all-INT4 linears: 0.906, +5.8%
-    # on the earlier 2.6k-token text)
     "int4-weight": Gate(top1=0.92, perplexity=0.03),
 }
 
@@ -176,31 +172,30 @@ def _text_report(
 def gate_bounds(mode: str) -> dict[str, float]:
     """The bounds `mode`'s artifact must meet: its parity preset with GATES applied."""
     preset, gate = PRESETS[mode], GATES[mode]
-    bounds = {
-        "top1": max(preset.top1 or 0.0, gate.top1),
-        "cosine": preset.cosine,
-        "perplexity": gate.perplexity,
-    }
-    if preset.kl is not None:
-        bounds["kl"] = preset.kl
-    return bounds
+    bounds = {"top1": max(preset.top1 or 0.0, gate.top1), "perplexity": gate.perplexity}
+    return bounds | {k: v for k, v in {"kl": preset.kl, "cosine": preset.cosine}.items() if v}
 
 
 def gate_failures(mode: str, metrics: dict[str, float], perplexity: float) -> list[str]:
     """The bounds of `mode`'s gate that the measurements violate, worst first.
 
-    Severity is the loss measured over the loss allowed (1 - top-1, 1 - cosine, KL, relative
-    perplexity), so unlike metrics compare.
+    Severity is the loss measured over the loss allowed (1 - top-1, relative perplexity, mean
+    KL, 1 - mean cosine), so unlike metrics compare.
     """
     bound = gate_bounds(mode)
-    top1, cosine, ppl = bound["top1"], bound["cosine"], bound["perplexity"]
+    top1, ppl = bound["top1"], bound["perplexity"]
     checks = [
         (1 - metrics["top1"], 1 - top1, f"top1 {metrics['top1']:.4f} < {top1:g}"),
         (perplexity, ppl, f"perplexity {perplexity:+.2%} > +{ppl:.1%}"),
-        (1 - metrics["cosine"], 1 - cosine, f"cosine {metrics['cosine']:.6f} < {cosine:g}"),
     ]
     if "kl" in bound:
-        checks.append((metrics["kl"], bound["kl"], f"kl {metrics['kl']:.3g} > {bound['kl']:g}"))
+        kl = metrics["kl_mean"]
+        checks.append((kl, bound["kl"], f"mean KL {kl:.3g} > {bound['kl']:g}"))
+    if "cosine" in bound:
+        cosine = metrics["cosine_mean"]
+        checks.append(
+            (1 - cosine, 1 - bound["cosine"], f"mean cosine {cosine:.6f} < {bound['cosine']:g}")
+        )
     failed = [(loss / limit, text) for loss, limit, text in checks if loss > limit]
     return [text for _, text in sorted(failed, reverse=True)]
 
@@ -261,8 +256,11 @@ def quality_report(
         decode_steps=steps,
         rows=int(sum(len(x) for x in ref_logits)),
         top1=metrics["top1"],
-        kl_max=metrics["kl"],
-        cosine_min=metrics["cosine"],
+        kl_mean=metrics["kl_mean"],
+        cosine_mean=metrics["cosine_mean"],
+        kl_max=metrics["kl_max"],
+        cosine_min=metrics["cosine_min"],
+        largest_kl_row=_locate(metrics["worst_row"], ids, fed, Tokenizer.from_artifact(reference)),
         max_abs=metrics["max_abs"],
         mean_abs=metrics["mean_abs"],
         perplexity=perplexity,
@@ -274,6 +272,20 @@ def quality_report(
     )
 
 
+def _locate(row: int, ids: list[list[int]], fed: list[list[int]], tokenizer: Tokenizer) -> dict:
+    """Which prompt, position and input token a row of the concatenated comparison is."""
+    for n, (prompt, steps) in enumerate(zip(ids, fed, strict=True)):
+        tokens = prompt + steps
+        if row < len(tokens):
+            return {"prompt": n + 1, "position": row, "token": tokenizer.decode([tokens[row]])}
+        row -= len(tokens)
+    raise IndexError("row beyond the compared rows")
+
+
+def _row_label(row: dict) -> str:
+    return f"prompt {row['prompt']} position {row['position']} (after {row['token']!r})"
+
+
 def format_report(report: Quality) -> str:
     """Human-readable quality summary (the CLI prints this)."""
     ppl = report.perplexity
@@ -283,8 +295,10 @@ def format_report(report: Quality) -> str:
         f"quality vs the {report.reference_precision} source ({report.cases} held-out "
         f"prompts, prefill + {report.decode_steps} decode steps, {report.rows} rows):",
         f"  top-1 agreement  {report.top1:.4f}",
-        f"  cosine (min)     {report.cosine_min:.6f}",
-        f"  KL (max, nats)   {report.kl_max:.3g}",
+        f"  KL (mean, nats)  {report.kl_mean:.3g}",
+        f"  cosine (mean)    {report.cosine_mean:.6f}",
+        f"  largest KL       {report.kl_max:.3g} at {_row_label(report.largest_kl_row)} "
+        f"(smallest cosine {report.cosine_min:.6f}; extremes are reported, not judged)",
         f"  perplexity       {ppl['reference']:.4g} -> {ppl['quantized']:.4g} "
         f"({ppl['relative']:+.2%}; {passages}) on {ppl['tokens']} tokens of held-out text",
         f"  text top-1       {report.text_top1:.4f}",
@@ -321,8 +335,8 @@ ADVICE = {
     "traffic, or the fp16 artifact",
     "int8-dynamic": "another --alpha (0.5 by default), a --calibration file that looks like "
     "your traffic, or --mode int8-weight",
-    "int4-weight": "another --alpha (0.5 by default), a --calibration file that looks like your "
-    "traffic, or --mode int8-weight",
+    "int4-weight": "--gptq (rounding that compensates each channel's error), another --alpha (0.5 "
+    "by default), a --calibration file that looks like your traffic, or --mode int8-weight",
 }
 
 

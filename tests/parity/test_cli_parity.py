@@ -195,3 +195,21 @@ def test_parity_refuses_another_model_before_running_it(tiny_artifact, tiny_chec
         "16; vocab_size 1024, the artifact 151936: parity compares the same model; pass the "
         f"checkpoint the artifact was exported from ({tiny_checkpoint.resolve()}).\n"
     )
+
+
+def test_parity_reports_where_the_largest_kl_is(tiny_artifact, tiny_checkpoint, prompts_file):
+    """The extreme row is reported (case, step, row, input token), not judged."""
+    result = _parity(tiny_artifact, tiny_checkpoint, "--prompts", str(prompts_file), "--json", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    where = report["largest_kl_row"]
+    step = max(report["steps"], key=lambda s: s["kl_max"])
+    assert (where["case"], where["step"], where["kl"]) == (
+        step["case"],
+        step["step"],
+        step["kl_max"],
+    )
+    assert 0 <= where["row"] < step["rows"] and isinstance(where["input_token"], int)
+    assert report["summary"]["kl_mean"] <= where["kl"]
+    table = _parity(tiny_artifact, tiny_checkpoint, "--prompts", str(prompts_file)).stdout
+    assert f"(input token {where['input_token']})" in table

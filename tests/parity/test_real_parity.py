@@ -1,10 +1,12 @@
-"""Parity on the real Qwen2.5-Coder-0.5B-Instruct: the presets pass honest exports of every form
-and precision, and fail the bugs an exporter could really have (tests/parity/broken_exports.py)."""
+"""Parity on the real Qwen2.5-Coder-0.5B- and 1.5B-Instruct: the presets pass honest exports of
+every form and precision, and fail the bugs an exporter could really have
+(tests/parity/broken_exports.py), on both models' shapes."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +15,7 @@ from qwen_deploy.cli import main
 from qwen_deploy.export import export_checkpoint
 from qwen_deploy.manifest import Manifest
 from qwen_deploy.parity.presets import PRESETS
+from tests.conftest import real_model_checkpoint
 from tests.forms import forms
 from tests.parity.broken_exports import (
     decode_positions_off_by_one,
@@ -36,13 +39,21 @@ def _parity(artifact, checkpoint, prompts, *extra) -> tuple[int, dict]:
     return result.exit_code, json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-@pytest.mark.parametrize("attention", forms(["onnx", "gqa", "decomposed"], ["gqa"]))
-def test_default_presets_pass_every_form(
-    real_artifact, real_checkpoint, prompts, precision, attention
-):
-    artifact = real_artifact(precision=precision, attention=attention)
-    code, report = _parity(artifact, real_checkpoint, prompts, "--steps", "8")
+@pytest.mark.parametrize(
+    ("model", "precision", "attention"),
+    forms(
+        [
+            (model, precision, attention)
+            for model in ("0.5b", "1.5b")
+            for precision in ("fp32", "fp16")
+            for attention in ("onnx", "gqa", "decomposed")
+        ],
+        [("0.5b", "fp32", "gqa"), ("0.5b", "fp16", "gqa"), ("1.5b", "fp32", "gqa")],
+    ),
+)
+def test_default_presets_pass_every_form(real_artifact, prompts, model, precision, attention):
+    artifact = real_artifact(model, precision=precision, attention=attention)
+    code, report = _parity(artifact, real_model_checkpoint(model), prompts, "--steps", "8")
     assert code == 0 and report["passed"], report["failures"]
     assert report["preset"] == precision
     assert {s["case"] for s in report["steps"]} == {
@@ -53,39 +64,65 @@ def test_default_presets_pass_every_form(
     summary = report["summary"]
     assert summary["top1"] == 1.0
     # honest exports sit well inside the bounds, not at their edge
-    assert summary["tol_ratio"] < 0.5 and summary["cosine"] > 0.99999
+    assert summary["tol_ratio"] < 0.5 and summary["cosine_min"] > 0.99999
 
 
 @pytest.fixture(scope="module")
-def broken(real_artifact, real_checkpoint, tmp_path_factory):
-    """name -> a broken fp32 export of the real model."""
-    work = tmp_path_factory.mktemp("broken")
-    good = real_artifact()
-    theta_ckpt = rope_theta_checkpoint(real_checkpoint, work / "theta-ckpt", 1e4)
+def broken(real_artifact, tmp_path_factory):
+    """broken(model, name) -> a broken fp32 export of the real `model`, made once."""
+    made: dict[tuple[str, str], Path] = {}
+
+    def make(model: str, bug: str) -> Path:
+        if (model, bug) not in made:
+            good, work = real_artifact(model), tmp_path_factory.mktemp("broken")
+            made[model, bug] = BUGS[bug](good, real_model_checkpoint(model), work)
+        return made[model, bug]
+
+    return make
+
+
+def _theta_1e4(good: Path, checkpoint: Path, work: Path) -> Path:
+    """The graph rotates with 1e4 while the manifest records the checkpoint's theta, as an
+    exporter bug would (a recorded 1e4 is refused before any forward: the models differ)."""
     theta = work / "theta"
+    theta_ckpt = rope_theta_checkpoint(checkpoint, work / "theta-ckpt", 1e4)
     export_checkpoint(theta_ckpt, theta, progress=False)
-    # the graph rotates with 1e4 while the manifest records the checkpoint's theta, as an
-    # exporter bug would (a recorded 1e4 is refused before any forward: the models differ)
     manifest = Manifest.read(theta)
     manifest.model = dataclasses.replace(
         manifest.model, rope_theta=Manifest.read(good).model.rope_theta
     )
     manifest.save(theta)
-    return {
-        "rope theta 1e4": theta,
-        "layer 3 q/k/v bias dropped": drop_qkv_bias(good, work / "bias", 3),
-        "decode positions off by one": decode_positions_off_by_one(good, work / "positions"),
-    }
+    return theta
+
+
+BUGS = {
+    "rope theta 1e4": _theta_1e4,
+    "layer 3 q/k/v bias dropped": lambda good, _, work: drop_qkv_bias(good, work / "bias", 3),
+    "decode positions off by one": lambda good, _, work: decode_positions_off_by_one(
+        good, work / "positions"
+    ),
+}
 
 
 @pytest.mark.parametrize(
-    "bug", ["rope theta 1e4", "layer 3 q/k/v bias dropped", "decode positions off by one"]
+    ("model", "bug"),
+    forms(
+        [(model, bug) for model in ("0.5b", "1.5b") for bug in BUGS],
+        [("0.5b", bug) for bug in BUGS] + [("1.5b", "decode positions off by one")],
+    ),
 )
-def test_broken_exports_fail(broken, real_checkpoint, prompts, bug):
+def test_broken_exports_fail(broken, prompts, model, bug):
     """Run under the fp16 preset; the fp32 preset, at least as tight in every bound it shares
     (its elementwise bound is under fp16's at every logit), fails them too."""
     code, report = _parity(
-        broken[bug], real_checkpoint, prompts, "--steps", "2", "--no-batch", "--preset", "fp16"
+        broken(model, bug),
+        real_model_checkpoint(model),
+        prompts,
+        "--steps",
+        "2",
+        "--no-batch",
+        "--preset",
+        "fp16",
     )
     assert code == 1 and not report["passed"]
     assert report["failures"][0].startswith("logits beyond atol"), report["failures"]

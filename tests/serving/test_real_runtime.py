@@ -1,5 +1,6 @@
 """The runtime on the real Qwen2.5-Coder-0.5B-Instruct, proven against transformers: greedy
-generation and the OpenAI server under batching (INT8 quality: tests/quantize/test_quantize.py)."""
+generation (on the 1.5B model too) and the OpenAI server under batching (INT8 quality:
+tests/quantize/test_quantize.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qwen_deploy.generation.engine import BatchEngine
 from qwen_deploy.generation.generator import Generator
+from tests.conftest import real_model_checkpoint
 from tests.serving.test_server import running_server, wait_idle
 
 pytestmark = pytest.mark.real
@@ -39,11 +41,10 @@ QUESTIONS = [  # different prompt lengths: the batch is left-padded
 LENGTHS = [24, 20, 28, 22, 26, 18, 24, 21]  # rows leave the running batch at different steps
 
 
-@pytest.fixture(scope="module")
-def reference(real_checkpoint) -> SimpleNamespace:
+def transformers_greedy(checkpoint) -> SimpleNamespace:
     """transformers' greedy answer to MESSAGES (float32, its own chat template and EOS ids)."""
-    tokenizer = AutoTokenizer.from_pretrained(real_checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(real_checkpoint, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     eos = model.generation_config.eos_token_id
     prompt = tokenizer.apply_chat_template(
         MESSAGES, add_generation_prompt=True, return_tensors="pt", return_dict=True
@@ -67,12 +68,17 @@ def reference(real_checkpoint) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
+def reference(real_checkpoint) -> SimpleNamespace:
+    return transformers_greedy(real_checkpoint)
+
+
+@pytest.fixture(scope="module")
 def generator(real_artifact) -> Generator:
     """The fp32 `onnx`-form artifact, loaded once for generation and the server."""
     return Generator(real_artifact())
 
 
-def test_greedy_generation_equals_transformers(generator, reference):
+def assert_same_greedy_text(generator: Generator, reference: SimpleNamespace) -> None:
     """Same prompt ids (chat template), EOS ids and sampling defaults give the same 64 tokens."""
     assert generator.manifest.eos_token_ids == reference.eos
     assert generator.prompt_ids(messages=MESSAGES) == reference.prompt_ids
@@ -81,6 +87,16 @@ def test_greedy_generation_equals_transformers(generator, reference):
     assert result.token_ids == reference.token_ids
     assert result.content == result.text == reference.text
     assert result.finish_reason == "length"
+
+
+def test_greedy_generation_equals_transformers(generator, reference):
+    assert_same_greedy_text(generator, reference)
+
+
+def test_greedy_generation_equals_transformers_on_the_second_model(real_artifact):
+    """The 1.5B model (other shapes: 28 layers, hidden 1536, 12/2 heads)."""
+    checkpoint = real_model_checkpoint("1.5b")
+    assert_same_greedy_text(Generator(real_artifact("1.5b")), transformers_greedy(checkpoint))
 
 
 @pytest.fixture(scope="module")
