@@ -54,12 +54,13 @@ class Tolerance:
 
 
 # Set on the real Qwen2.5-Coder-0.5B-Instruct and checked on the 1.5B (docs/DESIGN.md, "Parity
-# presets" and "Precisions" give every bound's measurements on both). fp32 and fp16 bound every
-# logit by float rounding: one logit beyond it is a bug, whatever the model's size. The quantized
-# presets bound means over rows (top-1, KL, centered cosine): quantization noise is statistical,
-# and a worst row falls as rows, vocabulary and prompts grow.
+# presets" and "Precisions" give every bound's measurements on both). fp32 and fp16 bound the
+# mean KL far below the smallest planted bug's, and every logit by float rounding, which grows
+# with depth and width (fp32's worst logit: 9e-5 on the 0.5B, 7e-4 on the 1.5B). The quantized
+# presets bound means over rows only: quantization noise is statistical, and a worst row falls as
+# rows, vocabulary and prompts grow. top-1 allows a near-tie flipped by rounding.
 PRESETS: dict[str, Tolerance] = {
-    "fp32": Tolerance(atol=5e-4, rtol=5e-5, cosine=0.99999, top1=1.0),
+    "fp32": Tolerance(atol=2e-3, rtol=5e-5, cosine=0.99999, top1=0.99, kl=1e-6),
     "fp16": Tolerance(atol=0.1, rtol=0.01, cosine=0.9995, top1=0.99, kl=1e-3),
     "int8-weight": Tolerance(cosine=0.998, top1=0.95, kl=0.01),
     "int8-dynamic": Tolerance(cosine=0.998, top1=0.95, kl=0.01),

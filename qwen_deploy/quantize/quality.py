@@ -245,7 +245,11 @@ def quality_report(
     cand_logits, _ = _run(quantized, ids, steps, fed, "quality: int8", progress)
     cand_text = _score_text(quantized, texts, "quality: int8 text", progress)
     quantized.close()
-    metrics = _compare(np.concatenate(ref_logits), np.concatenate(cand_logits))
+    rows = distinct_rows(ids, fed)
+    metrics = _compare(
+        np.stack([ref_logits[n][i] for n, i in rows]),
+        np.stack([cand_logits[n][i] for n, i in rows]),
+    )
     perplexity, text_top1 = _text_report(ref_text, cand_text)
     failures = gate_failures(mode, metrics, perplexity["relative"])
     return Quality(
@@ -254,13 +258,13 @@ def quality_report(
         prompts=HELD_OUT if prompts is None else "given",
         cases=len(ids),
         decode_steps=steps,
-        rows=int(sum(len(x) for x in ref_logits)),
+        rows=len(rows),
         top1=metrics["top1"],
         kl_mean=metrics["kl_mean"],
         cosine_mean=metrics["cosine_mean"],
         kl_max=metrics["kl_max"],
         cosine_min=metrics["cosine_min"],
-        largest_kl_row=_locate(metrics["worst_row"], ids, fed, Tokenizer.from_artifact(reference)),
+        largest_kl_row=_locate(rows[metrics["worst_row"]], ids, fed, reference),
         max_abs=metrics["max_abs"],
         mean_abs=metrics["mean_abs"],
         perplexity=perplexity,
@@ -272,14 +276,32 @@ def quality_report(
     )
 
 
-def _locate(row: int, ids: list[list[int]], fed: list[list[int]], tokenizer: Tokenizer) -> dict:
-    """Which prompt, position and input token a row of the concatenated comparison is."""
-    for n, (prompt, steps) in enumerate(zip(ids, fed, strict=True)):
-        tokens = prompt + steps
-        if row < len(tokens):
-            return {"prompt": n + 1, "position": row, "token": tokenizer.decode([tokens[row]])}
-        row -= len(tokens)
-    raise IndexError("row beyond the compared rows")
+def distinct_rows(ids: list[list[int]], fed: list[list[int]]) -> list[tuple[int, int]]:
+    """(prompt, position) of each row whose context (its tokens so far) no earlier row had.
+
+    The prompts share the chat template's system prompt: counted once per prompt, each of its
+    rows would weigh as much as all the prompts (docs/DESIGN.md, "Precisions")."""
+    trie: dict[int, dict] = {}
+    rows = []
+    for n, tokens in enumerate(p + s for p, s in zip(ids, fed, strict=True)):
+        node = trie
+        for i, token in enumerate(tokens):
+            if token not in node:
+                node[token] = {}
+                rows.append((n, i))
+            node = node[token]
+    return rows
+
+
+def _locate(row: tuple[int, int], ids: list[list[int]], fed: list[list[int]], folder) -> dict:
+    """Which prompt, position and input token a compared row is."""
+    n, position = row
+    token = (ids[n] + fed[n])[position]
+    return {
+        "prompt": n + 1,
+        "position": position,
+        "token": Tokenizer.from_artifact(folder).decode([token]),
+    }
 
 
 def _row_label(row: dict) -> str:
@@ -293,7 +315,7 @@ def format_report(report: Quality) -> str:
     passages = ", ".join(f"{n} {p['relative']:+.2%}" for n, p in ppl["passages"].items())
     lines = [
         f"quality vs the {report.reference_precision} source ({report.cases} held-out "
-        f"prompts, prefill + {report.decode_steps} decode steps, {report.rows} rows):",
+        f"prompts, prefill + {report.decode_steps} decode steps, {report.rows} distinct rows):",
         f"  top-1 agreement  {report.top1:.4f}",
         f"  KL (mean, nats)  {report.kl_mean:.3g}",
         f"  cosine (mean)    {report.cosine_mean:.6f}",

@@ -197,11 +197,16 @@ def test_parity_refuses_another_model_before_running_it(tiny_artifact, tiny_chec
     )
 
 
-def test_parity_reports_where_the_largest_kl_is(tiny_artifact, tiny_checkpoint, prompts_file):
+def test_parity_reports_where_the_largest_kl_is(
+    tiny_artifact, tiny_checkpoint, prompts_file, tmp_path
+):
     """The extreme row is reported (case, step, row, input token), not judged."""
-    result = _parity(tiny_artifact, tiny_checkpoint, "--prompts", str(prompts_file), "--json", "-")
+    out = tmp_path / "report.json"
+    result = _parity(
+        tiny_artifact, tiny_checkpoint, "--prompts", str(prompts_file), "--json", str(out)
+    )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
+    report = json.loads(out.read_text())
     where = report["largest_kl_row"]
     step = max(report["steps"], key=lambda s: s["kl_max"])
     assert (where["case"], where["step"], where["kl"]) == (
@@ -211,5 +216,4 @@ def test_parity_reports_where_the_largest_kl_is(tiny_artifact, tiny_checkpoint, 
     )
     assert 0 <= where["row"] < step["rows"] and isinstance(where["input_token"], int)
     assert report["summary"]["kl_mean"] <= where["kl"]
-    table = _parity(tiny_artifact, tiny_checkpoint, "--prompts", str(prompts_file)).stdout
-    assert f"(input token {where['input_token']})" in table
+    assert f"(input token {where['input_token']})" in result.stdout

@@ -48,7 +48,8 @@ def _parity(artifact, checkpoint, prompts, *extra) -> tuple[int, dict]:
             for precision in ("fp32", "fp16")
             for attention in ("onnx", "gqa", "decomposed")
         ],
-        [("0.5b", "fp32", "gqa"), ("0.5b", "fp16", "gqa"), ("1.5b", "fp32", "gqa")],
+        # the 1.5B's in the form its other tests export anyway
+        [("0.5b", "fp32", "gqa"), ("0.5b", "fp16", "gqa"), ("1.5b", "fp32", "onnx")],
     ),
 )
 def test_default_presets_pass_every_form(real_artifact, prompts, model, precision, attention):
@@ -64,7 +65,7 @@ def test_default_presets_pass_every_form(real_artifact, prompts, model, precisio
     summary = report["summary"]
     assert summary["top1"] == 1.0
     # honest exports sit well inside the bounds, not at their edge
-    assert summary["tol_ratio"] < 0.5 and summary["cosine_min"] > 0.99999
+    assert summary["tol_ratio"] < 0.5 and summary["kl_mean"] < PRESETS[precision].kl / 10
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +129,7 @@ def test_broken_exports_fail(broken, prompts, model, bug):
     assert report["failures"][0].startswith("logits beyond atol"), report["failures"]
     fp32, fp16 = PRESETS["fp32"], PRESETS["fp16"]
     assert fp32.atol <= fp16.atol and fp32.rtol <= fp16.rtol
-    assert fp32.cosine >= fp16.cosine and fp32.top1 >= fp16.top1
+    assert fp32.cosine >= fp16.cosine and fp32.top1 >= fp16.top1 and fp32.kl <= fp16.kl
 
 
 def test_float64_view_shows_both_sides_near_exact(real_artifact, real_checkpoint, prompts):
