@@ -764,13 +764,9 @@ def test_rows_with_a_context_seen_before_count_once():
     from qwen_deploy.quantize.quality import distinct_rows
 
     ids, fed = [[1, 2, 3], [1, 2, 4], [1, 2, 3]], [[5, 7], [5, 7], [6, 7]]
-    assert distinct_rows(ids, fed) == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4)] + [
-        (1, 2),
-        (1, 3),
-        (1, 4),
-        (2, 3),  # prompt 3 repeats prompt 1 until its first decode step
-        (2, 4),
-    ]
+    first = [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4)]
+    # prompt 2 leaves prompt 1 at position 2; prompt 3 repeats it until its first decode step
+    assert distinct_rows(ids, fed) == [*first, (1, 2), (1, 3), (1, 4), (2, 3), (2, 4)]
 
 
 def test_gate_failures_come_worst_first():
