@@ -360,6 +360,7 @@ def test_real_conversion_is_a_valid_checkpoint(real_checkpoint):
 
 
 @pytest.mark.real
+@pytest.mark.exhaustive  # CI: the tiny GGUF files' logits check (65 s of transformers' GGUF load)
 def test_real_logits_match_transformers_gguf_load(real_checkpoint, real_transformers_model):
     tokenizer = AutoTokenizer.from_pretrained(real_checkpoint)
     ids = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)["input_ids"]
