@@ -841,7 +841,7 @@ def test_search_prefers_the_alpha_that_tames_an_outlier_channel():
 # quantized once per model with default options through the CLI, except a calibration set cut to
 # its first REAL_SAMPLES prompts (~3.5k tokens, a quarter of the default) to keep these tests at
 # minutes on two cores. CI runs one passing gate (int8-weight on the 0.5B, the cheapest) and the
-# failing one; the other modes and the 1.5B's gates (5-8 minutes each) are exhaustive.
+# failing one; the other modes and the 1.5B's gates (7-12 minutes each here) are exhaustive.
 REAL_SAMPLES = 32
 MODELS = ("0.5b", "1.5b")
 
