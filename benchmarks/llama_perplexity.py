@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen_deploy.generation.tokenizer import Tokenizer
 from qwen_deploy.manifest import Manifest
 from qwen_deploy.quantize.quality import TEXTS, load_texts, token_nll
 
@@ -77,7 +78,7 @@ def main() -> None:
         for kind in kinds:
             print(f"llama.cpp: {source} -> {kind}", file=sys.stderr)
             files.append(requantize(Path(source), kind, args.workdir))
-    passages = load_texts(args.artifact)
+    passages = load_texts(Tokenizer.from_artifact(Path(args.artifact)))
     rows = []
     for gguf in files:
         print(f"perplexity of {gguf}", file=sys.stderr)

@@ -59,21 +59,25 @@ def artifact(checkpoint, tmp_path_factory):
 # where `make real-model` and `make real-model-2` put the real models: model.gguf and its float32
 # conversion. The parity presets and quantize gates are checked on both.
 _CACHE = Path.home() / ".cache" / "qwen-deploy"
-REAL_MODELS = {
-    "0.5b": Path(os.environ.get("QWEN_DEPLOY_REAL_MODEL", _CACHE / "qwen2.5-coder-0.5b-instruct")),
-    "1.5b": Path(
-        os.environ.get("QWEN_DEPLOY_REAL_MODEL_2", _CACHE / "qwen2.5-coder-1.5b-instruct")
+REAL_MODELS = {  # name -> (folder, the make target that fills it)
+    "0.5b": (
+        Path(os.environ.get("QWEN_DEPLOY_REAL_MODEL", _CACHE / "qwen2.5-coder-0.5b-instruct")),
+        "make real-model",
+    ),
+    "1.5b": (
+        Path(os.environ.get("QWEN_DEPLOY_REAL_MODEL_2", _CACHE / "qwen2.5-coder-1.5b-instruct")),
+        "make real-model-2",
     ),
 }
-REAL_MODEL = REAL_MODELS["0.5b"]
-MAKE_TARGET = {"0.5b": "make real-model", "1.5b": "make real-model-2"}
+REAL_MODEL = REAL_MODELS["0.5b"][0]
 
 
 def real_model_checkpoint(model: str) -> Path:
     """The real `model`'s float32 Hugging Face folder, or a skip naming the make target."""
-    path = REAL_MODELS[model] / "checkpoint"
+    folder, target = REAL_MODELS[model]
+    path = folder / "checkpoint"
     if not (path / "config.json").is_file():
-        pytest.skip(f"the real {model} model is not converted ({path}): run `{MAKE_TARGET[model]}`")
+        pytest.skip(f"the real {model} model is not converted ({path}): run `{target}`")
     return path
 
 

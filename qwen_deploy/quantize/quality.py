@@ -114,10 +114,8 @@ def token_nll(logits: np.ndarray, targets: list[int]) -> np.ndarray:
     return np.concatenate(out)
 
 
-def load_texts(folder: str | Path) -> dict[str, list[int]]:
-    """The packaged held-out passages as token ids of `folder`'s tokenizer (raw text, no
-    template)."""
-    tokenizer = Tokenizer.from_artifact(Path(folder))
+def load_texts(tokenizer: Tokenizer) -> dict[str, list[int]]:
+    """The packaged held-out passages as token ids of `tokenizer` (raw text, no template)."""
     data = resources.files("qwen_deploy.data")
     return {
         name: tokenizer.encode(data.joinpath(f"heldout_{name}.txt").read_text(encoding="utf-8"))
@@ -239,7 +237,8 @@ def quality_report(
     """Top-1 agreement, KL, cosine and text perplexity of `candidate` against `reference`, and
     whether they pass the gate of `mode` (the quantizer adds its per-layer choices)."""
     ids = prompt_ids(reference, prompts or load_prompts(), MAX_TOKENS)
-    texts = load_texts(reference)
+    tokenizer = Tokenizer.from_artifact(Path(reference))
+    texts = load_texts(tokenizer)
     ref_logits, fed, ref_text = _source_results(reference, ids, steps, texts, progress)
     quantized = open_backend(candidate)
     cand_logits, _ = _run(quantized, ids, steps, fed, "quality: int8", progress)
@@ -264,7 +263,7 @@ def quality_report(
         cosine_mean=metrics["cosine_mean"],
         kl_max=metrics["kl_max"],
         cosine_min=metrics["cosine_min"],
-        largest_kl_row=_locate(rows[metrics["worst_row"]], ids, fed, reference),
+        largest_kl_row=_locate(rows[metrics["worst_row"]], ids, fed, tokenizer),
         max_abs=metrics["max_abs"],
         mean_abs=metrics["mean_abs"],
         perplexity=perplexity,
@@ -293,14 +292,16 @@ def distinct_rows(ids: list[list[int]], fed: list[list[int]]) -> list[tuple[int,
     return rows
 
 
-def _locate(row: tuple[int, int], ids: list[list[int]], fed: list[list[int]], folder) -> dict:
+def _locate(
+    row: tuple[int, int], ids: list[list[int]], fed: list[list[int]], tokenizer: Tokenizer
+) -> dict:
     """Which prompt, position and input token a compared row is."""
     n, position = row
     token = (ids[n] + fed[n])[position]
     return {
         "prompt": n + 1,
         "position": position,
-        "token": Tokenizer.from_artifact(folder).decode([token]),
+        "token": tokenizer.decode([token]),
     }
 
 
