@@ -11,6 +11,13 @@ from ..runtime.backend import PROVIDERS
 force_option = click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 quiet_option = click.option("--quiet", is_flag=True, help="No progress bars.")
 threads_option = click.option("--threads", type=int, help="onnxruntime intra-op threads.")
+max_memory_option = click.option(
+    "--max-memory",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="GB this command may use at its peak; it is refused before it starts when its "
+    "estimate is larger [default: the memory available].",
+)
 
 
 def output_option(what: str):

@@ -10,7 +10,7 @@ import click
 
 from ..runtime.backend import BACKENDS
 from .group import main
-from .options import provider_option, quiet_option
+from .options import max_memory_option, provider_option, quiet_option
 
 
 @main.command()
@@ -80,6 +80,16 @@ from .options import provider_option, quiet_option
     help="float64: judge against exact arithmetic and show transformers float32's own distance "
     "to it (3x the memory of a float32 reference).",
 )
+@click.option(
+    "--reference-load",
+    type=click.Choice(["auto", "whole", "by-layer"]),
+    default="auto",
+    show_default=True,
+    help="whole: transformers' model held in memory; by-layer: each layer's weights read from "
+    "the checkpoint as it runs (the same logits, at the memory of one layer: a 7B model on a "
+    "24 GB machine, slower); auto: whole when it fits.",
+)
+@max_memory_option
 @quiet_option
 def parity(
     artifact: Path,
@@ -98,6 +108,8 @@ def parity(
     json_out: Path | None,
     md_out: Path | None,
     reference_dtype: str,
+    reference_load: str,
+    max_memory: float | None,
     quiet: bool,
 ) -> None:
     """Compare ARTIFACT's logits with transformers on the source checkpoint; exit 1 on failure."""
@@ -122,6 +134,8 @@ def parity(
         },
         reference_dtype=reference_dtype,
         backend=backend,
+        reference_load=reference_load,
+        max_memory=max_memory,
     )
     text = json.dumps(report.to_dict(), indent=2)
     if json_out and str(json_out) == "-":

@@ -63,43 +63,113 @@ def check_reference(reference: str | Path, manifest: Manifest) -> None:
         )
 
 
-def _load_model(checkpoint: str | Path, dtype: str):
+REFERENCE_LOADS = ("whole", "by-layer")
+
+
+def _transformers():
     try:
         import torch
-        from transformers import AttentionInterface, Qwen2ForCausalLM
-        from transformers.masking_utils import AttentionMaskInterface, eager_mask
-        from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+        import transformers
+        from transformers.models.qwen2 import modeling_qwen2
     except ImportError as e:
         raise QwenDeployError(
             "parity needs the PyTorch reference: pip install 'qwen-deploy[reference]' "
             "(torch and transformers)."
         ) from e
+    return torch, transformers, modeling_qwen2
+
+
+def _load_model(checkpoint: str | Path, dtype: str, load: str = "whole"):
+    """transformers' model with every weight in memory (`whole`), or with each decoder layer's
+    weights read from the checkpoint just before the layer runs and dropped after it
+    (`by-layer`): the same modules and arithmetic, at the memory of the largest layer."""
+    torch, transformers, qwen2 = _transformers()
     if dtype not in REFERENCE_DTYPES:
         raise QwenDeployError(
             f"unknown reference dtype {dtype!r}; choose {' or '.join(REFERENCE_DTYPES)}."
         )
+    if load not in REFERENCE_LOADS:
+        raise QwenDeployError(
+            f"unknown reference load {load!r}; choose {' or '.join(REFERENCE_LOADS)}."
+        )
     exact = dtype == "float64"
     if exact:
-        AttentionInterface.register(FLOAT64_ATTENTION, _float64_attention)
+        from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+        transformers.AttentionInterface.register(FLOAT64_ATTENTION, _float64_attention)
         AttentionMaskInterface.register(FLOAT64_ATTENTION, eager_mask)  # additive, as eager's
-    model = Qwen2ForCausalLM.from_pretrained(
-        str(checkpoint),
-        dtype=getattr(torch, dtype),
-        attn_implementation=FLOAT64_ATTENTION if exact else "eager",
-    ).eval()
+    attention = FLOAT64_ATTENTION if exact else "eager"
+    if load == "whole":
+        model = transformers.Qwen2ForCausalLM.from_pretrained(
+            str(checkpoint), dtype=getattr(torch, dtype), attn_implementation=attention
+        )
+    else:
+        model = _layered_model(torch, transformers, qwen2, checkpoint, dtype, attention)
+    model.eval()
     if exact:
         for module in model.modules():
-            if isinstance(module, Qwen2RMSNorm):
+            if isinstance(module, qwen2.Qwen2RMSNorm):
                 module.forward = types.MethodType(_float64_rms_norm, module)
     return torch, model
 
 
-class TorchReference:
-    """Runs prefill/decode steps on transformers' model with its own KV cache (eager attention)."""
+def _layered_model(torch, transformers, qwen2, checkpoint, dtype: str, attention: str):
+    """The model built without weights (meta tensors); hooks put each decoder layer's and the
+    LM head's weights in place from the checkpoint's memory map for one forward and drop them
+    after it. The embedding reads only the rows of the step's tokens."""
+    source = Checkpoint(checkpoint)
+    torch_dtype = getattr(torch, dtype)
+    config = transformers.AutoConfig.from_pretrained(str(checkpoint))
+    with torch.device("meta"):
+        model = transformers.Qwen2ForCausalLM._from_config(
+            config, attn_implementation=attention, dtype=torch_dtype
+        )
+    model.model.rotary_emb = qwen2.Qwen2RotaryEmbedding(config)  # computed, not stored
 
-    def __init__(self, checkpoint: str | Path, dtype: str = "float32"):
+    def weight(name: str, rows: np.ndarray | None = None):
+        stored = source.tensor(name)
+        array = np.array(stored if rows is None else stored[rows])  # a copy, off the map
+        if str(array.dtype) == "bfloat16":  # torch widens bf16 faster than numpy does
+            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).to(torch_dtype)
+        return torch.from_numpy(array).to(torch_dtype)
+
+    def load(module, prefix: str, names: dict[str, str] | None = None) -> None:
+        names = names or {n: prefix + n for n, _ in module.named_parameters()}
+        module.load_state_dict({n: weight(stored) for n, stored in names.items()}, assign=True)
+
+    def hooked(module, prefix: str, names: dict[str, str] | None = None) -> None:
+        """Weights in place for the module's forward, meta tensors again after it (hooks that
+        return None leave the inputs and outputs as they are)."""
+
+        def drop(*_) -> None:
+            module.to("meta")
+
+        module.register_forward_pre_hook(lambda *_: load(module, prefix, names))
+        module.register_forward_hook(drop)
+
+    for i, layer in enumerate(model.model.layers):
+        hooked(layer, f"model.layers.{i}.")
+    hooked(model.lm_head, "", {"weight": source.spec.lm_head_name})
+    load(model.model.norm, "model.norm.")
+
+    def embed_rows(ids):
+        unique, inverse = np.unique(ids.numpy(), return_inverse=True)
+        rows = weight("model.embed_tokens.weight", unique)
+        return torch.nn.functional.embedding(torch.from_numpy(inverse.reshape(ids.shape)), rows)
+
+    model.model.embed_tokens.forward = embed_rows
+    return model
+
+
+class TorchReference:
+    """Runs prefill/decode steps on transformers' model with its own KV cache (eager attention).
+
+    load: `whole` holds the model in `dtype`; `by-layer` reads each layer's weights from the
+    checkpoint as it runs (parity of a model larger than the memory, bit-identical logits)."""
+
+    def __init__(self, checkpoint: str | Path, dtype: str = "float32", load: str = "whole"):
         self.dtype = dtype
-        self._torch, self.model = _load_model(checkpoint, dtype)
+        self._torch, self.model = _load_model(checkpoint, dtype, load)
         self.cache = None
 
     def reset(self) -> None:
@@ -115,10 +185,10 @@ class TorchReference:
                 input_ids=torch.from_numpy(input_ids),
                 attention_mask=torch.from_numpy(attention_mask),
                 position_ids=torch.from_numpy(position_ids),
-                past_key_values=self.cache,
+                cache=self.cache,
                 use_cache=True,
             )
-        self.cache = out.past_key_values
+        self.cache = out.cache
         return out.logits.numpy()
 
 

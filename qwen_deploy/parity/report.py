@@ -33,6 +33,7 @@ def _rows(report: ParityReport) -> list[list[str]]:
 
 def _title(report: ParityReport) -> str:
     judge = "transformers" + (" float64" if report.reference_dtype == "float64" else "")
+    judge += ", weights read by layer" if report.reference_load == "by-layer" else ""
     return f"{report.artifact} ({report.precision}) vs {judge} on {report.reference}"
 
 

@@ -16,16 +16,19 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from .. import memory
 from ..backends import open_backend
+from ..checkpoint.huggingface import Checkpoint
 from ..errors import QwenDeployError
-from ..manifest import Artifact
+from ..manifest import Artifact, Manifest
+from ..memory import Need
 from ..runtime.backend import Backend
 from ..runtime.decode import Batch
 from ..runtime.padding import left_pad
 from .metrics import merge_metrics
 from .presets import PRESETS, Tolerance, preset_for
 from .prompts import load_prompts
-from .reference import TorchReference, chat_prompt_ids, check_reference
+from .reference import REFERENCE_LOADS, TorchReference, chat_prompt_ids, check_reference
 
 
 @dataclass
@@ -46,6 +49,7 @@ class ParityReport:
     preset: str
     tolerance: Tolerance
     reference_dtype: str = "float32"
+    reference_load: str = "whole"  # or "by-layer": weights read per layer (memory.py)
     steps: list[StepResult] = field(default_factory=list)
 
     @property
@@ -92,6 +96,7 @@ class ParityReport:
             "artifact": self.artifact,
             "reference": self.reference,
             "reference_dtype": self.reference_dtype,
+            "reference_load": self.reference_load,
             "precision": self.precision,
             "preset": self.preset,
             "tolerance": self.tolerance.to_dict(),
@@ -175,13 +180,18 @@ def run_parity(
     token_rows: list[list[int]] | None = None,
     reference_dtype: str = "float32",
     backend: str | None = None,
+    reference_load: str = "auto",
+    max_memory: float | None = None,
 ) -> ParityReport:
     """Compare `artifact` with transformers on `reference` over every prompt and a padded batch.
 
     `token_rows` replaces the prompts with ready token ids (models without a tokenizer).
     `reference_dtype` float64 judges against exact arithmetic and also measures transformers'
     float32 forward against it. The artifact runs on the backend its manifest names (a TensorRT
-    engine on TensorRT), or on `backend`.
+    engine on TensorRT), or on `backend`. `reference_load` whole holds transformers' model in
+    memory, by-layer reads each layer's weights as it runs (the same logits); auto takes whole
+    when it fits in `max_memory` GB (default: the memory available). A run that cannot fit
+    either way is refused before it starts.
     """
     artifact = Artifact.open(artifact)
     manifest = artifact.manifest
@@ -190,16 +200,19 @@ def run_parity(
         raise QwenDeployError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
     tolerance = PRESETS[preset].override(**(overrides or {}))
     check_reference(reference, manifest)
-    candidate = open_backend(artifact, provider=provider, backend=backend)  # fails fast
     rows = token_rows or chat_prompt_ids(reference, load_prompts(prompts_file))
+    load = _reference_load(
+        manifest, reference, rows, steps, reference_dtype, reference_load, max_memory, provider
+    )
+    candidate = open_backend(artifact, provider=provider, backend=backend)  # fails fast
     sides = _Sides(
-        TorchReference(reference, reference_dtype),
+        TorchReference(reference, reference_dtype, load),
         candidate,
         tolerance,
-        TorchReference(reference) if reference_dtype == "float64" else None,
+        TorchReference(reference, load=load) if reference_dtype == "float64" else None,
     )
     report = ParityReport(
-        str(artifact), str(reference), manifest.precision, preset, tolerance, reference_dtype
+        str(artifact), str(reference), manifest.precision, preset, tolerance, reference_dtype, load
     )
     cases = [(f"prompt {i + 1}", [r]) for i, r in enumerate(rows)]
     if batch and len(rows) > 1:
@@ -207,3 +220,50 @@ def run_parity(
     for name, case_rows in tqdm(cases, desc="parity", unit="case", disable=not progress):
         report.steps.extend(_run_case(name, case_rows, steps, sides, manifest.pad_id))
     return report
+
+
+def reference_needs(
+    manifest: Manifest,
+    reference: str | Path,
+    rows: list[list[int]],
+    steps: int,
+    dtype: str,
+    provider: str = "cpu",
+) -> dict[str, Need]:
+    """What a parity run holds at its peak with each reference load: the artifact's session
+    (on the host), both sides' logits of the largest case (the batch), and the reference."""
+    spec = manifest.model
+    source = Checkpoint(reference).tensors["model.embed_tokens.weight"].dtype.itemsize
+    positions = sum(map(len, rows)) + len(rows) * steps
+    on_host = memory.session(manifest, positions, positions) if provider == "cpu" else Need({})
+    base = memory.process() + on_host
+    base += Need({"reference logits": 2 * memory.logits_bytes(spec, positions)})
+    return {load: base + memory.reference(spec, source, dtype, load) for load in REFERENCE_LOADS}
+
+
+def _reference_load(
+    manifest: Manifest,
+    reference: str | Path,
+    rows: list[list[int]],
+    steps: int,
+    dtype: str,
+    load: str,
+    max_memory: float | None,
+    provider: str,
+) -> str:
+    """The reference's load (auto: whole when it fits), refused when the run cannot fit."""
+    if load not in ("auto", *REFERENCE_LOADS):
+        raise QwenDeployError(
+            f"unknown reference load {load!r}; choose auto, {' or '.join(REFERENCE_LOADS)}."
+        )
+    needs = reference_needs(manifest, reference, rows, steps, dtype, provider)
+    if load == "auto":
+        load = "whole" if memory.fits(needs["whole"], max_memory) else "by-layer"
+    instead = [f"--reference-load by-layer (about {memory.gb(needs['by-layer'].total)})"]
+    if load == "by-layer":
+        instead = [
+            "check a smaller artifact of the model (quantize --mode int4-weight)",
+            "run parity on a machine with more memory",
+        ]
+    memory.require("parity", needs[load], max_memory, instead)
+    return load

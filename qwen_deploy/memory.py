@@ -1,0 +1,153 @@
+"""What a command will hold in memory at its peak, estimated before any work starts.
+
+A 7B model on a workstation fails by arithmetic, not by bad luck: its float32 weights alone are
+30 GB. So every command that loads a model adds up what it will hold from the manifest (or the
+checkpoint's headers) and refuses, naming the need and what to run instead, when the machine
+cannot give it that much, rather than being OOM-killed halfway. The estimates are the bytes that
+must be resident at once; docs/DESIGN.md ("Memory") compares them with measured peaks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from .checkpoint.huggingface import ModelSpec, expected_shapes
+from .errors import QwenDeployError
+from .manifest import Manifest
+
+GB = 10**9
+PROCESS = int(0.4 * GB)  # interpreter, onnxruntime, tokenizers, numpy: a loaded process
+CGROUP = Path("/sys/fs/cgroup")
+
+
+class MemoryNeedError(QwenDeployError):
+    """A command would need more memory than the machine (or --max-memory) gives it."""
+
+
+@dataclass(frozen=True)
+class Need:
+    """The parts a command holds at its peak, in bytes."""
+
+    parts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def __add__(self, other: Need) -> Need:
+        return Need(self.parts | other.parts)
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {gb(size)}" for name, size in self.parts.items() if size)
+
+
+def gb(size: float) -> str:
+    return f"{size / GB:.1f} GB"
+
+
+def available() -> tuple[int, str]:
+    """Bytes this process may still take, and where the number comes from: the kernel's
+    MemAvailable, or a cgroup v2 limit when that is smaller (a container's own limit)."""
+    free, origin = psutil.virtual_memory().available, "available on this machine"
+    try:
+        limit = (CGROUP / "memory.max").read_text().strip()
+        used = int((CGROUP / "memory.current").read_text())
+    except (OSError, ValueError):
+        return free, origin
+    if limit != "max" and int(limit) - used < free:
+        return int(limit) - used, "left under this container's memory limit"
+    return free, origin
+
+
+def budget(max_memory_gb: float | None) -> tuple[int, str]:
+    """The bytes a command may plan for: --max-memory when given, else what is available."""
+    if max_memory_gb is not None:
+        return int(max_memory_gb * GB), "allowed by --max-memory"
+    return available()
+
+
+def fits(need: Need, max_memory_gb: float | None) -> bool:
+    return need.total <= budget(max_memory_gb)[0]
+
+
+def require(what: str, need: Need, max_memory_gb: float | None, instead: Iterable[str]) -> None:
+    """Refuse, before the work, a command whose peak would not fit; `instead` says what would."""
+    limit, origin = budget(max_memory_gb)
+    if need.total <= limit:
+        return
+    options = "; or ".join(instead)
+    raise MemoryNeedError(
+        f"{what} needs about {gb(need.total)} of memory at its peak ({need.describe()}), more "
+        f"than the {gb(limit)} {origin}"
+        + (f"; {options}." if options else ".")
+        + " (--max-memory GB overrides the estimate's budget.)"
+    )
+
+
+# -- the pieces ----------------------------------------------------------------------------------
+def parameters(spec: ModelSpec) -> dict[str, int]:
+    """Element count of every tensor of the checkpoint."""
+    return {name: int(np.prod(shape)) for name, shape in expected_shapes(spec).items()}
+
+
+def layer_parameters(spec: ModelSpec) -> int:
+    """Elements of one decoder layer (they all have the same shapes)."""
+    return sum(n for name, n in parameters(spec).items() if name.startswith("model.layers.0."))
+
+
+def artifact_bytes(manifest: Manifest) -> int:
+    """The bytes of the model file and its external data, as the manifest records them."""
+    names = [manifest.model_file, *manifest.data_files]
+    return sum(int(manifest.files.get(name, {}).get("size", 0)) for name in names)
+
+
+def kv_bytes(spec: ModelSpec, positions: int, itemsize: int = 4) -> int:
+    """A KV cache of `positions` (rows x length) in float32, as the CPU runtime keeps it."""
+    return positions * spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * itemsize
+
+
+def logits_bytes(spec: ModelSpec, rows: int) -> int:
+    return rows * spec.vocab_size * 4
+
+
+def session(manifest: Manifest, positions: int = 0, rows: int = 1, label: str = "") -> Need:
+    """An onnxruntime session of the artifact: its weights as stored (onnxruntime maps the data
+    file; fp16 is widened per use in slices), the KV cache of `positions` and `rows` of
+    logits."""
+    spec = manifest.model
+    name = label or f"{manifest.precision} artifact"
+    return Need(
+        {
+            name: artifact_bytes(manifest),
+            f"{name} KV cache": kv_bytes(spec, positions),
+            f"{name} logits": logits_bytes(spec, rows),
+        }
+    )
+
+
+def process() -> Need:
+    return Need({"process": PROCESS})
+
+
+def reference(spec: ModelSpec, source_itemsize: int, dtype: str, load: str) -> Need:
+    """transformers' model: the whole model in `dtype`, or (by layer) the largest piece it holds
+    at once, a decoder layer or the LM head, widened from the checkpoint's copy. A float64
+    reference runs a float32 one beside it."""
+    itemsize = np.dtype(dtype).itemsize
+    sizes = [itemsize] + ([4] if itemsize == 8 else [])
+    if load == "whole":
+        total = sum(parameters(spec).values())
+        return Need(
+            {
+                f"transformers {dtype} + float32"
+                if itemsize == 8
+                else f"transformers {dtype}": total * sum(sizes)
+            }
+        )
+    piece = max(layer_parameters(spec), spec.vocab_size * spec.hidden_size)
+    return Need({f"transformers {dtype} by layer": piece * (max(sizes) + source_itemsize)})
