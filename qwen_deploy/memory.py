@@ -43,7 +43,8 @@ class Need:
         return Need(self.parts | other.parts)
 
     def describe(self) -> str:
-        return ", ".join(f"{name} {gb(size)}" for name, size in self.parts.items() if size)
+        shown = {name: size for name, size in self.parts.items() if size >= GB / 20}
+        return ", ".join(f"{name} {gb(size)}" for name, size in shown.items())
 
 
 def gb(size: float) -> str:
@@ -83,9 +84,9 @@ def require(what: str, need: Need, max_memory_gb: float | None, instead: Iterabl
     options = "; or ".join(instead)
     raise MemoryNeedError(
         f"{what} needs about {gb(need.total)} of memory at its peak ({need.describe()}), more "
-        f"than the {gb(limit)} {origin}"
-        + (f"; {options}." if options else ".")
-        + " (--max-memory GB overrides the estimate's budget.)"
+        f"than the {gb(limit)} {origin}."
+        + (f" Instead: {options}." if options else "")
+        + ("" if max_memory_gb else " (--max-memory GB plans for another amount.)")
     )
 
 
@@ -120,7 +121,7 @@ def session(manifest: Manifest, positions: int = 0, rows: int = 1, label: str = 
     file; fp16 is widened per use in slices), the KV cache of `positions` and `rows` of
     logits."""
     spec = manifest.model
-    name = label or f"{manifest.precision} artifact"
+    name = label or f"{manifest.quantization_mode or manifest.precision} artifact"
     return Need(
         {
             name: artifact_bytes(manifest),
@@ -151,3 +152,56 @@ def reference(spec: ModelSpec, source_itemsize: int, dtype: str, load: str) -> N
         )
     piece = max(layer_parameters(spec), spec.vocab_size * spec.hidden_size)
     return Need({f"transformers {dtype} by layer": piece * (max(sizes) + source_itemsize)})
+
+
+# bytes per weight of each quantized form: codes plus a float32 scale per block (INT4: 32
+# channels and a 4-bit zero point; INT8: 64), quantize/weight_only.py; the embedding is INT8 rows
+INT8_BYTES = 1 + 4 / 64
+INT4_BYTES = 0.5 + (4 + 0.5) / 32
+INT8_IN_INT4 = ("v_proj", "down_proj")  # weight_only.INT8_ROLES, the LM head aside
+
+
+def artifact_estimate(spec: ModelSpec, form: str) -> int:
+    """Bytes of an artifact of the model: fp32 or fp16 export, or a weight-only quantization."""
+    float_bytes = {"fp32": 4, "fp16": 2}
+    sizes = parameters(spec)
+    if form in float_bytes:
+        return sum(sizes.values()) * float_bytes[form]
+    total = 0.0
+    for name, n in sizes.items():
+        if name == "model.embed_tokens.weight":
+            total += n
+        elif not name.endswith("proj.weight") and name != "lm_head.weight":
+            total += n * 4  # norms and biases stay float32
+        elif form == "int4-weight" and not any(r in name for r in INT8_IN_INT4):
+            total += n * (INT4_BYTES if name != "lm_head.weight" else INT8_BYTES)
+        else:
+            total += n * INT8_BYTES
+    if spec.tie_word_embeddings and form != "fp32" and form != "fp16":
+        total += sizes["model.embed_tokens.weight"] * INT8_BYTES  # the LM head's own INT8 copy
+    return int(total)
+
+
+def smaller_forms(manifest: Manifest) -> list[str]:
+    """What would run in less memory than this artifact: a lower precision or a quantization."""
+    mode = manifest.quantization_mode or manifest.precision
+    order = ["fp32", "fp16", "int8-weight", "int4-weight"]
+    if mode not in order[:-1]:
+        return ["run it on a machine with more memory"]
+    forms = order[order.index(mode) + 1 :]
+    how = {
+        "fp16": "an fp16 export (qwen-deploy export --precision fp16)",
+        "int8-weight": "quantize --mode int8-weight",
+        "int4-weight": "quantize --mode int4-weight",
+    }
+    return [f"{how[f]} (weights about {gb(artifact_estimate(manifest.model, f))})" for f in forms]
+
+
+def require_session(artifact_name: str, manifest: Manifest, max_memory_gb: float | None) -> None:
+    """Refuse to open an artifact whose weights alone would not fit."""
+    require(
+        f"running {artifact_name}",
+        process() + session(manifest),
+        max_memory_gb,
+        smaller_forms(manifest),
+    )

@@ -11,12 +11,29 @@ from .group import main
 from .options import json_option
 
 
+def _batch_sizes(value: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(b) for b in value.split(",") if b.strip())
+    except ValueError:
+        sizes = (0,)
+    if any(b < 2 for b in sizes):
+        raise click.BadParameter(f"{value!r}: give batch sizes of 2 or more, like 4,8, or ''.")
+    return sizes
+
+
 @main.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--prompt-len", type=int, default=128, show_default=True)
 @click.option("--new-tokens", type=int, default=64, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True)
 @click.option("--threads", type=int, help="Intra-op threads [onnxruntime's default].")
+@click.option(
+    "--batches",
+    default="4,8",
+    show_default=True,
+    callback=lambda _ctx, _param, value: _batch_sizes(value),
+    help="Batch sizes measured after batch 1, comma-separated ('' for none).",
+)
 @click.option(
     "--prompt-lookup", is_flag=True, help="Compare speculative decoding by prompt lookup."
 )
@@ -47,6 +64,7 @@ def bench(
     new_tokens: int,
     repeats: int,
     threads: int | None,
+    batches: tuple[int, ...],
     prompt_lookup: bool,
     draft: tuple[Path, ...],
     draft_tokens: tuple[int, ...],
@@ -64,6 +82,7 @@ def bench(
             prompt_len,
             new_tokens,
             repeats,
+            batches=batches,
             threads=threads,
             prompt_lookup=prompt_lookup,
             drafts=tuple(str(d) for d in draft),

@@ -12,6 +12,7 @@ from .group import main
 from .options import (
     batch_invariant_option,
     json_option,
+    max_memory_option,
     provider_option,
     speculative_options,
     threads_option,
@@ -35,6 +36,7 @@ def _sampling_options(command):
         threads_option,
         click.option("--system", help="System message."),
         batch_invariant_option,
+        max_memory_option,
     ]
     for option in reversed(options):
         command = option(command)
@@ -68,6 +70,7 @@ def _generator_and_params(
 
     sampling["stop"] = list(sampling["stop"]) or None
     batch_invariant = sampling.pop("batch_invariant")
+    max_memory = sampling.pop("max_memory")
     opened = Artifact.open(artifact)
     params = SamplingParams.from_defaults(opened.manifest, **sampling)  # before the model loads
     generator = Generator(
@@ -76,6 +79,7 @@ def _generator_and_params(
         threads=threads,
         prefix_cache_bytes=prefix_cache_bytes,
         batch_invariant=batch_invariant,
+        max_memory=max_memory,
     )
     return generator, params
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .group import main
-from .options import force_option, json_option, output_option, quiet_option
+from .options import force_option, json_option, max_memory_option, output_option, quiet_option
 
 
 @main.command()
@@ -78,6 +78,7 @@ from .options import force_option, json_option, output_option, quiet_option
 )
 @force_option
 @json_option("the quality report")
+@max_memory_option
 @quiet_option
 def quantize(
     artifact: Path,
@@ -92,6 +93,7 @@ def quantize(
     quality_prompts: Path | None,
     force: bool,
     as_json: bool,
+    max_memory: float | None,
     quiet: bool,
 ) -> None:
     """Quantize an fp32/fp16 ARTIFACT to INT8 or INT4 and report the quality cost against it.
@@ -114,6 +116,7 @@ def quantize(
         quality_prompts=quality_prompts,
         force=force,
         progress=not quiet,
+        max_memory=max_memory,
     )
     if as_json:
         click.echo(json.dumps(manifest.quality.to_dict(), indent=2))

@@ -14,6 +14,7 @@ from .options import (
     batch_invariant_option,
     force_option,
     json_option,
+    max_memory_option,
     output_option,
     provider_option,
     speculative_options,
@@ -86,6 +87,7 @@ from .options import (
     "it waits, one that cannot fit alone is a 400  [default: half the memory free after loading]",
 )
 @batch_invariant_option
+@max_memory_option
 @speculative_options
 def serve(
     artifact: Path,
@@ -103,6 +105,7 @@ def serve(
     prefill_chunk: int,
     kv_cache_gb: float | None,
     batch_invariant: bool | None,
+    max_memory: float | None,
     prompt_lookup: bool,
     draft: Path | None,
     draft_tokens: int | None,
@@ -136,6 +139,7 @@ def serve(
         prefill_chunk=prefill_chunk,
         kv_cache_gb=kv_cache_gb,
         batch_invariant=batch_invariant,
+        max_memory=max_memory,
     )
 
 

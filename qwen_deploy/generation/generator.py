@@ -39,7 +39,9 @@ class Generator(RequestBuilder):
     """An artifact loaded on a backend, with its tokenizer, chat template and sampling defaults
     (RequestBuilder: how requests are prepared). Its own requests run through a BatchEngine,
     stepped in the caller's thread, which keeps the KV of earlier prompts when given
-    `prefix_cache_bytes` (a chat's history is not prefilled again at every turn)."""
+    `prefix_cache_bytes` (a chat's history is not prefilled again at every turn). An artifact
+    whose weights would not fit in `max_memory` GB (default: the memory available) is refused
+    before it loads."""
 
     def __init__(
         self,
@@ -49,10 +51,11 @@ class Generator(RequestBuilder):
         backend: Backend | None = None,
         prefix_cache_bytes: int = 0,
         batch_invariant: bool | None = None,
+        max_memory: float | None = None,
     ):
         artifact = Artifact.open(artifact)
         manifest = artifact.manifest
-        self.backend = backend or open_backend(artifact, provider, threads)
+        self.backend = backend or open_backend(artifact, provider, threads, max_memory=max_memory)
         limit = min(manifest.model.max_position_embeddings, self.backend.capabilities.max_positions)
         super().__init__(artifact.folder, manifest, limit)
         self.pad_id = manifest.pad_id

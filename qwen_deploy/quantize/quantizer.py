@@ -15,23 +15,30 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
+from .. import memory
 from ..artifact import check_output, copy_side_files, staged_output
+from ..checkpoint.huggingface import ModelSpec
 from ..contract import DATA_FILE
 from ..errors import ArtifactError, QwenDeployError
 from ..export.genai_config import write_genai_config
 from ..manifest import Manifest, producer_record
+from ..memory import Need
 from ..parity.prompts import load_prompts
 from ..records import Quantization
+from .calibration import MAX_TOKENS as CALIBRATION_TOKENS
 from .calibration import SAMPLE_TOKENS, collect_activations, load_calibration
 from .dynamic import quantize_dynamic
 from .gptq import GPTQ_TOKENS
 from .linears import find_linears
+from .quality import MAX_TOKENS as QUALITY_TOKENS
+from .quality import STEPS as QUALITY_STEPS
 from .quality import quality_report
 from .rewrite import GraphRewrite
 from .search import Plan, measured_tensors, plan_smoothquant
 from .smoothing import Smoother
 from .smoothquant import quantize_smoothquant
 from .store import SourceTensors, TensorWriter, load_graph
+from .text import prompt_ids
 from .weight_only import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, quantize_weight_only
 
 MODES = ("int8-weight", "int8-dynamic", "int4-weight", "int8-smoothquant")
@@ -78,6 +85,7 @@ def quantize_artifact(
     quality_prompts: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    max_memory: float | None = None,
 ) -> Manifest:
     """Write the quantized artifact `out` from the fp32/fp16 artifact `source`; returns its
     manifest.
@@ -89,7 +97,8 @@ def quantize_artifact(
     block_size: its INT4 block (INT4_BLOCK_SIZES; default INT4_BLOCK_SIZE). The
     manifest records the scheme under `quantization` and the measured cost
     against `source` under `quality` (on `quality_prompts`, default: the packaged parity prompts,
-    and the packaged held-out text), with the gate's verdict.
+    and the packaged held-out text), with the gate's verdict. A run whose estimated peak
+    (memory_need) exceeds `max_memory` GB (default: the memory available) is refused first.
     """
     source, out = Path(source), Path(out)
     if mode not in MODES:
@@ -117,6 +126,7 @@ def quantize_artifact(
     held_out = load_prompts(quality_prompts) if quality_prompts is not None else None
     check_output(out, force, [source])
     manifest = _check_source(source)
+    _check_memory(source, manifest, mode, gptq, prompts, held_out or load_prompts(), max_memory)
     model = load_graph(source, manifest.model_file)
     find_linears(model.graph)  # refuses graphs without exporter-named linear layers
     dtype = np.dtype(FLOAT_DTYPES[manifest.precision])
@@ -144,6 +154,62 @@ def quantize_artifact(
         write_genai_config(manifest, tmp)
         manifest.save(tmp)  # last: it records every file's size and hash
     return manifest
+
+
+def memory_need(
+    spec: ModelSpec,
+    source_bytes: int,
+    mode: str,
+    gptq: bool,
+    calibration_tokens: int,
+    quality_rows: int,
+) -> Need:
+    """What quantize holds at its peak: the source artifact's weights (its session maps them),
+    the longest calibration prompt's measured inputs plus the rows kept for SmoothQuant's
+    searches or GPTQ, and the quality report's logits (both artifacts', then their compared
+    rows)."""
+    channels = spec.num_layers * (3 * spec.hidden_size + spec.intermediate_size)
+    if mode == "int8-smoothquant":  # and the residual stream after o_proj and down_proj
+        channels += spec.num_layers * 2 * spec.hidden_size
+    kept = SAMPLE_TOKENS if mode == "int8-smoothquant" else GPTQ_TOKENS if gptq else 0
+    return memory.process() + Need(
+        {
+            "source artifact": source_bytes,
+            "calibration activations": (calibration_tokens + kept) * channels * 4,
+            "quality logits": 4 * memory.logits_bytes(spec, quality_rows),
+        }
+    )
+
+
+def _check_memory(
+    source: Path,
+    manifest: Manifest,
+    mode: str,
+    gptq: bool,
+    calibration: list[dict],
+    held_out: list[dict],
+    max_memory: float | None,
+) -> None:
+    spec, source_bytes = manifest.model, memory.artifact_bytes(manifest)
+    longest = max(map(len, prompt_ids(source, calibration, CALIBRATION_TOKENS)))
+    rows = sum(len(ids) + QUALITY_STEPS for ids in prompt_ids(source, held_out, QUALITY_TOKENS))
+
+    def need(weights: int, with_gptq: bool) -> Need:
+        return memory_need(spec, weights, mode, with_gptq, longest, rows)
+
+    instead = []
+    if gptq:
+        instead.append(
+            f"nearest rounding, without --gptq (about {memory.gb(need(source_bytes, False).total)})"
+        )
+    if manifest.precision == "fp32":
+        half = need(memory.artifact_estimate(spec, "fp16"), gptq)
+        instead.append(
+            "quantize an fp16 export of the checkpoint (qwen-deploy export --precision fp16; "
+            f"its quality report is then against fp16): about {memory.gb(half.total)}"
+        )
+    instead.append("run quantize on a machine with more memory")
+    memory.require("quantize", need(source_bytes, gptq), max_memory, instead)
 
 
 def _quantize(

@@ -30,7 +30,9 @@ rows of each layer's input, the codes are GPTQ's instead of the nearest (gptq.py
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -130,7 +132,8 @@ def quantize_blocks_int4(
     codes = np.empty((n, blocks, block), np.uint8)
     scales = np.empty((n, blocks), np.float32)
     zeros = np.empty((n, blocks), np.uint8)
-    for a in range(0, n, COLUMN_CHUNK // 4):
+
+    def columns(a: int) -> None:
         b = min(n, a + COLUMN_CHUNK // 4)
         w = np.zeros((b - a, blocks * block), np.float32)
         w[:, :k] = np.asarray(weight[:, a:b], np.float32).T
@@ -138,6 +141,10 @@ def quantize_blocks_int4(
         s, z = int4_grid(w)
         codes[a:b] = np.clip(np.rint(w / s[..., None]) + z[..., None], 0, 15)
         scales[a:b], zeros[a:b] = s, z
+
+    # the grid search is elementwise numpy work, which releases the GIL: one chunk per core
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(columns, range(0, n, COLUMN_CHUNK // 4)))
     return codes, scales, zeros
 
 

@@ -1150,12 +1150,13 @@ def serve(
     prefill_chunk: int = PREFILL_CHUNK,
     kv_cache_gb: float | None = None,
     batch_invariant: bool | None = None,
+    max_memory: float | None = None,
 ) -> None:
     """Load the artifact (and the draft artifact) and serve it until interrupted."""
     from ..generation.generator import Generator
 
     check_options(port, api_key)
-    generator = Generator(artifact, provider=provider, threads=threads)
+    generator = Generator(artifact, provider=provider, threads=threads, max_memory=max_memory)
     engine = BatchEngine(
         generator,
         max_batch=max_batch,
