@@ -941,3 +941,29 @@ def test_real_smoothquant_without_smoothing_or_fallback_fails_its_gate(
     quality = Manifest.load(out).quality
     assert quality.failed and quality.top1 < 0.95
     assert quality.layers["int8_weight_fraction"] == 1.0
+
+
+def test_size_estimates_match_the_quantized_artifacts(quantized):
+    """memory.artifact_estimate, which the refusals quote, against what quantize writes."""
+    from qwen_deploy import memory
+
+    for mode, attention in (("int8-weight", "gqa"), ("int4-weight", "onnx")):
+        source, out = quantized(mode, attention)
+        for folder, form in ((source, "fp32"), (out, mode)):
+            manifest = Manifest.load(folder)
+            data = (folder / manifest.data_files[0]).stat().st_size
+            assert memory.artifact_estimate(manifest.model, form) == pytest.approx(data, rel=0.03)
+
+
+def test_quantize_that_cannot_fit_is_refused_before_any_output(artifact, tmp_path):
+    source = artifact(CALM, attention="gqa")
+    out = tmp_path / "out"
+    args = ["quantize", str(source), "-o", str(out), "--mode", "int4-weight", "--gptq"]
+    result = CliRunner().invoke(main, [*args, "--max-memory", "0.05"])
+    assert result.exit_code == 2 and _no_output(out)
+    message = result.stderr.strip()
+    assert "\n" not in message and message.startswith("error: quantize needs about ")
+    assert "source artifact" in message and "quality logits" in message
+    assert "0.1 GB allowed by --max-memory" in message
+    # what would need less: nearest rounding, and an fp16 source for an fp32 one
+    assert "without --gptq (about" in message and "export --precision fp16" in message
