@@ -30,6 +30,7 @@ from tokenizers import (
 )
 from tqdm import tqdm
 
+from .. import memory
 from ..artifact import check_output, staged_output
 from ..errors import GGUFError, QwenDeployError
 from .huggingface import Checkpoint, ModelSpec, expected_shapes, spec_from_config
@@ -75,10 +76,12 @@ def convert_gguf(
     dtype: str = "float32",
     force: bool = False,
     progress: bool = True,
+    max_memory: float | None = None,
 ) -> Path:
     """Write the Qwen2 model in `gguf_path` to the Hugging Face checkpoint folder `out`.
 
-    Everything that can be checked from the metadata is checked before a tensor is dequantized;
+    Everything that can be checked from the metadata is checked before a tensor is dequantized,
+    the memory the conversion holds (`max_memory` GB, default: what is available) included;
     the folder appears only when complete and accepted by the exporter's checkpoint validation.
     """
     if dtype not in DTYPES:
@@ -88,6 +91,7 @@ def convert_gguf(
     _require_packages()
     source = GGUFFile(Path(gguf_path))
     config = model_config(source, dtype)
+    _check_memory(Path(gguf_path), spec_from_config(config), dtype, max_memory)
     weights = hf_tensors(source, spec_from_config(config))
     side_files = {
         "config.json": config,
@@ -103,6 +107,25 @@ def convert_gguf(
         _write_weights(weights, tmp / "model.safetensors", DTYPES[dtype], progress)
         Checkpoint(tmp)
     return out
+
+
+def _check_memory(path: Path, spec: ModelSpec, dtype: str, max_memory: float | None) -> None:
+    """The conversion holds the dequantized model at once (safetensors' writer takes the whole
+    dict) beside the GGUF's mapped pages; the parsed vocabulary is released before."""
+    params = sum(memory.parameters(spec).values())
+
+    def need(name: str) -> memory.Need:
+        return memory.process() + memory.Need(
+            {
+                "GGUF file": path.stat().st_size,
+                f"{name} weights": params * DTYPES[name].itemsize,
+            }
+        )
+
+    instead = [f"--dtype bf16 (about {memory.gb(need('bf16').total)})"] if dtype != "bf16" else []
+    memory.require(
+        "convert-gguf", need(dtype), max_memory, [*instead, "convert on a machine with more memory"]
+    )
 
 
 def _require_packages() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .group import main
-from .options import force_option, output_option, quiet_option
+from .options import force_option, max_memory_option, output_option, quiet_option
 
 
 @main.command("random-checkpoint")
@@ -59,10 +59,13 @@ def random_checkpoint(out: Path, shape: str, dtype: str, seed: int, force: bool)
     help="Dtype of the dequantized weights.",
 )
 @force_option
+@max_memory_option
 @quiet_option
-def convert_gguf(model: Path, out: Path, dtype: str, force: bool, quiet: bool) -> None:
+def convert_gguf(
+    model: Path, out: Path, dtype: str, force: bool, max_memory: float | None, quiet: bool
+) -> None:
     """Convert a Qwen2 GGUF MODEL file (llama.cpp) to a Hugging Face checkpoint folder."""
     from ..checkpoint.gguf import convert_gguf as convert
 
-    convert(model, out, dtype=dtype, force=force, progress=not quiet)
+    convert(model, out, dtype=dtype, force=force, progress=not quiet, max_memory=max_memory)
     click.echo(f"wrote {dtype} Hugging Face checkpoint of {model.name} to {out}", err=True)

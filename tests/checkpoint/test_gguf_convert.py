@@ -384,3 +384,14 @@ def test_real_tokenizer_ids_match_transformers_and_qwen(real_gguf, real_checkpoi
         MESSAGES, tokenize=False, add_generation_prompt=True
     )
     assert ours(rendered).input_ids == theirs(rendered).input_ids == qwen(rendered).input_ids
+
+
+def test_a_conversion_that_cannot_fit_is_refused_before_it_dequantizes(tiny, tmp_path):
+    _, model, _ = tiny()
+    out = tmp_path / "out"
+    args = ["convert-gguf", str(model), "-o", str(out), "--max-memory", "0.01"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and not out.exists()
+    message = result.stderr.strip()
+    assert message.startswith("error: convert-gguf needs about ") and "\n" not in message
+    assert "GGUF file" in message and "Instead: --dtype bf16 (about" in message
