@@ -79,43 +79,31 @@ def run(name: str, args: list[str], log: Path, json_out: bool = False) -> Stage:
     return stage
 
 
-def serve_one_chat(artifact: Path, log: Path, port: int = 8731) -> Stage:
-    """`serve`, one chat request once /health answers, then SIGTERM; the server's peak RSS."""
-    stage = Stage("serve + 1 chat", f"qwen-deploy serve {artifact} --port {port}")
+def serve_one_chat(artifact: Path) -> Stage:
+    """`serve` (benchmarks/serving.py's Served), one chat request once /health answers, then
+    SIGTERM; the server's own peak RSS, read before it stops."""
+    from serving import Served
+
+    stage = Stage("serve + 1 chat", f"qwen-deploy serve {artifact}")
     print(f"[{time.strftime('%H:%M:%S')}] {stage.command}", file=sys.stderr, flush=True)
-    url = f"http://127.0.0.1:{port}"
-    with log.open("w") as err:
-        start = time.perf_counter()
-        server = subprocess.Popen(
-            [str(QWEN_DEPLOY), "serve", str(artifact), "--port", str(port), "--model-name", "m"],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-        try:
-            while server.poll() is None:
-                try:
-                    if httpx.get(url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
+    start = time.perf_counter()
+    try:
+        with Served(str(artifact)) as server:
             ready = time.perf_counter() - start
-            if server.poll() is None:
-                body = {"model": "m", "max_tokens": 32, "temperature": 0, **CHAT}
-                t = time.perf_counter()
-                answer = httpx.post(url + "/v1/chat/completions", json=body, timeout=1800)
-                stage.report = {
-                    "load_s": ready,
-                    "request_s": time.perf_counter() - t,
-                    "status": answer.status_code,
-                    "completion_tokens": answer.json().get("usage", {}).get("completion_tokens"),
-                }
-        finally:
-            if server.poll() is None:
-                server.send_signal(signal.SIGTERM)
-            code, stage.wall_s, stage.peak_rss_gb = _measure(server, start)
-            stage.exit_code = 0 if code == -signal.SIGTERM else code  # stopped as asked
-    if stage.report is None or stage.report["status"] != 200:
-        stage.note = log.read_text().strip().splitlines()[-1][-600:] if log.stat().st_size else ""
+            body = {"model": "m", "max_tokens": 32, "temperature": 0, **CHAT}
+            t = time.perf_counter()
+            answer = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=1800)
+            stage.report = {
+                "load_s": ready,
+                "request_s": time.perf_counter() - t,
+                "status": answer.status_code,
+                "completion_tokens": answer.json().get("usage", {}).get("completion_tokens"),
+            }
+            stage.peak_rss_gb = server.peak_rss_mib() * 2**20 / GB
+        stage.exit_code = 0 if server.process.returncode in (0, -signal.SIGTERM) else 1
+    except RuntimeError as e:  # it exited before answering /health: its stderr says why
+        stage.exit_code, stage.note = 1, str(e).strip().splitlines()[-1][-600:]
+    stage.wall_s = time.perf_counter() - start
     return stage
 
 
@@ -239,7 +227,7 @@ def main() -> int:
         ],
         json_out=True,
     )
-    stages.append(serve_one_chat(runner, logs / "serve.log"))
+    stages.append(serve_one_chat(runner))
     for length, new in ((128, 32), (2048, 8)):
         step(
             f"bench {length}",

@@ -97,6 +97,16 @@ class _Casts:
             self.cast(name, self.widened[name])
         return self.widened[name]
 
+    def widened_constant(self, name: str, folder: Path) -> str:
+        """A float32 initializer holding weight `name`, read from the data file now."""
+        if name not in self.widened:
+            wide = numpy_helper.to_array(self.weights[name], base_dir=str(folder))
+            self.widened[name] = f"{name}/fp32"
+            self.graph.initializer.append(
+                numpy_helper.from_array(wide.astype(np.float32), self.widened[name])
+            )
+        return self.widened[name]
+
     def sliced_matmul(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
         """MatMul(x, W) as the Concat of MatMuls over column slices of W, each widened alone."""
         name = node.input[1]
@@ -149,6 +159,13 @@ def fp32_compute(model_path: str | Path) -> Graph:
             rows = node.output[0]
             node.output[0] = f"{rows}/fp16"
             nodes += [node, helper.make_node("Cast", [f"{rows}/fp16"], [rows], to=FP32)]
+        elif node.op_type == "MatMulNBits":
+            # its scales (and bias) must be constants: onnxruntime packs them with the codes at
+            # load, and computes zeros from scales a Cast makes at run time
+            for i in range(2, len(node.input)):
+                if node.input[i] in weights:
+                    node.input[i] = casts.widened_constant(node.input[i], model_path.parent)
+            nodes.append(node)
         elif (
             node.op_type == "MatMul"
             and second in weights
