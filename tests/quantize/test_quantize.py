@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, numpy_helper
 
+from qwen_deploy.backends import open_backend
 from qwen_deploy.cli import main
 from qwen_deploy.errors import QwenDeployError
 from qwen_deploy.manifest import MANIFEST, Manifest
@@ -30,6 +31,7 @@ from qwen_deploy.quantize.quality import format_report, quality_report
 from qwen_deploy.quantize.quantizer import quantize_artifact
 from qwen_deploy.quantize.store import SourceTensors, load_graph
 from qwen_deploy.quantize.text import prompt_ids
+from qwen_deploy.runtime.decode import Batch
 from qwen_deploy.runtime.onnxruntime_backend import (
     OnnxRuntimeBackend,
     create_session,
@@ -967,3 +969,21 @@ def test_quantize_that_cannot_fit_is_refused_before_any_output(artifact, tmp_pat
     assert "0.1 GB allowed by --max-memory" in message
     # what would need less: nearest rounding, and an fp16 source for an fp32 one
     assert "without --gptq (about" in message and "export --precision fp16" in message
+
+
+def test_an_fp16_source_quantizes_to_an_artifact_that_matches_it(artifact, tmp_path):
+    """The route for a model too large for fp32 (docs/DESIGN.md, Memory). Its MatMulNBits scales
+    are fp16 in the file: the CPU must read them as constants (it computed zeros from scales
+    widened at run time)."""
+    source = artifact(CALM, precision="fp16", attention="gqa")
+    out = tmp_path / "int4"
+    manifest = quantize_artifact(source, out, "int4-weight", samples=2, progress=False)
+    quality = manifest.quality  # the tiny model's int4 misses the top-1 floor from fp32 too
+    assert quality.reference_precision == "fp16" and quality.cosine_mean > 0.99
+    ids = np.array([[11, 22, 33, 44, 55]])
+    logits = {}
+    for folder in (source, out):
+        backend = open_backend(folder)
+        logits[folder] = Batch(backend, 1).extend(ids)[0]
+        backend.close()
+    assert compare_logits(logits[source], logits[out])["cosine_mean"] > 0.99
