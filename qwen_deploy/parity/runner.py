@@ -204,7 +204,7 @@ def run_parity(
     load = _reference_load(
         manifest, reference, rows, steps, reference_dtype, reference_load, max_memory, provider
     )
-    candidate = open_backend(artifact, provider=provider, backend=backend)  # fails fast
+    candidate = open_backend(artifact, provider, backend=backend, max_memory=max_memory)
     sides = _Sides(
         TorchReference(reference, reference_dtype, load),
         candidate,

@@ -207,6 +207,7 @@ def _source_results(
     steps: int,
     texts: dict[str, list[int]],
     progress: bool,
+    max_memory: float | None = None,
 ) -> tuple[list[np.ndarray], list[list[int]], dict[str, tuple[np.ndarray, np.ndarray]]]:
     """The source's logits, greedy feed and text scores: measured once for a run of quantize
     calls on one source (a sweep over modes or block sizes spends half its report time here),
@@ -218,7 +219,7 @@ def _source_results(
     key = (str(folder), files, tuple(map(tuple, ids)), steps)  # the texts follow from the files
     if _last_source is None or _last_source[0] != key:
         _last_source = None  # the previous source's logits go before this one's are made
-        source = open_backend(reference)
+        source = open_backend(reference, max_memory=max_memory)
         logits, fed = _run(source, ids, steps, None, "quality: source", progress)
         text = _score_text(source, texts, "quality: source text", progress)
         source.close()
@@ -233,14 +234,15 @@ def quality_report(
     prompts: list[dict] | None = None,
     steps: int = STEPS,
     progress: bool = True,
+    max_memory: float | None = None,
 ) -> Quality:
     """Top-1 agreement, KL, cosine and text perplexity of `candidate` against `reference`, and
     whether they pass the gate of `mode` (the quantizer adds its per-layer choices)."""
     ids = prompt_ids(reference, prompts or load_prompts(), MAX_TOKENS)
     tokenizer = Tokenizer.from_artifact(Path(reference))
     texts = load_texts(tokenizer)
-    ref_logits, fed, ref_text = _source_results(reference, ids, steps, texts, progress)
-    quantized = open_backend(candidate)
+    ref_logits, fed, ref_text = _source_results(reference, ids, steps, texts, progress, max_memory)
+    quantized = open_backend(candidate, max_memory=max_memory)
     cand_logits, _ = _run(quantized, ids, steps, fed, "quality: int8", progress)
     cand_text = _score_text(quantized, texts, "quality: int8 text", progress)
     quantized.close()

@@ -149,7 +149,9 @@ def quantize_artifact(
         manifest.quantization = Quantization.from_dict({"mode": mode, **details})
         manifest.producer = producer_record(stage="quantize", **{"from": str(source.resolve())})
         manifest.save(tmp)  # the quality run loads the new artifact through its manifest
-        report = quality_report(source, tmp, mode, held_out, progress=progress)
+        report = quality_report(
+            source, tmp, mode, held_out, progress=progress, max_memory=max_memory
+        )
         manifest.quality = replace(report, layers=layers)
         write_genai_config(manifest, tmp)
         manifest.save(tmp)  # last: it records every file's size and hash
