@@ -312,10 +312,11 @@ def test_gptq_lowers_the_output_error_and_is_nearest_rounding_without_correlatio
     assert output_error(hessian(x)) < 0.8 * output_error(None)
 
 
-def test_cli_gptq_rounds_int4_differently_and_says_so(quantized, tmp_path):
+def test_cli_gptq_rounds_int4_differently_and_says_so(quantized, tmp_path, one_prompt):
     source, nearest = quantized("int4-weight", "onnx")
     out = tmp_path / "gptq"
     args = ["quantize", str(source), "-o", str(out), "--mode", "int4-weight", "--gptq", "--quiet"]
+    args += ["--samples", "16", "--quality-prompts", str(one_prompt)]
     result = CliRunner().invoke(main, args)
     manifest = Manifest.load(out)  # the random model's gate verdict is beside the point here
     assert result.exit_code == (0 if manifest.quality.passed else 1), result.output
@@ -971,13 +972,15 @@ def test_quantize_that_cannot_fit_is_refused_before_any_output(artifact, tmp_pat
     assert "without --gptq (about" in message and "export --precision fp16" in message
 
 
-def test_an_fp16_source_quantizes_to_an_artifact_that_matches_it(artifact, tmp_path):
+def test_an_fp16_source_quantizes_to_an_artifact_that_matches_it(artifact, tmp_path, one_prompt):
     """The route for a model too large for fp32 (docs/DESIGN.md, Memory). Its MatMulNBits scales
     are fp16 in the file: the CPU must read them as constants (it computed zeros from scales
     widened at run time)."""
     source = artifact(CALM, precision="fp16", attention="gqa")
     out = tmp_path / "int4"
-    manifest = quantize_artifact(source, out, "int4-weight", samples=2, progress=False)
+    manifest = quantize_artifact(
+        source, out, "int4-weight", samples=2, quality_prompts=one_prompt, progress=False
+    )
     quality = manifest.quality  # the tiny model's int4 misses the top-1 floor from fp32 too
     assert quality.reference_precision == "fp16" and quality.cosine_mean > 0.99
     ids = np.array([[11, 22, 33, 44, 55]])
