@@ -154,31 +154,33 @@ def reference(spec: ModelSpec, source_itemsize: int, dtype: str, load: str) -> N
     return Need({f"transformers {dtype} by layer": piece * (max(sizes) + source_itemsize)})
 
 
-# bytes per weight of each quantized form: codes plus a float32 scale per block (INT4: 32
-# channels and a 4-bit zero point; INT8: 64), quantize/weight_only.py; the embedding is INT8 rows
-INT8_BYTES = 1 + 4 / 64
-INT4_BYTES = 0.5 + (4 + 0.5) / 32
+# quantize/weight_only.py: codes plus a scale in the source's float type per block (INT4: 32
+# channels and a 4-bit zero point; INT8: 64); the embedding is INT8 rows
+INT8_BLOCK, INT4_BLOCK = 64, 32
 INT8_IN_INT4 = ("v_proj", "down_proj")  # weight_only.INT8_ROLES, the LM head aside
 
 
-def artifact_estimate(spec: ModelSpec, form: str) -> int:
-    """Bytes of an artifact of the model: fp32 or fp16 export, or a weight-only quantization."""
+def artifact_estimate(spec: ModelSpec, form: str, source: str = "fp32") -> int:
+    """Bytes of an artifact of the model: an fp32 or fp16 export, or a weight-only
+    quantization of a `source` (fp32 or fp16) export."""
     float_bytes = {"fp32": 4, "fp16": 2}
     sizes = parameters(spec)
     if form in float_bytes:
         return sum(sizes.values()) * float_bytes[form]
+    scale = float_bytes[source]
+    int8, int4 = 1 + scale / INT8_BLOCK, 0.5 + (scale + 0.5) / INT4_BLOCK
     total = 0.0
     for name, n in sizes.items():
         if name == "model.embed_tokens.weight":
             total += n
         elif not name.endswith("proj.weight") and name != "lm_head.weight":
-            total += n * 4  # norms and biases stay float32
+            total += n * scale  # norms and biases stay in the source's float type
         elif form == "int4-weight" and not any(r in name for r in INT8_IN_INT4):
-            total += n * (INT4_BYTES if name != "lm_head.weight" else INT8_BYTES)
+            total += n * (int4 if name != "lm_head.weight" else int8)
         else:
-            total += n * INT8_BYTES
-    if spec.tie_word_embeddings and form != "fp32" and form != "fp16":
-        total += sizes["model.embed_tokens.weight"] * INT8_BYTES  # the LM head's own INT8 copy
+            total += n * int8
+    if spec.tie_word_embeddings:
+        total += sizes["model.embed_tokens.weight"] * int8  # the LM head's own INT8 copy
     return int(total)
 
 
@@ -194,7 +196,11 @@ def smaller_forms(manifest: Manifest) -> list[str]:
         "int8-weight": "quantize --mode int8-weight",
         "int4-weight": "quantize --mode int4-weight",
     }
-    return [f"{how[f]} (weights about {gb(artifact_estimate(manifest.model, f))})" for f in forms]
+    source = "fp16" if "fp16" in order[: order.index(mode) + 1] else "fp32"
+    return [
+        f"{how[f]} (weights about {gb(artifact_estimate(manifest.model, f, source))})"
+        for f in forms
+    ]
 
 
 def require_session(artifact_name: str, manifest: Manifest, max_memory_gb: float | None) -> None:
