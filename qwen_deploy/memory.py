@@ -23,6 +23,10 @@ from .manifest import Manifest
 GB = 10**9
 PROCESS = int(0.4 * GB)  # interpreter, onnxruntime, tokenizers, numpy: a loaded process
 CGROUP = Path("/sys/fs/cgroup")
+# a quantized fp16 artifact's load on the CPU also holds its scales widened to float32 constants
+# (runtime/fp32_compute.py) while onnxruntime packs the codes: measured peak on the Fin-R1-shaped
+# int4-weight artifact, 1.56x its bytes beyond the process
+FP16_QUANTIZED_LOAD = 0.6
 
 
 class MemoryNeedError(QwenDeployError):
@@ -118,13 +122,16 @@ def logits_bytes(spec: ModelSpec, rows: int) -> int:
 
 def session(manifest: Manifest, positions: int = 0, rows: int = 1, label: str = "") -> Need:
     """An onnxruntime session of the artifact: its weights as stored (onnxruntime maps the data
-    file; fp16 is widened per use in slices), the KV cache of `positions` and `rows` of
-    logits."""
+    file; fp16 is widened per use in slices), the load's transient for a quantized fp16
+    artifact, the KV cache of `positions` and `rows` of logits."""
     spec = manifest.model
     name = label or f"{manifest.quantization_mode or manifest.precision} artifact"
+    weights = artifact_bytes(manifest)
+    widened = manifest.precision == "fp16" and manifest.quantization_mode is not None
     return Need(
         {
-            name: artifact_bytes(manifest),
+            name: weights,
+            f"{name} load": int(weights * FP16_QUANTIZED_LOAD) if widened else 0,
             f"{name} KV cache": kv_bytes(spec, positions),
             f"{name} logits": logits_bytes(spec, rows),
         }
