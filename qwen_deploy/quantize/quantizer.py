@@ -177,7 +177,8 @@ def memory_need(
     return memory.process() + Need(
         {
             "source artifact": source_bytes,
-            "calibration activations": (calibration_tokens + kept) * channels * 4,
+            # one prompt's activations twice (onnxruntime's buffers and the returned copies)
+            "calibration activations": (2 * calibration_tokens + kept) * channels * 4,
             "quality logits": 4 * memory.logits_bytes(spec, quality_rows),
         }
     )
