@@ -147,18 +147,12 @@ def reference(spec: ModelSpec, source_itemsize: int, dtype: str, load: str) -> N
     at once, a decoder layer or the LM head, widened from the checkpoint's copy. A float64
     reference runs a float32 one beside it."""
     itemsize = np.dtype(dtype).itemsize
-    sizes = [itemsize] + ([4] if itemsize == 8 else [])
     if load == "whole":
-        total = sum(parameters(spec).values())
-        return Need(
-            {
-                f"transformers {dtype} + float32"
-                if itemsize == 8
-                else f"transformers {dtype}": total * sum(sizes)
-            }
-        )
+        shadow = 4 if itemsize == 8 else 0
+        label = f"transformers {dtype}" + (" + float32" if shadow else "")
+        return Need({label: sum(parameters(spec).values()) * (itemsize + shadow)})
     piece = max(layer_parameters(spec), spec.vocab_size * spec.hidden_size)
-    return Need({f"transformers {dtype} by layer": piece * (max(sizes) + source_itemsize)})
+    return Need({f"transformers {dtype} by layer": piece * (itemsize + source_itemsize)})
 
 
 # quantize/weight_only.py: codes plus a scale in the source's float type per block (INT4: 32
