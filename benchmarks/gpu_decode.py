@@ -212,6 +212,8 @@ def stage_torch(work: Path, steps: int) -> dict:
     import torch
     from transformers import DynamicCache, Qwen2ForCausalLM
 
+    from qwen_deploy.parity.reference import cache_name
+
     device = torch.device("cuda")
     n = 1 << 30  # measured copy bandwidth: read + write of a 1 GiB buffer
     a, b = (
@@ -235,14 +237,14 @@ def stage_torch(work: Path, steps: int) -> dict:
         np.random.default_rng(0).integers(0, model.config.vocab_size, (1, PROMPT_LEN))
     ).to(device)
     times = []
+    kv = {cache_name(model): DynamicCache()}
     with torch.inference_mode():
-        cache = DynamicCache()
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+        logits = model(input_ids=ids, use_cache=True, **kv).logits
         for _ in range(steps):
             token = logits[:, -1].argmax(-1, keepdim=True)
             token.item()  # the same host round trip per token as the ONNX runtime's sampler
             t0 = time.perf_counter()
-            logits = model(input_ids=token, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=token, use_cache=True, **kv).logits
             logits[0, -1, 0].item()
             times.append(time.perf_counter() - t0)
     warm = times[8:]

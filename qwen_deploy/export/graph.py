@@ -411,4 +411,8 @@ class DecoderGraph:
         opsets = [helper.make_opsetid("", OPSET)]
         if self.attention == "gqa":
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
-        return helper.make_model(graph, opset_imports=opsets, producer_name="qwen-deploy")
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="qwen-deploy")
+        # the oldest IR version the opsets allow, not the installed onnx's newest: an artifact
+        # exported with onnx 1.23 (IR 14) would not load on onnxruntime 1.31 (reads up to IR 13)
+        model.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+        return model

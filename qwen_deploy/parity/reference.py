@@ -9,6 +9,7 @@ them and the exporter writes them).
 
 from __future__ import annotations
 
+import inspect
 import types
 from dataclasses import fields
 from pathlib import Path
@@ -161,6 +162,12 @@ def _layered_model(torch, transformers, qwen2, checkpoint, dtype: str, attention
     return model
 
 
+def cache_name(model) -> str:
+    """The KV cache's argument and output name: transformers 5.25 renamed `past_key_values` to
+    `cache`; before it, `cache=` was swallowed by **kwargs and every step ran without history."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TorchReference:
     """Runs prefill/decode steps on transformers' model with its own KV cache (eager attention).
 
@@ -170,6 +177,7 @@ class TorchReference:
     def __init__(self, checkpoint: str | Path, dtype: str = "float32", load: str = "whole"):
         self.dtype = dtype
         self._torch, self.model = _load_model(checkpoint, dtype, load)
+        self._cache_name = cache_name(self.model)
         self.cache = None
 
     def reset(self) -> None:
@@ -185,10 +193,10 @@ class TorchReference:
                 input_ids=torch.from_numpy(input_ids),
                 attention_mask=torch.from_numpy(attention_mask),
                 position_ids=torch.from_numpy(position_ids),
-                cache=self.cache,
                 use_cache=True,
+                **{self._cache_name: self.cache},
             )
-        self.cache = out.cache
+        self.cache = getattr(out, self._cache_name)
         return out.logits.numpy()
 
 

@@ -147,4 +147,11 @@ def test_cuda_fp16_parity_with_cpu_fp32(artifact, attention):
     )
     ref = np.concatenate([r[:, -1] for r, _ in pairs])
     cand = np.concatenate([c[:, -1] for _, c in pairs])
-    assert not PRESETS["fp16"].failures(PRESETS["fp16"].measure(ref, cand))
+    preset = PRESETS["fp16"]
+    failures = preset.failures(preset.measure(ref, cand))
+    assert not [f for f in failures if not f.startswith("top1")]
+    # 18 rows: one flipped argmax is top-1 0.944, so each flip must be a near tie instead: the
+    # reference's two logits within twice the per-logit bound (each may be off by one bound)
+    for row in np.flatnonzero(ref.argmax(-1) != cand.argmax(-1)):
+        best, chosen = ref[row].max(), ref[row, cand[row].argmax()]
+        assert best - chosen <= 2 * (preset.atol + preset.rtol * abs(best)), (row, best, chosen)
