@@ -98,6 +98,9 @@ def test_graph_contract_names_and_dims(tiny_artifact):
     assert outputs["logits"] == ["batch_size", "logits_length", 151936]
     assert outputs["present.0.key"] == ["batch_size", 2, "total_sequence_length", 16]
     assert len(inputs) == 3 + 2 * 2 + 1 and len(outputs) == 1 + 2 * 2
+    # opset 23's own IR version, not the installed onnx's newest (onnxruntime 1.31 reads <= 13)
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 23)]
+    assert model.ir_version == 11
     manifest = json.loads((tiny_artifact / "manifest.json").read_text())
     assert manifest["optional_inputs"] == [
         {"name": "logits_to_keep", "dtype": "int64", "shape": [], "default": 0}

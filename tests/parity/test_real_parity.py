@@ -48,8 +48,9 @@ def _parity(artifact, checkpoint, prompts, *extra) -> tuple[int, dict]:
             for precision in ("fp32", "fp16")
             for attention in ("onnx", "gqa", "decomposed")
         ],
-        # the 1.5B's in the form its other tests export anyway
-        [("0.5b", "fp32", "gqa"), ("0.5b", "fp16", "gqa"), ("1.5b", "fp32", "onnx")],
+        # one form per model, the 1.5B's in the form its other tests export anyway (the fp16
+        # preset against transformers runs in CI on the tiny model: test_export_parity)
+        [("0.5b", "fp32", "gqa"), ("1.5b", "fp32", "onnx")],
     ),
 )
 def test_default_presets_pass_every_form(real_artifact, prompts, model, precision, attention):
