@@ -10,7 +10,8 @@ tritonserver) processes on one artifact: what issue-style acceptance numbers com
   chunks the longest) plus one decode step, both measured in the same run.
 - event_loop: while 3 clients send 4 MB bodies (refused: past the context) and one a fresh
   json_schema, a streaming client's largest gap between tokens over its median, and /health's
-  answer time.
+  answer time; also each of the two alone, to tell which stretches the gap. --threads N runs
+  serve with N onnxruntime threads (one core left to the server's own work).
 - template: a copy of the artifact whose chat template never ends: the chat's error and time,
   /health while it renders, and how long SIGTERM takes to stop the server.
 - echo: an 8,000-token prompt with `echo` and `logprobs: 5`: the server's peak RSS rise (VmHWM,
@@ -18,7 +19,8 @@ tritonserver) processes on one artifact: what issue-style acceptance numbers com
   nor the first long prompt's one-time buffer growth is counted as the echo's) and, with
   --checkpoint, its prompt logprobs against transformers'.
 
-    .venv/bin/python benchmarks/serving.py ARTIFACT [--checkpoint CKPT] [--only NAME ...] [--json]
+    .venv/bin/python benchmarks/serving.py ARTIFACT [--checkpoint CKPT] [--only NAME ...]
+        [--threads N] [--json]
 """
 
 from __future__ import annotations
@@ -143,6 +145,21 @@ def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(times)]
 
 
+def counting(first: int, tokens: int) -> dict:
+    """A streamed chat that keeps decoding for all its `tokens` (the model writes the numbers
+    out; asked merely to count, it answers with a short loop in Python)."""
+    words = f"Write the numbers from {first} to {first + 299} as words, separated by commas."
+    return chat(f"{words} Do not write code.", tokens)
+
+
+def spanning(times: list[float], end: float) -> list[float]:
+    """The stream's arrival times, refused if it ended before `end`: its gaps over a window it
+    did not span would measure nothing."""
+    if times[-1] < end:
+        raise RuntimeError("the stream ended before the window it measures; make it longer")
+    return times
+
+
 # -- the measurements ---------------------------------------------------------------------------
 def conversation(artifact: str, tokenizer: Tokenizer) -> dict:
     context = text_of(tokenizer, 1500)
@@ -184,14 +201,15 @@ def long_prompt(artifact: str, tokenizer: Tokenizer) -> dict:
         cached = last.raise_for_status().json()["usage"]["prompt_tokens_details"]["cached_tokens"]
         with ThreadPoolExecutor(5) as pool:
             streams = [
-                pool.submit(stream_times, server.url, chat(f"Count from {i} to 400.", 160))
-                for i in range(4)
+                pool.submit(stream_times, server.url, counting(i + 1, 800)) for i in range(4)
             ]
             time.sleep(3)  # the four are decoding
             arrival = time.perf_counter()
             long = pool.submit(stream_times, server.url, chat(long_text, 4))
-            result = [s.result() for s in streams]
             long_ttft = long.result()["times"][0] - arrival
+            result = [s.result() for s in streams]
+            for r in result:
+                spanning(r["times"], arrival + long_ttft)
     during = [
         g
         for r in result
@@ -210,28 +228,30 @@ def long_prompt(artifact: str, tokenizer: Tokenizer) -> dict:
     }
 
 
-def event_loop(artifact: str) -> dict:
+def event_loop(artifact: str, *serve_options: str) -> dict:
+    """Three rounds on one server, a fresh stream each: the bodies alone, the json_schema
+    alone, both (the issue's case), so the largest gap says which of them stretches it."""
     text = ("hello world, this is some text. " * 140_000)[:4_000_000]
     big = json.dumps(chat(text, 8)).encode()
     schema = {"type": "object", "properties": {f"k{i}": {"type": "integer"} for i in range(30)}}
-    fresh = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
-    codes, health = [], []
 
-    def send(content: bytes) -> None:
+    def fresh(n: int) -> bytes:  # a schema the server has not compiled yet
+        form = {"name": f"s{n}", "schema": {**schema, "title": f"round {n}"}}
+        body = chat("A JSON.", 8, response_format={"type": "json_schema", "json_schema": form})
+        return json.dumps(body).encode()
+
+    def send(content: bytes) -> int:
         headers = {"content-type": "application/json"}
         url = server.url + "/v1/chat/completions"
-        codes.append(httpx.post(url, content=content, headers=headers, timeout=300).status_code)
+        return httpx.post(url, content=content, headers=headers, timeout=300).status_code
 
-    with Served(artifact, "--prefix-cache-gb", "0") as server:
-        stream_times(server.url, chat("warm-up", 2))
+    def round_(n: int, bodies: list[bytes]) -> dict:
+        health = []
         with ThreadPoolExecutor(5) as pool:
-            streamer = pool.submit(stream_times, server.url, chat("Count from 1 to 500.", 400))
+            streamer = pool.submit(stream_times, server.url, counting(1, 400))
             time.sleep(3)  # the stream is decoding
             start = time.perf_counter()
-            senders = [pool.submit(send, big) for _ in range(3)]
-            senders.append(
-                pool.submit(send, json.dumps(chat("A JSON.", 8, response_format=fresh)).encode())
-            )
+            senders = [pool.submit(send, body) for body in bodies]
             with httpx.Client() as client:
                 while not all(s.done() for s in senders):
                     t = time.perf_counter()
@@ -239,21 +259,29 @@ def event_loop(artifact: str) -> dict:
                     health.append(time.perf_counter() - t)
                     time.sleep(0.02)
             end = time.perf_counter()
-            for s in senders:
-                s.result()
-            times = streamer.result()["times"]
-    before = [g for t, g in zip(times[1:], gaps(times), strict=True) if t < start]
-    during = [g for t, g in zip(times[1:], gaps(times), strict=True) if start <= t <= end]
-    return {
-        "answers": sorted(codes),
-        "bodies_s": end - start,
-        "stream_median_gap_s": statistics.median(before),
-        "stream_largest_gap_during_s": max(during) if during else None,
-        "largest_over_median": max(during) / statistics.median(before) if during else None,
-        "health_median_s": statistics.median(health),
-        "health_max_s": max(health),
-        "health_probes": len(health),
-    }
+            codes = sorted(s.result() for s in senders)
+            times = spanning(streamer.result()["times"], end)
+        before = [g for t, g in zip(times[1:], gaps(times), strict=True) if t < start]
+        during = [g for t, g in zip(times[1:], gaps(times), strict=True) if start <= t <= end]
+        median = statistics.median(before)
+        return {
+            "answers": codes,
+            "requests_s": end - start,
+            "stream_median_gap_s": median,
+            "stream_largest_gap_s": max(during, default=0.0),
+            "largest_over_median": max(during, default=0.0) / median,
+            "health_median_s": statistics.median(health),
+            "health_max_s": max(health),
+        }
+
+    with Served(artifact, "--prefix-cache-gb", "0", *serve_options) as server:
+        stream_times(server.url, chat("warm-up", 2))
+        rounds = {
+            "bodies": round_(0, [big] * 3),
+            "json_schema": round_(1, [fresh(1)]),
+            "both": round_(2, [big] * 3 + [fresh(2)]),
+        }
+    return {f"{name} {key}": value for name, r in rounds.items() for key, value in r.items()}
 
 
 NEVER_ENDS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
@@ -425,14 +453,18 @@ def main() -> None:
         action="append",
         choices=["triton", "conversation", "long_prompt", "event_loop", "template", "echo"],
     )
+    parser.add_argument(
+        "--threads", type=int, help="serve --threads for event_loop (default: onnxruntime's)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    serve_options = ("--threads", str(args.threads)) if args.threads else ()
     tokenizer = Tokenizer.from_artifact(Path(args.artifact))
     runs = {
         "triton": lambda: triton(args.artifact),
         "conversation": lambda: conversation(args.artifact, tokenizer),
         "long_prompt": lambda: long_prompt(args.artifact, tokenizer),
-        "event_loop": lambda: event_loop(args.artifact),
+        "event_loop": lambda: event_loop(args.artifact, *serve_options),
         "template": lambda: template(args.artifact),
         "echo": lambda: echo(args.artifact, tokenizer, args.checkpoint),
     }
