@@ -6,6 +6,8 @@ Spelled once here so that a rename cannot leave a reader behind (docs/artifact.m
 
 from __future__ import annotations
 
+from onnx import ModelProto, helper
+
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"  # every initializer, as ONNX external data
 MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators (GroupQueryAttention, MatMulNBits)
@@ -51,3 +53,9 @@ def kv_pairs(num_layers: int) -> list[tuple[str, str]]:
         for layer in range(num_layers)
         for part in KV_PARTS
     ]
+
+
+def declare_oldest_ir(model: ModelProto) -> None:
+    """The oldest IR version the model's opsets allow, not the installed onnx's newest: an
+    artifact written by onnx 1.23 (IR 14) does not load on onnxruntime 1.31 (reads up to 13)."""
+    model.ir_version = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)

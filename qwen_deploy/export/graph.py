@@ -27,6 +27,7 @@ from ..contract import (
     PAST,
     POSITION_IDS,
     TOTAL,
+    declare_oldest_ir,
     past_name,
     present_name,
 )
@@ -412,7 +413,5 @@ class DecoderGraph:
         if self.attention == "gqa":
             opsets.append(helper.make_opsetid(MS_DOMAIN, 1))
         model = helper.make_model(graph, opset_imports=opsets, producer_name="qwen-deploy")
-        # the oldest IR version the opsets allow, not the installed onnx's newest: an artifact
-        # exported with onnx 1.23 (IR 14) would not load on onnxruntime 1.31 (reads up to IR 13)
-        model.ir_version = helper.find_min_ir_version_for(opsets, ignore_unknown=True)
+        declare_oldest_ir(model)
         return model

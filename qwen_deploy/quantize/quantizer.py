@@ -18,7 +18,7 @@ from tqdm import tqdm
 from .. import memory
 from ..artifact import check_output, copy_side_files, staged_output
 from ..checkpoint.huggingface import ModelSpec
-from ..contract import DATA_FILE
+from ..contract import DATA_FILE, declare_oldest_ir
 from ..errors import ArtifactError, QwenDeployError
 from ..export.genai_config import write_genai_config
 from ..manifest import Manifest, producer_record
@@ -143,6 +143,7 @@ def quantize_artifact(
         finally:
             writer.close()
         layers = details.pop("layers_report")
+        declare_oldest_ir(model)  # a source exported before exports declared it
         onnx.save_model(model, str(tmp / manifest.model_file))
         copy_side_files(source, tmp, manifest.tokenizer_files)
         manifest.data_files = [DATA_FILE]

@@ -990,3 +990,22 @@ def test_an_fp16_source_quantizes_to_an_artifact_that_matches_it(artifact, tmp_p
         logits[folder] = Batch(backend, 1).extend(ids)[0]
         backend.close()
     assert compare_logits(logits[source], logits[out])["cosine_mean"] > 0.99
+
+
+def test_a_source_of_a_newer_ir_is_written_at_the_oldest_its_opsets_allow(
+    tiny_artifact, tmp_path, one_prompt
+):
+    """Artifacts exported before exports declared the oldest IR carry onnx 1.23's IR 14, which
+    onnxruntime 1.31 refuses to load; quantizing one writes what its opsets need."""
+    source = tmp_path / "source"
+    shutil.copytree(tiny_artifact, source)
+    model = onnx.load(str(source / "model.onnx"), load_external_data=False)
+    model.ir_version = 14
+    onnx.save_model(model, str(source / "model.onnx"))
+    out = tmp_path / "int8"
+    quantize_artifact(
+        source, out, "int8-weight", samples=2, quality_prompts=one_prompt, progress=False
+    )
+    written = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert written.ir_version == 11  # opset 23's; com.microsoft adds no requirement
+    open_backend(out).close()
