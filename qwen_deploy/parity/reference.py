@@ -164,7 +164,8 @@ def _layered_model(torch, transformers, qwen2, checkpoint, dtype: str, attention
 
 def cache_name(model) -> str:
     """The KV cache's argument and output name: transformers 5.25 renamed `past_key_values` to
-    `cache`; before it, `cache=` was swallowed by **kwargs and every step ran without history."""
+    `cache`; an older one takes `cache=` into **kwargs and has no `out.cache` (parity failed with
+    an AttributeError on transformers 5.17)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
