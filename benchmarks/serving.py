@@ -245,7 +245,7 @@ def event_loop(artifact: str, *serve_options: str) -> dict:
         url = server.url + "/v1/chat/completions"
         return httpx.post(url, content=content, headers=headers, timeout=300).status_code
 
-    def round_(n: int, bodies: list[bytes]) -> dict:
+    def round_(bodies: list[bytes]) -> dict:
         health = []
         with ThreadPoolExecutor(5) as pool:
             streamer = pool.submit(stream_times, server.url, counting(1, 400))
@@ -277,9 +277,9 @@ def event_loop(artifact: str, *serve_options: str) -> dict:
     with Served(artifact, "--prefix-cache-gb", "0", *serve_options) as server:
         stream_times(server.url, chat("warm-up", 2))
         rounds = {
-            "bodies": round_(0, [big] * 3),
-            "json_schema": round_(1, [fresh(1)]),
-            "both": round_(2, [big] * 3 + [fresh(2)]),
+            "bodies": round_([big] * 3),
+            "json_schema": round_([fresh(1)]),
+            "both": round_([big] * 3 + [fresh(2)]),
         }
     return {f"{name} {key}": value for name, r in rounds.items() for key, value in r.items()}
 
