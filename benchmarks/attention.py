@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._common import median, table
 
 HEADROOM = 64  # cache positions past the new tokens, as the runtime allocates
 
@@ -119,7 +124,7 @@ def _median_ms(run, repeats: int) -> float:
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return median(times) * 1000
 
 
 def measure(
@@ -197,12 +202,15 @@ def main() -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{args.new} new token(s); ms per step of {args.layers} layers")
-    print(f"{'context':>8} {'gqa':>9} {'scatter':>9} {'ratio':>6} {'max error':>10}")
+    cells = []
     for r in rows:
         gqa, scatter = r["gqa_ms"] * args.layers, r["scatter_ms"] * args.layers
         error = max(r["gqa_max_error"], r["scatter_max_error"])
-        print(f"{r['context']:>8} {gqa:>9.2f} {scatter:>9.2f} {gqa / scatter:>6.2f} {error:>10.1e}")
+        cells.append(
+            [r["context"], f"{gqa:.2f}", f"{scatter:.2f}", f"{gqa / scatter:.2f}", f"{error:.1e}"]
+        )
+    print(f"{args.new} new token(s); ms per step of {args.layers} layers")
+    print(table(["context", "gqa", "scatter", "ratio", "max error"], cells))
 
 
 if __name__ == "__main__":
