@@ -2,9 +2,10 @@
 
 The artifact's own backend runs a random prompt in the engine's chunks (PREFILL_CHUNK tokens, the
 KV cache bound in place), then greedy decode steps at that context; the profiler's node times are
-summed per op type, separately for the two phases.
+summed per op type, separately for the two phases. `--batch N` runs N such prompts as one batch
+(rows of one length): what a batch of decoding rows costs, op by op, against one row.
 
-    .venv/bin/python benchmarks/profile_ops.py ART [--prompt-len 2048] [--steps 16] [--threads 2]
+    .venv/bin/python benchmarks/profile_ops.py ART [--prompt-len 2048] [--steps 16] [--batch 1]
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from qwen_deploy.generation.engine import PREFILL_CHUNK
 from qwen_deploy.runtime import onnxruntime_backend
 
 
-def profile(artifact: Path, prompt_len: int, steps: int, threads: int, folder: str) -> dict:
+def profile(
+    artifact: Path, prompt_len: int, steps: int, threads: int, folder: str, batch: int = 1
+) -> dict:
     """{"prefill"|"decode": {"seconds": total, "ops": {op_type: seconds}}} of one run each."""
     plain = onnxruntime_backend.session_options
 
@@ -38,16 +41,17 @@ def profile(artifact: Path, prompt_len: int, steps: int, threads: int, folder: s
         backend = onnxruntime_backend.OnnxRuntimeBackend(artifact, threads=threads)
     finally:
         onnxruntime_backend.session_options = plain
-    ids = np.random.default_rng(0).integers(0, 150000, (1, prompt_len))
-    cache = backend.new_cache(1, capacity=prompt_len + steps)
+    ids = np.random.default_rng(0).integers(0, 150000, (batch, prompt_len))
+    cache = backend.new_cache(batch, capacity=prompt_len + steps)
     for start in range(0, prompt_len, PREFILL_CHUNK):
         chunk = ids[:, start : start + PREFILL_CHUNK]
         end = start + chunk.shape[1]
-        mask, positions = np.ones((1, end), np.int64), np.arange(start, end)[None]
+        mask = np.ones((batch, end), np.int64)
+        positions = np.repeat(np.arange(start, end)[None], batch, axis=0)
         logits = backend.forward(chunk, mask, positions, cache, last_only=True)
     for step in range(steps):
         token, end = logits[:, -1:].argmax(-1), prompt_len + step + 1
-        mask, positions = np.ones((1, end), np.int64), np.array([[end - 1]])
+        mask, positions = np.ones((batch, end), np.int64), np.full((batch, 1), end - 1)
         logits = backend.forward(token, mask, positions, cache, last_only=True)
     events = json.loads(Path(backend.session.end_profiling()).read_text())
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
@@ -76,10 +80,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="rows decoded together")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qd-profile-") as folder:
-        report = profile(args.artifact, args.prompt_len, args.steps, args.threads, folder)
+        report = profile(
+            args.artifact, args.prompt_len, args.steps, args.threads, folder, args.batch
+        )
     if args.json:
         print(json.dumps(report, indent=2))
         return

@@ -15,3 +15,9 @@ def test_profile_sums_each_phase_per_op(artifact, tmp_path):
         # node times fall inside their runs, which also spend time between nodes
         assert 0 < sum(phase["ops"].values()) <= phase["seconds"]
     assert list(prefill["ops"].values()) == sorted(prefill["ops"].values(), reverse=True)
+
+
+def test_a_batch_profiles_the_same_runs_with_more_rows(artifact, tmp_path):
+    report = profile(artifact(attention="gqa"), 12, 3, 1, str(tmp_path), batch=3)
+    assert report["prefill"]["runs"] == 1 and report["decode"]["runs"] == 3
+    assert "GroupQueryAttention" in report["decode"]["ops"]
