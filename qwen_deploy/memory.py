@@ -157,7 +157,6 @@ def reference(spec: ModelSpec, source_itemsize: int, dtype: str, load: str) -> N
 
 # quantize/weight_only.py: codes plus a scale in the source's float type per block (INT4: 32
 # channels and a 4-bit zero point; INT8: 64); the embedding is INT8 rows
-# weight_only's blocks; int8-weight's rows of 256+ inputs take 128 (~3% less than estimated here)
 INT8_BLOCK, INT4_BLOCK = 64, 32
 INT8_IN_INT4 = ("v_proj", "down_proj")  # weight_only.INT8_ROLES, the LM head aside
 

@@ -24,13 +24,12 @@ from onnx import helper
 from .linears import Linear
 from .rewrite import GraphRewrite
 from .smoothing import Smoother
-from .weight_only import int8_block, matmul_nbits, quantize_embedding, quantize_rows
+from .weight_only import matmul_nbits, quantize_embedding, quantize_rows
 
 ZERO_POINT = 128  # activations as uint8 around it: the u8 x s8 form the integer kernels take
 # down_proj reads the MLP's product, whose attention-sink token holds channels hundreds of times
 # its others: one scale for that row zeroes the rest of it (real 0.5B, every linear per row:
-# worst-row cosine 0.9935, KL 0.18). These stay MatMulNBits, whose weight and activation scales
-# are per block of input channels (weight_only.int8_block): ~6x less error than per row.
+# worst-row cosine 0.9935, KL 0.18). These stay MatMulNBits, whose scales are per block of 64.
 BLOCKWISE_ROLES = ("down_proj",)
 
 
@@ -118,16 +117,12 @@ def quantize_dynamic(smoother: Smoother, step: Callable[[str], None] = lambda _:
     The layers of a group read one quantization of their shared input."""
     rw = smoother.rw
     rows = DynamicRows(rw, smoother.dtype)
-    blocks = set()  # the blockwise layers' (one input width, so one block in a model)
     for group in smoother.groups:
         nodes, x = smoother.smoothed_input(group)
         if group.linears[0].role in BLOCKWISE_ROLES:
             for i, lin in enumerate(group.linears):
                 step(lin.weight)
-                weight = smoother.weight(lin, group)
-                block = int8_block(lin.shape[0])
-                blocks.add(block)
-                matmul = matmul_nbits(rw, lin, x, weight, smoother.dtype, block=block)
+                matmul = matmul_nbits(rw, lin, x, smoother.weight(lin, group), smoother.dtype)
                 rw.replace(lin.matmul, [*(nodes if i == 0 else []), matmul])
             continue
         quantized, codes, scale = rows.quantize(x, group.hint + "/Int8Rows")
@@ -140,7 +135,6 @@ def quantize_dynamic(smoother: Smoother, step: Callable[[str], None] = lambda _:
         "weights": "int8 symmetric, per output channel",
         "activations": "int8 per row (token), quantized at run time",
         "op": "MatMulInteger; " + ", ".join(BLOCKWISE_ROLES) + " com.microsoft.MatMulNBits",
-        "block_size": min(blocks, default=None),
         "bits": 8,
         "layers": len(smoother.linears),
         "lm_head": any(lin.role == "lm_head" for lin in smoother.linears),

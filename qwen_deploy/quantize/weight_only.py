@@ -8,9 +8,8 @@ activation per block and runs onnxruntime's INT8 dot-product kernels, decodes ~2
 fp32-compute level 0; DequantizeLinear + MatMul is rewritten by onnxruntime into the same kernel;
 DynamicQuantizeMatMul is as fast but quantizes each activation row with one scale, the form
 activation outliers hurt most. Per-channel is the block_size = K limit, which MatMulNBits does
-not allow (power-of-two blocks), so the scales are blockwise (finer, ~3% more bytes): blocks of
-128 (int8_block) run a prefill chunk 1.8x faster than 64 and decode a little faster, for a small
-cost in accuracy (benchmarks/README.md).
+not allow (power-of-two blocks), so the scales are blockwise (finer, ~6% more bytes): 64 is the
+measured middle between speed (larger) and accuracy (smaller).
 Because the kernel quantizes activations, the graph is smoothed first (smoothing.py), which keeps
 outlier channels from costing accuracy. The embedding table becomes INT8 rows with a per-row
 scale (Gather of both, then Mul): the decoder reads one row per token, so it costs no speed and
@@ -45,10 +44,7 @@ from .linears import EMBEDDING, Linear
 from .rewrite import GraphRewrite
 from .smoothing import Smoother
 
-BLOCK_SIZE = 128  # INT8 input channels per scale (int8_block)
-MIN_BLOCKS = 2  # per row: never the one scale per row that activation outliers spoil
-SMALL_BLOCK = 64  # the block before 128, for rows too short for two of those (test models)
-INT4_INT8_BLOCK = 64  # int4-weight's INT8 roles: kept, its 1.5B perplexity margin is 0.25%
+BLOCK_SIZE = 64
 INT4_BLOCK_SIZE = 32  # onnxruntime's quantizer and GPTQ/AWQ default; llama.cpp's Q4 sub-blocks
 INT4_BLOCK_SIZES = (32, 64, 128)  # --block-size: larger blocks decode faster, lose more
 # int4-weight keeps these INT8, as llama.cpp's Q4_K_M keeps its output layer, attn_v and ffn_down
@@ -58,11 +54,6 @@ INT8_ROLES = ("lm_head", "v_proj", "down_proj")
 SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)  # candidate fractions of a block's min-max range
 ACCURACY_LEVEL = 4  # int8 activations in the kernel
 COLUMN_CHUNK = 4096  # output channels quantized at once: bounds the fp32 temporaries
-
-
-def int8_block(inputs: int) -> int:
-    """BLOCK_SIZE where a row of `inputs` channels holds MIN_BLOCKS of them, else SMALL_BLOCK."""
-    return BLOCK_SIZE if inputs >= MIN_BLOCKS * BLOCK_SIZE else SMALL_BLOCK
 
 
 def quantize_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -253,7 +244,7 @@ def quantize_weight_only(
             if bits == 4 and lin.role not in INT8_ROLES:
                 options = {"block": int4_block, "bits": 4, "h": h}
             else:
-                options = {"block": INT4_INT8_BLOCK if bits == 4 else int8_block(lin.shape[0])}
+                options = {}
             matmul = matmul_nbits(rw, lin, x, weight, smoother.dtype, **options)
             rw.replace(lin.matmul, [*(nodes if i == 0 else []), matmul])
     embedded = quantize_embedding(rw, smoother.dtype)
@@ -262,7 +253,7 @@ def quantize_weight_only(
         "weights": "int8 symmetric, per output channel and block of input channels",
         "op": "com.microsoft.MatMulNBits",
         "bits": 8,
-        "block_size": int8_block(min(lin.shape[0] for lin in smoother.linears)),
+        "block_size": BLOCK_SIZE,
         "accuracy_level": ACCURACY_LEVEL,
         "layers": len(smoother.linears),
         "lm_head": head,
@@ -275,7 +266,7 @@ def quantize_weight_only(
             "and block of input channels",
             "bits": 4,
             "block_size": int4_block,
-            "lm_head": f"int8, block {INT4_INT8_BLOCK}" if head else False,
+            "lm_head": f"int8, block {BLOCK_SIZE}" if head else False,
             "int8_roles": list(INT8_ROLES),
             "rounding": "gptq" if rows else "nearest",
         }
