@@ -196,6 +196,14 @@ class Manifest:
         ONNX graph that says so; a TensorRT engine's rows are left-padded."""
         return self.engine is None and self.kv_cache.rows == OWN_LENGTH
 
+    @property
+    def row_independent_kernels(self) -> bool:
+        """Whether a row's result does not depend on the other rows of its step: onnxruntime's
+        CPU INT4 MatMulNBits rounds a row differently beside others at blocks over 32 (measured,
+        benchmarks/README.md), which int4-weight's --block-size 64 and 128 give."""
+        q = self.quantization
+        return not (q is not None and q.mode == "int4-weight" and (q.block_size or 0) > 32)
+
     def kv_pairs(self) -> list[tuple[str, str]]:
         """(past, present) tensor names of every layer's key and value, in layer order."""
         return kv_pairs(self.model.num_layers)

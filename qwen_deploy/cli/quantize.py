@@ -67,7 +67,8 @@ from .options import force_option, json_option, max_memory_option, output_option
     type=click.Choice(["32", "64", "128"]),
     default=None,
     help="int4-weight: input channels per scale and zero point [32]. Larger blocks decode faster "
-    "(fewer scales to apply) and lose more accuracy; see docs/DESIGN.md for measurements.",
+    "(fewer scales to apply), lose more accuracy and are not batch invariant on onnxruntime's "
+    "CPU kernel; see docs/DESIGN.md for measurements.",
 )
 @click.option(
     "--quality-prompts",

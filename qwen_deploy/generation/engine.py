@@ -577,13 +577,20 @@ def own_row_lengths(generator: Generator, batch_invariant: bool | None) -> bool:
     """Whether the engine's rows keep lengths of their own (see BatchEngine); a clear error when
     batch invariance is required of an artifact or backend that cannot give it."""
     capable = generator.backend.capabilities.own_row_lengths
-    if batch_invariant and not capable:
+    if batch_invariant and not (capable and generator.manifest.row_independent_kernels):
         raise batch_invariance_error(generator.manifest)
     return capable if batch_invariant is None else batch_invariant
 
 
 def batch_invariance_error(manifest: Manifest) -> QwenDeployError:
     """Why `manifest`'s artifact cannot decode batch-invariantly, and the fix."""
+    if not manifest.row_independent_kernels:
+        return QwenDeployError(
+            f"batch-invariant decoding needs kernels that compute each row on its own; this "
+            f"artifact was quantized with --block-size {manifest.quantization.block_size}, where "
+            "onnxruntime's INT4 kernel rounds a row differently beside other rows: quantize "
+            "with the default --block-size 32, or leave out --batch-invariant."
+        )
     if manifest.engine is not None:
         what = "a TensorRT engine (its rows are left-padded)"
     elif manifest.attention != "gqa":

@@ -287,7 +287,7 @@ def write_repository(
     name = name or default_name(artifact)
     provider = provider or ("cuda" if backend == "tensorrt" else "cpu")
     _check_options(manifest, name, backend, max_batch, instances, provider)
-    if batch_invariant and not manifest.own_row_lengths:
+    if batch_invariant and not (manifest.own_row_lengths and manifest.row_independent_kernels):
         raise batch_invariance_error(manifest)
     env = _check_python_env(python_env)
     check_output(out, force, [artifact])

@@ -1009,3 +1009,28 @@ def test_a_source_of_a_newer_ir_is_written_at_the_oldest_its_opsets_allow(
     written = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert written.ir_version == 11  # opset 23's; com.microsoft adds no requirement
     open_backend(out).close()
+
+
+def test_int4_blocks_over_32_refuse_batch_invariance_with_the_fix(artifact, tmp_path, one_prompt):
+    """onnxruntime's CPU INT4 kernel rounds a row differently beside other rows at blocks over
+    32 (benchmarks/README.md): such an artifact decodes, but cannot promise invariance."""
+    from qwen_deploy.generation.engine import BatchEngine
+    from qwen_deploy.generation.generator import Generator
+
+    out = tmp_path / "int4-block64"
+    source = artifact(CALM, attention="gqa")
+    quantize_artifact(
+        source,
+        out,
+        "int4-weight",
+        samples=2,
+        block_size=64,
+        quality_prompts=one_prompt,
+        progress=False,
+    )
+    assert Manifest.load(source).row_independent_kernels
+    assert not Manifest.load(out).row_independent_kernels
+    generator = Generator(out)
+    assert BatchEngine(generator).own_lengths  # rows keep their lengths; invariance is refused
+    with pytest.raises(QwenDeployError, match="--block-size 64, where onnxruntime's INT4 kernel"):
+        BatchEngine(generator, batch_invariant=True)
