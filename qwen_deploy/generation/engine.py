@@ -577,9 +577,16 @@ def own_row_lengths(generator: Generator, batch_invariant: bool | None) -> bool:
     """Whether the engine's rows keep lengths of their own (see BatchEngine); a clear error when
     batch invariance is required of an artifact or backend that cannot give it."""
     capable = generator.backend.capabilities.own_row_lengths
-    if batch_invariant and not (capable and generator.manifest.row_independent_kernels):
-        raise batch_invariance_error(generator.manifest)
+    if batch_invariant:
+        require_batch_invariance(generator.manifest, capable)
     return capable if batch_invariant is None else batch_invariant
+
+
+def require_batch_invariance(manifest: Manifest, own_row_lengths: bool) -> None:
+    """A clear error unless rows of their own length and row-independent kernels make the
+    artifact's decoding batch invariant."""
+    if not (own_row_lengths and manifest.row_independent_kernels):
+        raise batch_invariance_error(manifest)
 
 
 def batch_invariance_error(manifest: Manifest) -> QwenDeployError:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..artifact import MARKER, check_output, staged_output
 from ..errors import QwenDeployError
-from ..generation.engine import batch_invariance_error
+from ..generation.engine import require_batch_invariance
 from ..manifest import Manifest, TensorSpec
 from ..runtime.backend import PROVIDERS
 
@@ -287,8 +287,8 @@ def write_repository(
     name = name or default_name(artifact)
     provider = provider or ("cuda" if backend == "tensorrt" else "cpu")
     _check_options(manifest, name, backend, max_batch, instances, provider)
-    if batch_invariant and not (manifest.own_row_lengths and manifest.row_independent_kernels):
-        raise batch_invariance_error(manifest)
+    if batch_invariant:
+        require_batch_invariance(manifest, manifest.own_row_lengths)
     env = _check_python_env(python_env)
     check_output(out, force, [artifact])
     manifest.verify(artifact, progress)  # a copy of damaged weights would fail only at load
