@@ -24,6 +24,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16")
 ATTENTION_FORMS = ("onnx", "gqa", "decomposed")
+# per MatMulNBits mode, the largest block (input channels per weight scale) at which onnxruntime's
+# CPU kernel computes each row of a step bit for bit as it would alone: the default blocks
+ROW_INDEPENDENT_BLOCK = {"int4-weight": 32, "int8-weight": 64, "int8-dynamic": 64}
 # the open-ended sections, read into and written from their records
 RECORDS = {
     "generation": Generation,
@@ -199,10 +202,12 @@ class Manifest:
     @property
     def row_independent_kernels(self) -> bool:
         """Whether a row's result does not depend on the other rows of its step: onnxruntime's
-        CPU INT4 MatMulNBits rounds a row differently beside others at blocks over 32 (measured,
-        benchmarks/README.md), which int4-weight's --block-size 64 and 128 give."""
+        CPU MatMulNBits rounds a row differently beside others at blocks over ROW_INDEPENDENT_BLOCK
+        (measured, benchmarks/README.md), which the opt-in --block-size values give."""
         q = self.quantization
-        return not (q is not None and q.mode == "int4-weight" and (q.block_size or 0) > 32)
+        if q is None or q.mode not in ROW_INDEPENDENT_BLOCK:
+            return True
+        return (q.block_size or 0) <= ROW_INDEPENDENT_BLOCK[q.mode]
 
     def kv_pairs(self) -> list[tuple[str, str]]:
         """(past, present) tensor names of every layer's key and value, in layer order."""

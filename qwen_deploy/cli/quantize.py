@@ -66,9 +66,11 @@ from .options import force_option, json_option, max_memory_option, output_option
     "--block-size",
     type=click.Choice(["32", "64", "128"]),
     default=None,
-    help="int4-weight: input channels per scale and zero point [32]. Larger blocks decode faster "
-    "(fewer scales to apply), lose more accuracy and are not batch invariant on onnxruntime's "
-    "CPU kernel; see docs/DESIGN.md for measurements.",
+    help="Input channels per weight scale: int4-weight 32 (default), 64 or 128; int8-weight and "
+    "int8-dynamic (its down_proj) 64 (default) or 128. Larger blocks prefill and decode faster "
+    "(fewer scales to apply), lose a little accuracy and are not batch invariant on "
+    "onnxruntime's CPU kernel (--batch-invariant refuses them); see docs/DESIGN.md for "
+    "measurements.",
 )
 @click.option(
     "--quality-prompts",

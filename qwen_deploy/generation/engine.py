@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from ..errors import QwenDeployError
-from ..manifest import Manifest
+from ..manifest import ROW_INDEPENDENT_BLOCK, Manifest
 from ..runtime.decode import Batch
 from ..runtime.prefix_cache import PrefixCache
 from .requests import PreparedRequest
@@ -592,11 +592,13 @@ def require_batch_invariance(manifest: Manifest, own_row_lengths: bool) -> None:
 def batch_invariance_error(manifest: Manifest) -> QwenDeployError:
     """Why `manifest`'s artifact cannot decode batch-invariantly, and the fix."""
     if not manifest.row_independent_kernels:
+        q = manifest.quantization
         return QwenDeployError(
             f"batch-invariant decoding needs kernels that compute each row on its own; this "
-            f"artifact was quantized with --block-size {manifest.quantization.block_size}, where "
-            "onnxruntime's INT4 kernel rounds a row differently beside other rows: quantize "
-            "with the default --block-size 32, or leave out --batch-invariant."
+            f"{q.mode} artifact was quantized with --block-size {q.block_size}, where "
+            f"onnxruntime's INT{q.bits} kernel rounds a row differently beside other rows: "
+            f"quantize with the default --block-size {ROW_INDEPENDENT_BLOCK[q.mode]}, or leave "
+            "out --batch-invariant."
         )
     if manifest.engine is not None:
         what = "a TensorRT engine (its rows are left-padded)"

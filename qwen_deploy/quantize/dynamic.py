@@ -24,7 +24,7 @@ from onnx import helper
 from .linears import Linear
 from .rewrite import GraphRewrite
 from .smoothing import Smoother
-from .weight_only import matmul_nbits, quantize_embedding, quantize_rows
+from .weight_only import BLOCK_SIZE, matmul_nbits, quantize_embedding, quantize_rows
 
 ZERO_POINT = 128  # activations as uint8 around it: the u8 x s8 form the integer kernels take
 # down_proj reads the MLP's product, whose attention-sink token holds channels hundreds of times
@@ -112,9 +112,14 @@ class DynamicRows:
         return [product, to_float, columns, rows, bias]
 
 
-def quantize_dynamic(smoother: Smoother, step: Callable[[str], None] = lambda _: None) -> dict:
+def quantize_dynamic(
+    smoother: Smoother,
+    step: Callable[[str], None] = lambda _: None,
+    block: int = BLOCK_SIZE,
+) -> dict:
     """Rewrite every linear layer (after `smoother.apply`) and the embedding; returns the scheme.
-    The layers of a group read one quantization of their shared input."""
+    The layers of a group read one quantization of their shared input; BLOCKWISE_ROLES take
+    scales per `block` input channels."""
     rw = smoother.rw
     rows = DynamicRows(rw, smoother.dtype)
     for group in smoother.groups:
@@ -122,7 +127,8 @@ def quantize_dynamic(smoother: Smoother, step: Callable[[str], None] = lambda _:
         if group.linears[0].role in BLOCKWISE_ROLES:
             for i, lin in enumerate(group.linears):
                 step(lin.weight)
-                matmul = matmul_nbits(rw, lin, x, smoother.weight(lin, group), smoother.dtype)
+                weight = smoother.weight(lin, group)
+                matmul = matmul_nbits(rw, lin, x, weight, smoother.dtype, block=block)
                 rw.replace(lin.matmul, [*(nodes if i == 0 else []), matmul])
             continue
         quantized, codes, scale = rows.quantize(x, group.hint + "/Int8Rows")
@@ -136,6 +142,7 @@ def quantize_dynamic(smoother: Smoother, step: Callable[[str], None] = lambda _:
         "activations": "int8 per row (token), quantized at run time",
         "op": "MatMulInteger; " + ", ".join(BLOCKWISE_ROLES) + " com.microsoft.MatMulNBits",
         "bits": 8,
+        "block_size": block,
         "layers": len(smoother.linears),
         "lm_head": any(lin.role == "lm_head" for lin in smoother.linears),
         "embedding": "int8 per row" if embedded else "unchanged",

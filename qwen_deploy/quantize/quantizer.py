@@ -39,10 +39,16 @@ from .smoothing import Smoother
 from .smoothquant import quantize_smoothquant
 from .store import SourceTensors, TensorWriter, load_graph
 from .text import prompt_ids
-from .weight_only import INT4_BLOCK_SIZE, INT4_BLOCK_SIZES, quantize_weight_only
+from .weight_only import INT4_BLOCK_SIZES, INT8_BLOCK_SIZES, quantize_weight_only
 
 MODES = ("int8-weight", "int8-dynamic", "int4-weight", "int8-smoothquant")
 WEIGHT_ONLY_BITS = {"int8-weight": 8, "int4-weight": 4}
+# --block-size per mode: input channels per weight scale (the first is the default)
+BLOCK_SIZES = {
+    "int4-weight": INT4_BLOCK_SIZES,
+    "int8-weight": INT8_BLOCK_SIZES,
+    "int8-dynamic": INT8_BLOCK_SIZES,
+}
 FLOAT_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 WEIGHT_ONLY_ALPHA = 0.5  # activations are quantized at run time too: mild smoothing
 # SmoothQuant's default float budget, a fraction of the linear weights (so >= 85.5% stay INT8).
@@ -67,9 +73,9 @@ def _check_source(source: Path) -> Manifest:
 
 
 @dataclass
-class Int4Options:
-    gptq: bool  # GPTQ rounding (gptq.py) instead of the nearest
-    block: int  # input channels per scale and zero point
+class WeightOptions:
+    gptq: bool  # int4-weight: GPTQ rounding (gptq.py) instead of the nearest
+    block: int | None  # input channels per weight scale (BLOCK_SIZES; None: int8-smoothquant)
 
 
 def quantize_artifact(
@@ -94,7 +100,7 @@ def quantize_artifact(
     group of layers, the weight-only modes use WEIGHT_ONLY_ALPHA. keep_float: the fraction of the
     linear weights SmoothQuant may leave in floating point, the most sensitive groups first (None:
     KEEP_FLOAT). gptq: int4-weight rounds by GPTQ (gptq.py) instead of to the nearest;
-    block_size: its INT4 block (INT4_BLOCK_SIZES; default INT4_BLOCK_SIZE). The
+    block_size: input channels per weight scale (BLOCK_SIZES[mode]; default its first). The
     manifest records the scheme under `quantization` and the measured cost
     against `source` under `quality` (on `quality_prompts`, default: the packaged parity prompts,
     and the packaged held-out text), with the gate's verdict. A run whose estimated peak
@@ -109,11 +115,13 @@ def quantize_artifact(
         )
     if gptq and mode != "int4-weight":
         raise QwenDeployError("--gptq applies to --mode int4-weight only.")
-    if block_size is not None and mode != "int4-weight":
-        raise QwenDeployError("--block-size applies to --mode int4-weight only.")
-    if block_size is not None and block_size not in INT4_BLOCK_SIZES:
+    if block_size is not None and mode not in BLOCK_SIZES:
         raise QwenDeployError(
-            f"--block-size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))}, "
+            f"--block-size applies to --mode {', '.join(BLOCK_SIZES)} only (not {mode})."
+        )
+    if block_size is not None and block_size not in BLOCK_SIZES[mode]:
+        raise QwenDeployError(
+            f"--block-size for {mode} must be one of {', '.join(map(str, BLOCK_SIZES[mode]))}, "
             f"got {block_size}."
         )
     if keep_float is not None and mode != "int8-smoothquant":
@@ -136,8 +144,9 @@ def quantize_artifact(
         rw = GraphRewrite(model, SourceTensors(source, model), writer)
         budget = KEEP_FLOAT if keep_float is None else keep_float
         try:
-            int4 = Int4Options(gptq, block_size or INT4_BLOCK_SIZE)
-            details = _quantize(rw, source, mode, dtype, alpha, budget, prompts, int4, progress)
+            block = block_size or BLOCK_SIZES.get(mode, (None,))[0]
+            options = WeightOptions(gptq, block)
+            details = _quantize(rw, source, mode, dtype, alpha, budget, prompts, options, progress)
             details["calibration"] = {"source": origin, "samples": len(prompts)}
             rw.finish()
         finally:
@@ -224,7 +233,7 @@ def _quantize(
     alpha: float | None,
     budget: float,
     prompts: list[dict],
-    int4: Int4Options,
+    options: WeightOptions,
     progress: bool,
 ) -> dict:
     """Calibrate, choose each group's smoothing, then quantize in the chosen form; returns the
@@ -236,7 +245,7 @@ def _quantize(
         measured_tensors(smoother) if searched else smoother.activations,
         prompts,
         progress,
-        SAMPLE_TOKENS if searched else GPTQ_TOKENS if int4.gptq else 0,
+        SAMPLE_TOKENS if searched else GPTQ_TOKENS if options.gptq else 0,
     )
     if searched:
         plan = plan_smoothquant(smoother, activations, alpha, budget, progress)
@@ -252,11 +261,11 @@ def _quantize(
 
     with bar:
         if mode == "int8-dynamic":
-            details = quantize_dynamic(smoother, step)
+            details = quantize_dynamic(smoother, step, options.block)
         elif mode in WEIGHT_ONLY_BITS:
-            rows = activations.rows if int4.gptq else None
+            rows = activations.rows if options.gptq else None
             bits = WEIGHT_ONLY_BITS[mode]
-            details = quantize_weight_only(smoother, step, bits, rows, int4.block)
+            details = quantize_weight_only(smoother, step, bits, rows, options.block)
         else:
             details = quantize_smoothquant(smoother, step)
     label = (

@@ -44,7 +44,10 @@ from .linears import EMBEDDING, Linear
 from .rewrite import GraphRewrite
 from .smoothing import Smoother
 
+# INT8 input channels per scale; --block-size of the INT8 modes: 128 prefills faster, but only
+# up to 64 does onnxruntime's CPU kernel compute each row as it would alone (batch invariance)
 BLOCK_SIZE = 64
+INT8_BLOCK_SIZES = (64, 128)
 INT4_BLOCK_SIZE = 32  # onnxruntime's quantizer and GPTQ/AWQ default; llama.cpp's Q4 sub-blocks
 INT4_BLOCK_SIZES = (32, 64, 128)  # --block-size: larger blocks decode faster, lose more
 # int4-weight keeps these INT8, as llama.cpp's Q4_K_M keeps its output layer, attn_v and ffn_down
@@ -225,11 +228,13 @@ def quantize_weight_only(
     step: Callable[[str], None] = lambda _: None,
     bits: int = 8,
     rows: dict[str, np.ndarray] | None = None,
-    int4_block: int = INT4_BLOCK_SIZE,
+    block: int | None = None,
 ) -> dict:
     """Rewrite every linear layer (after `smoother.apply`) and the embedding; returns the scheme.
     bits 4: INT4 but for INT8_ROLES, GPTQ-rounded where `rows` has calibration inputs of the
-    layer."""
+    layer. `block`: input channels per scale of the `bits`-wide weights (default INT4_BLOCK_SIZE or
+    BLOCK_SIZE); int4-weight's INT8 roles keep BLOCK_SIZE."""
+    block = block or (INT4_BLOCK_SIZE if bits == 4 else BLOCK_SIZE)
     rw = smoother.rw
     rows = rows or {}
     for group in smoother.groups:
@@ -242,9 +247,9 @@ def quantize_weight_only(
             step(lin.weight)
             weight = smoother.weight(lin, group)
             if bits == 4 and lin.role not in INT8_ROLES:
-                options = {"block": int4_block, "bits": 4, "h": h}
+                options = {"block": block, "bits": 4, "h": h}
             else:
-                options = {}
+                options = {"block": BLOCK_SIZE if bits == 4 else block}
             matmul = matmul_nbits(rw, lin, x, weight, smoother.dtype, **options)
             rw.replace(lin.matmul, [*(nodes if i == 0 else []), matmul])
     embedded = quantize_embedding(rw, smoother.dtype)
@@ -253,7 +258,7 @@ def quantize_weight_only(
         "weights": "int8 symmetric, per output channel and block of input channels",
         "op": "com.microsoft.MatMulNBits",
         "bits": 8,
-        "block_size": BLOCK_SIZE,
+        "block_size": block,
         "accuracy_level": ACCURACY_LEVEL,
         "layers": len(smoother.linears),
         "lm_head": head,
@@ -265,7 +270,6 @@ def quantize_weight_only(
             "weights": "int4 asymmetric (uint4 zero point, range searched), per output channel "
             "and block of input channels",
             "bits": 4,
-            "block_size": int4_block,
             "lm_head": f"int8, block {BLOCK_SIZE}" if head else False,
             "int8_roles": list(INT8_ROLES),
             "rounding": "gptq" if rows else "nearest",

@@ -414,6 +414,7 @@ def test_int8_weight_graph_quantizes_every_linear_head_and_embedding(quantized):
     manifest = Manifest.load(out)
     q = manifest.quantization
     assert q.mode == "int8-weight" and q.lm_head and q.embedding == "int8 per row"
+    assert q.block_size == 64 and manifest.row_independent_kernels  # the default block
     assert manifest.source == Manifest.load(source).source
     assert manifest.data_files == ["model.onnx.data"]
     for name in [*manifest.tokenizer_files, "config.json", "generation_config.json"]:
@@ -442,6 +443,7 @@ def test_int8_dynamic_graph_runs_every_linear_on_the_integer_gemm(quantized):
     q = Manifest.load(out).quantization
     assert q.mode == "int8-dynamic" and q.op.startswith("MatMulInteger") and q.lm_head
     assert q.activations == "int8 per row (token), quantized at run time"
+    assert q.block_size == 64  # down_proj's MatMulNBits, by default
 
 
 def test_int8_dynamic_rows_do_not_depend_on_their_batch_mates(quantized):
@@ -665,8 +667,15 @@ def _no_output(out: Path) -> bool:
         ({"alpha": -0.1}, "--alpha must be within [0, 1]"),
         ({"samples": 0}, "--samples must be at least 1"),
         ({"gptq": True}, "--gptq applies to --mode int4-weight only"),
-        ({"block_size": 64}, "--block-size applies to --mode int4-weight only"),
-        ({"mode": "int4-weight", "block_size": 48}, "--block-size must be one of 32, 64, 128"),
+        ({"block_size": 64}, "--block-size applies to --mode int4-weight, int8-weight, "),
+        (
+            {"mode": "int4-weight", "block_size": 48},
+            "--block-size for int4-weight must be one of 32, 64, 128",
+        ),
+        (
+            {"mode": "int8-dynamic", "block_size": 32},
+            "--block-size for int8-dynamic must be one of 64, 128",
+        ),
         ({"calibration": "missing.jsonl"}, "does not exist"),
         ({"calibration": "prompts.csv"}, "must be .txt"),
         ({"calibration": "bad.jsonl"}, "line 2 is not valid JSON"),
@@ -1011,26 +1020,41 @@ def test_a_source_of_a_newer_ir_is_written_at_the_oldest_its_opsets_allow(
     open_backend(out).close()
 
 
-def test_int4_blocks_over_32_refuse_batch_invariance_with_the_fix(artifact, tmp_path, one_prompt):
-    """onnxruntime's CPU INT4 kernel rounds a row differently beside other rows at blocks over
-    32 (benchmarks/README.md): such an artifact decodes, but cannot promise invariance."""
+@pytest.mark.parametrize(
+    ("mode", "block", "kernel", "default"),
+    [
+        ("int4-weight", 64, "INT4", 32),
+        ("int8-weight", 128, "INT8", 64),
+        ("int8-dynamic", 128, "INT8", 64),
+    ],
+)
+def test_blocks_over_the_default_refuse_batch_invariance_with_the_fix(
+    artifact, tmp_path, one_prompt, mode, block, kernel, default
+):
+    """onnxruntime's CPU MatMulNBits rounds a row differently beside other rows at blocks over
+    the defaults (benchmarks/README.md): such an artifact decodes, its MatMulNBits nodes take the
+    block asked for, but it cannot promise invariance."""
     from qwen_deploy.generation.engine import BatchEngine
     from qwen_deploy.generation.generator import Generator
 
-    out = tmp_path / "int4-block64"
+    out = tmp_path / f"{mode}-block{block}"
     source = artifact(CALM, attention="gqa")
     quantize_artifact(
-        source,
-        out,
-        "int4-weight",
-        samples=2,
-        block_size=64,
-        quality_prompts=one_prompt,
-        progress=False,
+        source, out, mode, samples=2, block_size=block, quality_prompts=one_prompt, progress=False
     )
+    bits = {"INT4": 4, "INT8": 8}[kernel]
+    nbits = [n for n in _nodes(out) if n.op_type == "MatMulNBits"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
+    assert {a["block_size"] for a in attrs if a["bits"] == bits} == {block}
+    assert Manifest.load(out).quantization.block_size == block
     assert Manifest.load(source).row_independent_kernels
     assert not Manifest.load(out).row_independent_kernels
     generator = Generator(out)
     assert BatchEngine(generator).own_lengths  # rows keep their lengths; invariance is refused
-    with pytest.raises(QwenDeployError, match="--block-size 64, where onnxruntime's INT4 kernel"):
+    expected = (
+        f"{mode} artifact was quantized with --block-size {block}, where onnxruntime's {kernel} "
+        f"kernel rounds a row differently beside other rows: quantize with the default "
+        f"--block-size {default}"
+    )
+    with pytest.raises(QwenDeployError, match=expected):
         BatchEngine(generator, batch_invariant=True)
