@@ -190,37 +190,94 @@ def matmul_nbits(
     """A MatMulNBits node (bits 8: symmetric; 4: asymmetric, packed) computing `lin` on `x` from
     its [K, N] `weight`, the bias folded in (its Add is removed); the caller puts the node where
     lin.matmul was."""
-    k, n = weight.shape
-    if bits == 8:
-        codes, scales = quantize_blocks(weight, block)
-        inputs = [
-            x,
-            rw.initializer(lin.weight + ".int8", codes),
-            rw.initializer(lin.weight + ".scale", scales.astype(scale_dtype)),
-        ]
-    else:
-        codes, scales, zeros = quantize_blocks_int4(weight, block, h)
-        inputs = [
-            x,
-            rw.initializer(lin.weight + ".int4", pack_nibbles(codes)),
-            rw.initializer(lin.weight + ".scale", scales.astype(scale_dtype)),
-            rw.initializer(lin.weight + ".zero_point", pack_nibbles(zeros).reshape(-1)),
-        ]
-    if lin.bias:
-        inputs += [""] * (5 - len(inputs)) + [lin.bias]
-        rw.replace(lin.bias_add, [])
-    return rw.node(
+    (node,) = fused_matmul_nbits(
+        rw, [lin], x, lambda _: weight, scale_dtype, block, accuracy_level, bits, h
+    )
+    return node
+
+
+def fused_matmul_nbits(
+    rw: GraphRewrite,
+    lins: list[Linear],
+    x: str,
+    weight: Callable[[Linear], np.ndarray],
+    scale_dtype: np.dtype = np.float32,
+    block: int = BLOCK_SIZE,
+    accuracy_level: int = ACCURACY_LEVEL,
+    bits: int = 8,
+    h: np.ndarray | None = None,
+) -> list[onnx.NodeProto]:
+    """One MatMulNBits computing every linear of `lins` on their shared input `x` (q/k/v, or
+    gate/up), their [K, N] weights (`weight(lin)`, quantized one at a time) side by side, then a
+    Split into their outputs (none for a single linear); biases folded in, their Adds removed.
+    The kernel computes each output column on its own, so the results equal separate nodes' bit
+    for bit, while the input is read and quantized once and one kernel runs instead of several."""
+    codes, scales, zeros, widths = [], [], [], []
+    for lin in lins:
+        w = weight(lin)
+        widths.append(w.shape[1])
+        if bits == 8:
+            c, s = quantize_blocks(w, block)
+        else:
+            c, s, z = quantize_blocks_int4(w, block, h)
+            c, z = pack_nibbles(c), pack_nibbles(z).reshape(-1)
+            zeros.append(z)
+        codes.append(c)
+        scales.append(s.astype(scale_dtype))
+    name = _fused_name(lins)
+    inputs = [
+        x,
+        rw.initializer(f"{name}.weight.int{bits}", np.concatenate(codes)),
+        rw.initializer(name + ".weight.scale", np.concatenate(scales)),
+    ]
+    if zeros:
+        inputs.append(rw.initializer(name + ".weight.zero_point", np.concatenate(zeros)))
+    bias = _fused_bias(rw, lins, widths)
+    if bias:
+        inputs += [""] * (5 - len(inputs)) + [bias]
+    node = rw.node(
         "MatMulNBits",
         inputs,
-        lin.weight.removesuffix(".weight") + "/MatMulNBits",
-        outputs=[lin.output],
+        name + "/MatMulNBits",
+        outputs=[lins[0].output] if len(lins) == 1 else None,
         domain=MS_DOMAIN,
-        K=k,
-        N=n,
+        K=lins[0].shape[0],
+        N=sum(widths),
         bits=bits,
         block_size=block,
         accuracy_level=accuracy_level,
     )
+    if len(lins) == 1:
+        return [node]
+    split = rw.initializer(name + ".split", np.array(widths, np.int64))
+    outputs = [lin.output for lin in lins]
+    return [node, rw.node("Split", [node.output[0], split], name + "/Split", outputs, axis=-1)]
+
+
+def _fused_name(lins: list[Linear]) -> str:
+    """The name of linears computed as one: a single linear's own (model.layers.0.mlp.up_proj),
+    siblings' joined (q_proj, k_proj -> model.layers.0.self_attn.q_k_proj)."""
+    prefix = lins[0].weight.removesuffix(".weight")
+    if len(lins) == 1:
+        return prefix
+    roles = "_".join(lin.role.removesuffix("_proj") for lin in lins)
+    return f"{prefix.rsplit('.', 1)[0]}.{roles}_proj"
+
+
+def _fused_bias(rw: GraphRewrite, lins: list[Linear], widths: list[int]) -> str | None:
+    """The linears' biases side by side (zeros for a linear without one; a single linear's own),
+    None when none has one; their Adds are removed."""
+    if not any(lin.bias for lin in lins):
+        return None
+    for lin in lins:
+        if lin.bias:
+            rw.replace(lin.bias_add, [])
+    if len(lins) == 1:
+        return lins[0].bias
+    parts = [rw.source.array(lin.bias) if lin.bias else None for lin in lins]
+    dtype = next(p.dtype for p in parts if p is not None)
+    bias = [np.zeros(n, dtype) if p is None else p for p, n in zip(parts, widths, strict=True)]
+    return rw.initializer(_fused_name(lins) + ".bias", np.concatenate(bias))
 
 
 def quantize_weight_only(
@@ -243,15 +300,24 @@ def quantize_weight_only(
         if bits == 4 and group.input in rows:
             smooth = group.smooth if group.smooth is not None else 1.0
             h = hessian(rows[group.input] / smooth)
-        for i, lin in enumerate(group.linears):
-            step(lin.weight)
-            weight = smoother.weight(lin, group)
+        kernels: dict[tuple[int, int], list[Linear]] = {}  # (bits, block): linears fused
+        for lin in group.linears:
             if bits == 4 and lin.role not in INT8_ROLES:
-                options = {"block": block, "bits": 4, "h": h}
+                kernels.setdefault((4, block), []).append(lin)
             else:
-                options = {"block": BLOCK_SIZE if bits == 4 else block}
-            matmul = matmul_nbits(rw, lin, x, weight, smoother.dtype, **options)
-            rw.replace(lin.matmul, [*(nodes if i == 0 else []), matmul])
+                kernels.setdefault((8, BLOCK_SIZE if bits == 4 else block), []).append(lin)
+
+        def weight(lin: Linear, group=group) -> np.ndarray:
+            step(lin.weight)
+            return smoother.weight(lin, group)
+
+        for (b, size), lins in kernels.items():
+            nodes += fused_matmul_nbits(
+                rw, lins, x, weight, smoother.dtype, size, bits=b, h=h if b == 4 else None
+            )
+        rw.replace(group.linears[0].matmul, nodes)
+        for lin in group.linears[1:]:
+            rw.replace(lin.matmul, [])
     embedded = quantize_embedding(rw, smoother.dtype)
     head = any(lin.role == "lm_head" for lin in smoother.linears)
     scheme = {

@@ -322,9 +322,81 @@ def test_cli_gptq_rounds_int4_differently_and_says_so(quantized, tmp_path, one_p
     assert result.exit_code == (0 if manifest.quality.passed else 1), result.output
     assert manifest.quantization.rounding == "gptq"
     assert Manifest.load(nearest).quantization.rounding == "nearest"
-    name = "model.layers.0.mlp.up_proj.weight.int4"
+    name = "model.layers.0.mlp.gate_up_proj.weight.int4"
     codes = [SourceTensors(o, load_graph(o, "model.onnx")).array(name) for o in (nearest, out)]
     assert codes[0].shape == codes[1].shape and (codes[0] != codes[1]).mean() > 0.05
+
+
+@pytest.mark.parametrize(("bits", "block"), [(8, 64), (4, 32)])
+def test_fused_siblings_equal_separate_kernels_bit_for_bit(tmp_path, bits, block):
+    """q/k/v on one MatMulNBits (the biases side by side, zeros where a linear has none) and a
+    Split give each linear exactly what its own MatMulNBits gives, at 1 and at several rows."""
+    import onnxruntime as ort
+    from onnx import helper
+
+    from qwen_deploy.quantize.rewrite import GraphRewrite
+    from qwen_deploy.quantize.store import TensorWriter
+    from qwen_deploy.quantize.weight_only import fused_matmul_nbits, matmul_nbits
+
+    rng = np.random.default_rng(0)
+    k, widths = 96, {"q_proj": 64, "k_proj": 32, "v_proj": 32}
+    weights = {r: rng.normal(size=(k, n)).astype(np.float32) for r, n in widths.items()}
+    biased = ("q_proj", "v_proj")  # k_proj without one: its share of the fused bias is zeros
+
+    def graph(folder: Path, fused: bool) -> str:
+        folder.mkdir()
+        writer = TensorWriter(folder, "model.onnx.data")
+        nodes, tensors, outputs = [], [], []
+        for role, w in weights.items():
+            name = f"model.layers.0.self_attn.{role}"
+            nodes.append(helper.make_node("MatMul", ["x", name + ".weight"], [role + "_mm"]))
+            tensors.append(writer.tensor(name + ".weight", w))
+            y = role + "_mm"
+            if role in biased:
+                bias = rng.normal(size=w.shape[1]).astype(np.float32)
+                tensors.append(writer.tensor(name + ".bias", bias))
+                nodes.append(helper.make_node("Add", [y, name + ".bias"], [role]))
+                y = role
+            outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, ["M", w.shape[1]]))
+        model = helper.make_model(
+            helper.make_graph(
+                nodes,
+                "siblings",
+                [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                outputs,
+                tensors,
+            ),
+            opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+        )
+        writer.close()
+        writer = TensorWriter(folder, "quantized.onnx.data")
+        rw = GraphRewrite(model, SourceTensors(folder, model), writer)
+        lins = find_linears(model.graph)
+        if fused:
+            new = fused_matmul_nbits(
+                rw, lins, "x", lambda lin: weights[lin.role], block=block, bits=bits
+            )
+            rw.replace(lins[0].matmul, new)
+            for lin in lins[1:]:
+                rw.replace(lin.matmul, [])
+        else:
+            for lin in lins:
+                node = matmul_nbits(rw, lin, "x", weights[lin.role], block=block, bits=bits)
+                rw.replace(lin.matmul, [node])
+        rw.finish()
+        writer.close()
+        assert sum(n.op_type == "MatMulNBits" for n in model.graph.node) == (1 if fused else 3)
+        onnx.save_model(model, str(folder / "model.onnx"))
+        return str(folder / "model.onnx")
+
+    rng_state = rng.bit_generator.state
+    separate = ort.InferenceSession(graph(tmp_path / "separate", False))
+    rng.bit_generator.state = rng_state  # the same biases
+    fused = ort.InferenceSession(graph(tmp_path / "fused", True))
+    for rows in (1, 5):
+        x = {"x": rng.normal(size=(rows, k)).astype(np.float32)}
+        for a, b in zip(separate.run(None, x), fused.run(None, x), strict=True):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_int4_weight_graph_is_int4_but_an_int8_head_and_embedding(quantized):
@@ -335,8 +407,10 @@ def test_int4_weight_graph_is_int4_but_an_int8_head_and_embedding(quantized):
     nbits = [n for n in _nodes(out) if n.op_type == "MatMulNBits"]
     attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
     bits = {n.name.split("/")[0]: a["bits"] for n, a in zip(nbits, attrs, strict=True)}
-    assert len(bits) == 7 * spec.num_layers + 1
+    # q and k share one INT4 kernel, gate and up another; v, o, down and the head have their own
+    assert len(bits) == 5 * spec.num_layers + 1
     roles = {name: name.rsplit(".", 1)[-1] for name in bits}
+    assert {"q_k_proj", "gate_up_proj", "v_proj", "o_proj", "down_proj"} <= set(roles.values())
     assert {bits[n] for n, role in roles.items() if role in INT8_ROLES} == {8}  # head, v, down
     assert {bits[n] for n, role in roles.items() if role not in INT8_ROLES} == {4}
     assert {a["block_size"] for a in attrs if a["bits"] == 4} == {32}
@@ -344,7 +418,7 @@ def test_int4_weight_graph_is_int4_but_an_int8_head_and_embedding(quantized):
     assert all(n.input[3] for n, a in zip(nbits, attrs, strict=True) if a["bits"] == 4)  # zero pts
     types = _initializer_types(out)
     assert types["model.embed_tokens.weight.int8"] == TensorProto.INT8
-    assert types["model.layers.0.mlp.up_proj.weight.int4"] == TensorProto.UINT8
+    assert types["model.layers.0.mlp.gate_up_proj.weight.int4"] == TensorProto.UINT8
     assert types["model.layers.0.mlp.down_proj.weight.int8"] == TensorProto.UINT8
     q = Manifest.load(out).quantization
     assert q.mode == "int4-weight" and q.bits == 4 and q.block_size == 32
@@ -396,7 +470,7 @@ def test_int8_weight_graph_quantizes_every_linear_head_and_embedding(quantized):
     spec = Manifest.load(source).model
     nodes = _nodes(out)
     nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 7 * spec.num_layers + 1
+    assert len(nbits) == 4 * spec.num_layers + 1  # q/k/v and gate/up fused: one kernel each
     assert not [n for n in nodes if n.op_type == "MatMul"]
     assert {
         onnx.helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "bits"
@@ -404,13 +478,10 @@ def test_int8_weight_graph_quantizes_every_linear_head_and_embedding(quantized):
     types = _initializer_types(out)
     assert types["model.embed_tokens.weight.int8"] == TensorProto.INT8
     assert "model.embed_tokens.weight" not in types and "lm_head.weight" not in types
-    # q/k/v biases are folded into the node
-    assert all(
-        len(n.input) == 6 and n.input[5]
-        for n in nbits
-        if "_proj" in n.name
-        and n.name.split("/")[0].rsplit(".", 1)[1] in ("q_proj", "k_proj", "v_proj")
-    )
+    # q/k/v are one node, their biases folded into it
+    qkv = [n for n in nbits if n.name.split("/")[0].endswith(".q_k_v_proj")]
+    assert len(qkv) == spec.num_layers and all(len(n.input) == 6 and n.input[5] for n in qkv)
+    assert not any(n.op_type == "Add" and n.input[1].endswith("_proj.bias") for n in nodes)
     manifest = Manifest.load(out)
     q = manifest.quantization
     assert q.mode == "int8-weight" and q.lm_head and q.embedding == "int8 per row"
