@@ -357,9 +357,9 @@ ADVICE = {
     "--keep-float (e.g. 0.2: more of the most sensitive layers stay in floating point), a "
     "--calibration file that looks like your traffic, or --mode int8-weight",
     "int8-weight": "another --alpha (0.5 by default), a --calibration file that looks like your "
-    "traffic, or the fp16 artifact",
+    "traffic, the default --block-size 64 if 128 was given, or the fp16 artifact",
     "int8-dynamic": "another --alpha (0.5 by default), a --calibration file that looks like "
-    "your traffic, or --mode int8-weight",
+    "your traffic, the default --block-size 64 if 128 was given, or --mode int8-weight",
     "int4-weight": "--gptq (rounding that compensates each channel's error), another --alpha (0.5 "
     "by default), a --calibration file that looks like your traffic, or --mode int8-weight",
 }
