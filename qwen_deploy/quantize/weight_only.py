@@ -15,17 +15,17 @@ outlier channels from costing accuracy. The embedding table becomes INT8 rows wi
 scale (Gather of both, then Mul): the decoder reads one row per token, so it costs no speed and
 takes the 0.5B artifact from ~41% to ~26% of the fp32 size.
 
-INT4 (int4-weight) is the same rewrite with bits=4 for the transformer's linears: asymmetric
-codes per block of INT4_BLOCK_SIZE input channels, a scale and a uint4 zero point each (a float
-zero point would represent more grids exactly, but onnxruntime then leaves its integer kernel:
-65x slower per MatMul, measured), the block's grid chosen among shrunk min-max ranges by squared
-error (SHRINK: clipping a block's outlier costs less than coarsening its other 31 values), each
-also with its scale refit to the codes it gave. Packed as MatMulNBits expects: two codes per
+INT4 (int4-weight) is the same rewrite with bits=4 for the transformer's linears: asymmetric codes
+per block of input channels (INT4_BLOCK_SIZES, 32 by default), a scale and a uint4 zero point each
+(a float zero point would represent more grids exactly, but onnxruntime then leaves its integer
+kernel: 65x slower per MatMul, measured), the block's grid chosen among shrunk min-max ranges by
+squared error (SHRINK: clipping a block's outlier costs less than coarsening its other 31 values),
+each also with its scale refit to the codes it gave. Packed as MatMulNBits expects: two codes per
 byte, the lower K index in the low nibble; zero points two per byte, the even block in the low
-nibble, ceil(blocks / 2) bytes per output channel. The LM head, whose error reaches every
-logit, v_proj and down_proj stay INT8 (INT8_ROLES), and so does the embedding. With calibration
-rows of each layer's input, the codes are GPTQ's instead of the nearest (gptq.py; `quantize
---gptq`), on grids searched without the refit.
+nibble, ceil(blocks / 2) bytes per output channel. The LM head, whose error reaches every logit,
+v_proj and down_proj stay INT8 (INT8_ROLES), and so does the embedding. With calibration rows of
+each layer's input, the codes are GPTQ's instead of the nearest (gptq.py; `quantize --gptq`), on
+grids searched without the refit.
 """
 
 from __future__ import annotations
@@ -48,8 +48,9 @@ from .smoothing import Smoother
 # up to 64 does onnxruntime's CPU kernel compute each row as it would alone (batch invariance)
 BLOCK_SIZE = 64
 INT8_BLOCK_SIZES = (64, 128)
-INT4_BLOCK_SIZE = 32  # onnxruntime's quantizer and GPTQ/AWQ default; llama.cpp's Q4 sub-blocks
-INT4_BLOCK_SIZES = (32, 64, 128)  # --block-size: larger blocks decode faster, lose more
+# --block-size of int4-weight: larger blocks decode faster, lose more; the default 32 is
+# onnxruntime's quantizer and GPTQ/AWQ default, llama.cpp's Q4 sub-blocks
+INT4_BLOCK_SIZES = (32, 64, 128)
 # int4-weight keeps these INT8, as llama.cpp's Q4_K_M keeps its output layer, attn_v and ffn_down
 # at 6 bits: on the real 0.5B model all-INT4 linears (LM head aside) lost top-1 0.906 and +5.8%
 # perplexity, with v_proj and down_proj INT8 too 0.936 and +1.1% (artifact 551 vs 508 MB)
@@ -285,13 +286,12 @@ def quantize_weight_only(
     step: Callable[[str], None] = lambda _: None,
     bits: int = 8,
     rows: dict[str, np.ndarray] | None = None,
-    block: int | None = None,
+    block: int = BLOCK_SIZE,
 ) -> dict:
     """Rewrite every linear layer (after `smoother.apply`) and the embedding; returns the scheme.
     bits 4: INT4 but for INT8_ROLES, GPTQ-rounded where `rows` has calibration inputs of the
-    layer. `block`: input channels per scale of the `bits`-wide weights (default INT4_BLOCK_SIZE or
-    BLOCK_SIZE); int4-weight's INT8 roles keep BLOCK_SIZE."""
-    block = block or (INT4_BLOCK_SIZE if bits == 4 else BLOCK_SIZE)
+    layer. `block`: input channels per scale of the `bits`-wide weights (the caller's choice among
+    INT4_BLOCK_SIZES or INT8_BLOCK_SIZES); int4-weight's INT8 roles keep BLOCK_SIZE."""
     rw = smoother.rw
     rows = rows or {}
     for group in smoother.groups:
