@@ -1,8 +1,9 @@
 """Where a long prompt's time goes: onnxruntime's per-op profile of a prefill and of decode steps.
 
-The artifact's own backend runs a random prompt in the engine's chunks (PREFILL_CHUNK tokens, the
-KV cache bound in place), then greedy decode steps at that context; the profiler's node times are
-summed per op type, separately for the two phases. `--batch N` runs N such prompts as one batch
+The artifact's own backend runs a random prompt in the chunks the engine prefills a prompt in
+while nothing else runs (PREFILL_CHUNK_ALONE tokens, the KV cache bound in place), then greedy
+decode steps at that context; the profiler's node times are summed per op type, separately for
+the two phases. `--batch N` runs N such prompts as one batch
 (rows of one length): what a batch of decoding rows costs, op by op, against one row.
 
     .venv/bin/python benchmarks/profile_ops.py ART [--prompt-len 2048] [--steps 16] [--batch 1]
@@ -21,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qwen_deploy.generation.engine import PREFILL_CHUNK
+from qwen_deploy.generation.engine import PREFILL_CHUNK_ALONE
 from qwen_deploy.runtime import onnxruntime_backend
 
 
@@ -43,8 +44,8 @@ def profile(
         onnxruntime_backend.session_options = plain
     ids = np.random.default_rng(0).integers(0, 150000, (batch, prompt_len))
     cache = backend.new_cache(batch, capacity=prompt_len + steps)
-    for start in range(0, prompt_len, PREFILL_CHUNK):
-        chunk = ids[:, start : start + PREFILL_CHUNK]
+    for start in range(0, prompt_len, PREFILL_CHUNK_ALONE):
+        chunk = ids[:, start : start + PREFILL_CHUNK_ALONE]
         end = start + chunk.shape[1]
         mask = np.ones((batch, end), np.int64)
         positions = np.repeat(np.arange(start, end)[None], batch, axis=0)
@@ -55,7 +56,7 @@ def profile(
         logits = backend.forward(token, mask, positions, cache, last_only=True)
     events = json.loads(Path(backend.session.end_profiling()).read_text())
     runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
-    chunks = -(-prompt_len // PREFILL_CHUNK)
+    chunks = -(-prompt_len // PREFILL_CHUNK_ALONE)
     phases = {"prefill": runs[:chunks], "decode": runs[chunks:]}
     report = {}
     for phase, phase_runs in phases.items():
@@ -63,7 +64,8 @@ def profile(
         ops: Counter = Counter()
         for e in events:
             node = e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
-            if node and begin <= e["ts"] < end:
+            # the session's If (runtime/mixed_step.py) spans the nodes of the branch it ran
+            if node and e["args"]["op_name"] != "If" and begin <= e["ts"] < end:
                 ops[e["args"]["op_name"]] += e["dur"] / 1e6
         seconds = sum(r["dur"] for r in phase_runs) / 1e6
         report[phase] = {

@@ -20,7 +20,7 @@ tritonserver) processes on one artifact: what issue-style acceptance numbers com
   --checkpoint, its prompt logprobs against transformers'.
 
     .venv/bin/python benchmarks/serving.py ARTIFACT [--checkpoint CKPT] [--only NAME ...]
-        [--threads N] [--json]
+        [--threads N] [--prefill-chunk N] [--json]
 """
 
 from __future__ import annotations
@@ -186,14 +186,14 @@ def conversation(artifact: str, tokenizer: Tokenizer) -> dict:
     }
 
 
-def long_prompt(artifact: str, tokenizer: Tokenizer) -> dict:
+def long_prompt(artifact: str, tokenizer: Tokenizer, chunk: int = PREFILL_CHUNK) -> dict:
     long_text = text_of(tokenizer, 4000)  # before the clients run: it holds the GIL a second
-    with Served(artifact) as server:
+    with Served(artifact, "--prefill-chunk", str(chunk)) as server:
         stream_times(server.url, chat("warm-up", 2))
-        # one chunk where the long prompt's last one runs: its first 4000 - PREFILL_CHUNK tokens
-        # cached (as token ids: the chat below starts with other tokens and misses the cache)
+        # one chunk where the long prompt's last one runs: its first 4000 - chunk tokens cached
+        # (as token ids: the chat below starts with other tokens and misses the cache)
         ids = tokenizer.encode(long_text)
-        head = {"model": "m", "prompt": ids[:-PREFILL_CHUNK], "max_tokens": 1}
+        head = {"model": "m", "prompt": ids[:-chunk], "max_tokens": 1}
         httpx.post(server.url + "/v1/completions", json=head, timeout=600).raise_for_status()
         start = time.perf_counter()
         last = httpx.post(server.url + "/v1/completions", json={**head, "prompt": ids}, timeout=600)
@@ -218,7 +218,7 @@ def long_prompt(artifact: str, tokenizer: Tokenizer) -> dict:
     ]
     step = statistics.median(g for r in result for g in gaps(r["times"]))
     return {
-        "prefill_chunk": PREFILL_CHUNK,
+        "prefill_chunk": chunk,
         "chunk_s": chunk_s,
         "chunk_after_cached_tokens": cached,
         "decode_step_s": step,
@@ -456,14 +456,21 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, help="serve --threads for event_loop (default: onnxruntime's)"
     )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=PREFILL_CHUNK,
+        help="serve --prefill-chunk for long_prompt and event_loop",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     serve_options = ("--threads", str(args.threads)) if args.threads else ()
+    serve_options += ("--prefill-chunk", str(args.prefill_chunk))
     tokenizer = Tokenizer.from_artifact(Path(args.artifact))
     runs = {
         "triton": lambda: triton(args.artifact),
         "conversation": lambda: conversation(args.artifact, tokenizer),
-        "long_prompt": lambda: long_prompt(args.artifact, tokenizer),
+        "long_prompt": lambda: long_prompt(args.artifact, tokenizer, args.prefill_chunk),
         "event_loop": lambda: event_loop(args.artifact, *serve_options),
         "template": lambda: template(args.artifact),
         "echo": lambda: echo(args.artifact, tokenizer, args.checkpoint),

@@ -203,7 +203,11 @@ class Manifest:
     def row_independent_kernels(self) -> bool:
         """Whether a row's result does not depend on the other rows of its step: onnxruntime's
         CPU MatMulNBits rounds a row differently beside others at blocks over ROW_INDEPENDENT_BLOCK
-        (measured, benchmarks/README.md), which the opt-in --block-size values give."""
+        (measured, benchmarks/README.md), which the opt-in --block-size values give; an fp16
+        artifact's GEMMs (float32 compute from weights widened at every step on CPU, fp16 ones on
+        GPUs) do too."""
+        if self.precision == "fp16":
+            return False
         q = self.quantization
         if q is None or q.mode not in ROW_INDEPENDENT_BLOCK:
             return True

@@ -76,8 +76,10 @@ from .options import (
     type=click.IntRange(min=2),
     default=PREFILL_CHUNK,
     show_default=True,
-    help="Prompt tokens prefilled per step between the running streams' decode steps: what a new "
-    "long prompt can delay them by.",
+    help="Prompt tokens prefilled per step beside the running streams' decode (inside the same "
+    "forward for gqa artifacts on CPU): what a new prompt slows their tokens by; smaller keeps "
+    "streams smoother, larger gets newcomers their first token sooner. While no stream runs, "
+    "prompts are prefilled at least 256 tokens a step.",
 )
 @click.option(
     "--kv-cache-gb",

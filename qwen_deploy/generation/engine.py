@@ -6,14 +6,18 @@ an attention mask marking real positions. With onnxruntime's gqa form the rows k
 own (right-padded) and decode steps extend one preallocated buffer in place, so a step copies no
 cache and a row's logits do not depend on its batch mates (batch invariance); other forms and
 TensorRT left-pad the rows. A step (1) drops finished and cancelled rows and trims all-padding
-columns, (2) prefills up to `prefill_chunk` prompt tokens, first come first served, each request on
-a one-row batch of its own (starting from the longest cached prefix of its prompt), so a long prompt
-arrives in chunks between the running rows' decode steps instead of stalling them, (3) moves
-requests whose prompt is complete into the running batch (a copy of each row's cached positions
-through host arrays per join or leave, not per token; left-padded layouts pad the shorter rows to
-the common length), and (4) decodes one token (seq=1) for every running row. A prompt's tokens give
-the same logits however its prefill is chunked (one row, chunks of two or more tokens), so neither
-the chunking nor a prefix-cache hit changes what a request generates.
+columns, (2) prefills up to `prefill_chunk` prompt tokens (PREFILL_CHUNK_ALONE while no request
+decodes), first come first served, each request on a one-row batch of its own (starting from the
+longest cached prefix of its prompt), so a long prompt arrives in chunks beside the running rows'
+decode steps instead of stalling them, (3) moves requests whose prompt is complete into the running
+batch (a copy of each row's cached positions through host arrays per join or leave, not per token;
+left-padded layouts pad the shorter rows to the common length), and (4) decodes one token (seq=1)
+for every running row. Where the backend runs mixed steps (runtime/mixed_step.py: rows of their
+own length on onnxruntime CPU), the first prefilling request's chunk runs inside that decode
+forward, so a newcomer costs the running rows what a larger batch costs, not a forward of its own.
+A prompt's tokens give the same logits however its prefill is chunked (one row, chunks of two or
+more tokens) and whichever forward carries a chunk, so neither the chunking, the mixing nor a
+prefix-cache hit changes what a request generates.
 
 A request with a drafter (speculative decoding) runs on a one-row batch of its own: each step
 gives it one round (draft up to k tokens, verify them in one forward), next to the batched decode
@@ -48,7 +52,8 @@ if TYPE_CHECKING:  # the generator drives its requests through an engine of its 
 
 Emit = Callable[[StreamDelta | BaseException], None]
 BOUND_HEADROOM = 256  # positions a rebuilt running cache can grow before it is moved
-PREFILL_CHUNK = 256  # prompt tokens per step: what a new prompt can delay the running rows by
+PREFILL_CHUNK = 16  # prompt tokens per step beside decoding rows: what a newcomer slows them by
+PREFILL_CHUNK_ALONE = 256  # prompt tokens per step while no request decodes
 PREFIX_CACHE_GB = 1.0  # a server's default room for earlier prompts' KV
 ECHO_CHUNK = 64  # echo's chunks hold every position's logits: [chunk, vocab] float32
 _CANCELLED = object()
@@ -199,13 +204,21 @@ class BatchEngine:
         self.manifest = generator.manifest
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
+        self.mixed_steps = self.own_lengths and self.backend.capabilities.mixed_steps
         self.max_context = max_context or limit
         self.pad_id = generator.pad_id
         self.kv_budget = kv_budget_bytes
         self._kv_per_position = self.backend.capabilities.kv_bytes_per_position
         names = [past for past, _ in self.manifest.kv_pairs()]
         self.prefix_cache = PrefixCache(names, prefix_cache_bytes) if prefix_cache_bytes else None
-        self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "peak_batch": 0}
+        self.stats = {
+            "finished": 0,
+            "cancelled": 0,
+            "failed": 0,
+            "steps": 0,
+            "mixed_steps": 0,  # decode steps that carried a prefill chunk (runtime/mixed_step.py)
+            "peak_batch": 0,
+        }
         self.speculative = SpeculativeStats()  # totals over finished speculative requests
         self._ids = itertools.count()
         self._cond = threading.Condition()
@@ -342,17 +355,19 @@ class BatchEngine:
         True if work remains."""
         self._drop_done()
         self._admit()
-        for request, tokens in self._prefill_chunks():
+        work = self._prefill_chunks()
+        mixed = work.pop(0) if work and self._running and self._mixes(work[0][0]) else None
+        for request, tokens in work:
             try:
                 self._prefill(request, tokens)
             except Exception as e:  # this request fails alone
                 self._fail([request], e)
         if self._running:
             try:
-                self._decode()
+                self._decode(mixed)
                 self.stats["steps"] += 1
             except Exception as e:  # a model failure ends the batch's requests, not the server
-                self._fail(list(self._running), e)
+                self._fail(list(self._running) + ([mixed[0]] if mixed else []), e)
                 with self._cond:
                     self._running = []
                 self._batch = None
@@ -404,6 +419,8 @@ class BatchEngine:
         budget. A chunk never leaves a prompt's last token alone: a one-token forward rounds
         differently from the same position in a longer chunk."""
         work, budget = [], self.prefill_chunk
+        if not (self._running or self._speculating):  # nobody to delay: fewer, larger forwards
+            budget = max(budget, PREFILL_CHUNK_ALONE)
         for request in list(self._prefilling):
             if budget < 2 or request.done:
                 continue
@@ -435,15 +452,28 @@ class BatchEngine:
         request.prefill = Batch.resume(self.backend, cached, capacity, self.own_lengths)
         request.prefilled = request.cached_tokens = length
 
-    def _prefill(self, request: EngineRequest, take: int) -> None:
-        """`take` more tokens of a request's prompt; after the last, its first token and its move
-        into the running batch (or onto its speculative batch)."""
+    def _mixes(self, request: EngineRequest) -> bool:
+        """Whether the request's next chunk runs inside the running rows' decode step (not echo,
+        whose chunks keep every position's logits)."""
+        return self.mixed_steps and request.prompt_top is None
+
+    def _chunk(self, request: EngineRequest, take: int) -> np.ndarray:
+        """The next `take` tokens of a request's prompt, [1, take]."""
         start = request.prefilled
-        ids = np.array([request.prompt_ids[start : start + take]], np.int64)
+        return np.array([request.prompt_ids[start : start + take]], np.int64)
+
+    def _prefill(self, request: EngineRequest, take: int) -> None:
+        """`take` more tokens of a request's prompt on its own forward."""
         echo = request.prompt_top is not None
-        logits = request.prefill.extend(ids, last_only=not echo)[0]
+        logits = request.prefill.extend(self._chunk(request, take), last_only=not echo)[0]
         if echo:
-            self._score_prompt(request, start, logits)
+            self._score_prompt(request, request.prefilled, logits)
+        self._prefilled(request, take, logits)
+
+    def _prefilled(self, request: EngineRequest, take: int, logits: np.ndarray) -> None:
+        """After `take` more tokens of a request's prompt (`logits`: [positions, vocab], the last
+        is the next token's); after the last chunk, its first token and its move into the
+        running batch (or onto its speculative batch)."""
         request.prefilled += take
         if request.prefilled < len(request.prompt_ids):
             return
@@ -508,9 +538,24 @@ class BatchEngine:
             self.stats["finished"] += 1
             self.speculative.add(request.speculative)
 
-    def _decode(self) -> None:
-        logits = self._batch.step([r.pending for r in self._running])
-        for row, request in enumerate(self._running):
+    def _decode(self, mixed: tuple[EngineRequest, int] | None) -> None:
+        """One token for every running row; with `mixed` (a request and its chunk's length),
+        that request's next prefill chunk in the same forward."""
+        tokens = [r.pending for r in self._running]
+        if mixed is None:
+            logits = self._batch.step(tokens)
+        else:
+            request, take = mixed
+            ids = self._chunk(request, take)
+            logits, chunk = self._batch.step_with_chunk(tokens, request.prefill, ids)
+            self.stats["mixed_steps"] += 1
+        running = list(self._running)  # a request that finishes its prefill joins after
+        if mixed is not None:
+            try:
+                self._prefilled(request, take, chunk[None])
+            except Exception as e:  # this request fails alone
+                self._fail([request], e)
+        for row, request in enumerate(running):
             if not request.done:
                 self._sample(request, logits[row])
 
@@ -591,6 +636,12 @@ def require_batch_invariance(manifest: Manifest, own_row_lengths: bool) -> None:
 
 def batch_invariance_error(manifest: Manifest) -> QwenDeployError:
     """Why `manifest`'s artifact cannot decode batch-invariantly, and the fix."""
+    if manifest.precision == "fp16":
+        return QwenDeployError(
+            "batch-invariant decoding needs kernels that compute each row on its own; an fp16 "
+            "artifact's matrix products round a row differently beside other rows: export with "
+            "--precision fp32 (or quantize it), or leave out --batch-invariant."
+        )
     if not manifest.row_independent_kernels:
         q = manifest.quantization
         return QwenDeployError(

@@ -40,6 +40,8 @@ class Capabilities:
     kv_bytes_per_position: int  # one row's cache, every layer's key and value, per position
     # rows of one cache may have lengths of their own (right-padded; runtime.decode.Batch)
     own_row_lengths: bool = False
+    # a step's decode and one row's prefill chunk run as one forward (runtime/mixed_step.py)
+    mixed_steps: bool = False
 
 
 def kv_bytes(manifest: Manifest, itemsize: int) -> int:

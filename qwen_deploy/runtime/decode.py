@@ -125,6 +125,24 @@ class Batch:
         ids = np.asarray(tokens, np.int64).reshape(self.rows, 1)
         return self.extend(ids, last_only=True)[:, -1]
 
+    def step_with_chunk(
+        self, tokens: np.ndarray | list[int], prefill: Batch, ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`step(tokens)` and `prefill.extend(ids, last_only=True)` (a one-row batch, rows of
+        their own length) as one forward, where the backend runs mixed steps: the rows'
+        next-token logits [rows, vocab] and the chunk's last [vocab], what the two calls
+        return."""
+        tokens = np.asarray(tokens, np.int64).reshape(self.rows, 1)
+        ids = np.asarray(ids, np.int64)
+        mask, positions = self.inputs(tokens)
+        chunk_mask, chunk_positions = prefill.inputs(ids)
+        rows, chunk = self.backend.forward_mixed(
+            (tokens, mask, positions, self.cache),
+            (ids, chunk_mask, chunk_positions, prefill.cache),
+        )
+        self.mask, prefill.mask = mask, chunk_mask
+        return rows[:, -1], chunk[0, -1]
+
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (draft tokens a verify step rejected)."""
         self.backend.truncate(self.cache, length)

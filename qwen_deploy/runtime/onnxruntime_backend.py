@@ -16,16 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import onnxruntime.capi.onnxruntime_pybind11_state as ortstate
 from google.protobuf.message import DecodeError
 
-from ..contract import LOGITS_TO_KEEP, is_past
+from ..contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS, is_past
 from ..errors import ArtifactError, QwenDeployError
 from ..manifest import Artifact, Manifest
 from .backend import PROVIDERS, Capabilities, kv_bytes
-from .fp32_compute import fp32_compute
+from .fp32_compute import Graph, fp32_compute
 from .huge_pages import collapse_resident_memory
+from .mixed_step import CHUNK, MIXED, add_mixed_step, mixable
 
 NUMPY_DTYPES = {"float": np.float32, "float16": np.float16}
 GROW_STEP = 256  # bound in-place caches grow to a multiple of this many positions
@@ -57,6 +59,7 @@ def logits_to_keep(last_only: bool) -> np.ndarray:
 
 
 _KEEP = {True: np.array(1, np.int64), False: np.array(0, np.int64)}
+_MIXED = np.array(True)
 
 
 def bind_logits_to_keep(binding: ort.IOBinding, keep: np.ndarray) -> None:
@@ -99,23 +102,39 @@ _LOAD_ERRORS = (
 
 
 def create_session(
-    folder: Path, manifest: Manifest, options: ort.SessionOptions, provider: str
+    folder: Path,
+    manifest: Manifest,
+    options: ort.SessionOptions,
+    provider: str,
+    mixed_steps: bool = False,
 ) -> ort.InferenceSession:
-    """The artifact's onnxruntime session (fp16 on CPU computes in float32: fp32_compute.py)."""
+    """The artifact's onnxruntime session (fp16 on CPU computes in float32: fp32_compute.py;
+    `mixed_steps`: with the two-lane branch of runtime/mixed_step.py)."""
     model_path = folder / manifest.model_file
     providers, disabled = [PROVIDERS[provider]], disabled_optimizers(manifest)
     try:
+        graph = None
         if provider == "cpu" and manifest.precision == "fp16":
-            return fp32_compute(model_path).session(options, providers, disabled)
-        return ort.InferenceSession(
-            str(model_path), options, providers=providers, disabled_optimizers=disabled
-        )
+            graph = fp32_compute(model_path)
+        elif mixed_steps:
+            graph = Graph(onnx.load(str(model_path), load_external_data=False), folder)
+        if graph is None:
+            return ort.InferenceSession(
+                str(model_path), options, providers=providers, disabled_optimizers=disabled
+            )
+        if mixed_steps and mixable(graph.model):
+            add_mixed_step(graph.model)
+        return graph.session(options, providers, disabled)
     except _LOAD_ERRORS as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ArtifactError(
             f"onnxruntime cannot load artifact {folder} ({reason}); `qwen-deploy inspect "
             f"{folder} --verify` names the damaged file; {manifest.rewrite_hint()}."
         ) from e
+
+
+LaneFeed = tuple[np.ndarray, np.ndarray, np.ndarray, "OrtKVCache"]
+"""One lane of a mixed step: input_ids, attention_mask, position_ids and its cache."""
 
 
 @dataclass
@@ -153,8 +172,13 @@ class OnnxRuntimeBackend:
             # shared, busy cores spinning threads steal the time slices the working ones need
             # (decode measured 2-4x slower with it there).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = create_session(self.folder, self.manifest, options, provider)
+        # a step's decode and a prefill chunk in one forward, where rows keep their own lengths
+        # and a row's result does not depend on the rows beside it
+        m = self.manifest
+        mixed = provider == "cpu" and m.own_row_lengths and m.row_independent_kernels
+        self.session = create_session(self.folder, self.manifest, options, provider, mixed)
         self._keeps_last = takes_logits_to_keep(self.session)
+        mixed = any(i.name == MIXED for i in self.session.get_overridable_initializers())
         if provider == "cpu" and huge_pages:
             collapse_resident_memory()  # the weights just loaded: fewer TLB misses per token
         self.device = "cuda" if provider == "cuda" else "cpu"
@@ -162,7 +186,9 @@ class OnnxRuntimeBackend:
         self.kv_dtype = NUMPY_DTYPES[kv_input.type.removeprefix("tensor(").removesuffix(")")]
         self._pairs = self.manifest.kv_pairs()
         self._past_names = [past for past, _ in self._pairs]
-        self._output_names = [o.name for o in self.session.get_outputs()]
+        self._output_names = [
+            o.name for o in self.session.get_outputs() if not o.name.startswith(CHUNK)
+        ]
         self.in_place = self.manifest.attention == "gqa"  # GroupQueryAttention shares past/present
         self.capabilities = Capabilities(
             device=self.device,
@@ -174,6 +200,7 @@ class OnnxRuntimeBackend:
             kv_bytes_per_position=kv_bytes(self.manifest, np.dtype(self.kv_dtype).itemsize),
             # the gqa graph finds each row's length in its mask (export/graph.py _gqa_inputs)
             own_row_lengths=self.manifest.own_row_lengths,
+            mixed_steps=mixed,
         )
 
     def _kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
@@ -220,7 +247,11 @@ class OnnxRuntimeBackend:
         if keep is not None:
             feeds[LOGITS_TO_KEEP] = keep
         outputs = dict(
-            zip(self._output_names, self.session.run(None, {**feeds, **cache.arrays}), strict=True)
+            zip(
+                self._output_names,
+                self.session.run(self._output_names, {**feeds, **cache.arrays}),
+                strict=True,
+            )
         )
         for past, present in self._pairs:
             cache.arrays[past] = outputs[present]
@@ -251,6 +282,42 @@ class OnnxRuntimeBackend:
             cache.values = dict(zip(self._past_names, presents, strict=True))
         cache.length += seq
         return logits.numpy().astype(np.float32, copy=False)
+
+    def forward_mixed(self, rows: LaneFeed, chunk: LaneFeed) -> tuple[np.ndarray, np.ndarray]:
+        """The running rows' step and a one-row prefill chunk in one forward
+        (`capabilities.mixed_steps`; runtime/mixed_step.py): float32 logits at the last position
+        of each row [rows, 1, vocab] and of the chunk [1, 1, vocab]; both in-place caches are
+        extended."""
+        binding = self.session.io_binding()
+        feeds = {}  # the binding points at these arrays' memory until the run
+        for prefix, (ids, mask, positions, cache) in (("", rows), (CHUNK, chunk)):
+            if cache.length + ids.shape[1] > cache.capacity:
+                self._grow(cache, cache.length + ids.shape[1])
+            for name, array in (
+                (INPUT_IDS, ids),
+                (ATTENTION_MASK, mask),
+                (POSITION_IDS, positions),
+            ):
+                feeds[prefix + name] = np.ascontiguousarray(array, dtype=np.int64)
+                value = ort.OrtValue.ortvalue_from_numpy(feeds[prefix + name])
+                binding.bind_ortvalue_input(prefix + name, value)
+            binding.bind_ortvalue_input(
+                prefix + LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(_KEEP[True])
+            )
+            binding.bind_output(prefix + LOGITS, self.device)
+            for past, present in self._pairs:
+                binding.bind_ortvalue_input(prefix + past, cache.values[past])
+                binding.bind_ortvalue_output(prefix + present, cache.values[past])
+        binding.bind_ortvalue_input(MIXED, ort.OrtValue.ortvalue_from_numpy(_MIXED))
+        self.session.run_with_iobinding(binding)
+        for ids, _, _, cache in (rows, chunk):
+            cache.length += ids.shape[1]
+        outputs = binding.get_outputs()  # in binding order: each lane's logits, then its cache
+        row_logits, chunk_logits = outputs[0], outputs[1 + len(self._pairs)]
+        return (
+            row_logits.numpy().astype(np.float32, copy=False),
+            chunk_logits.numpy().astype(np.float32, copy=False),
+        )
 
     def _grow(self, cache: OrtKVCache, needed: int) -> None:
         """Move an in-place cache to larger buffers (amortized: at least doubling)."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from benchmarks.profile_ops import profile
-from qwen_deploy.generation.engine import PREFILL_CHUNK
+from qwen_deploy.generation.engine import PREFILL_CHUNK_ALONE
 
 
 def test_profile_sums_each_phase_per_op(artifact, tmp_path):
-    report = profile(artifact(attention="gqa"), PREFILL_CHUNK + 8, 3, 1, str(tmp_path))
+    report = profile(artifact(attention="gqa"), PREFILL_CHUNK_ALONE + 8, 3, 1, str(tmp_path))
     prefill, decode = report["prefill"], report["decode"]
     assert prefill["runs"] == 2 and decode["runs"] == 3  # a full chunk, then the 8-token rest
     for phase in (prefill, decode):

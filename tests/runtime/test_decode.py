@@ -3,12 +3,16 @@ back, each row's logits equal those of the row run alone."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from qwen_deploy.quantize.quantizer import quantize_artifact
 from qwen_deploy.runtime.decode import Batch
 from qwen_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from qwen_deploy.runtime.padding import left_pad
+from tests.forms import forms
 
 PROMPTS = [[11, 12, 13, 14, 15, 16], [21, 22], [31, 32, 33, 34]]
 ATOL = 1e-4
@@ -113,3 +117,66 @@ def test_rows_of_their_own_length_get_their_solo_logits_bit_for_bit(artifact):
 def test_rows_of_their_own_length_need_a_backend_that_has_them(artifact):
     with pytest.raises(ValueError, match="left-padded"):
         Batch(OnnxRuntimeBackend(artifact(attention="onnx")), 1, own_lengths=True)
+
+
+@pytest.fixture(scope="module")
+def gqa_forms(artifact, tmp_path_factory):
+    """gqa_forms(mode) -> a tiny gqa artifact, fp32 (None) or quantized, once per module."""
+    made: dict = {}
+
+    def make(mode: str | None) -> Path:
+        if mode not in made:
+            source = artifact(attention="gqa")
+            made[mode] = source
+            if mode is not None:
+                made[mode] = tmp_path_factory.mktemp("mixed") / mode
+                quantize_artifact(source, made[mode], mode, progress=False)
+        return made[mode]
+
+    return make
+
+
+@pytest.mark.parametrize(
+    "mode", forms([None, "int4-weight", "int8-dynamic"], [None, "int4-weight"])
+)
+def test_a_prefill_chunk_inside_the_decode_step_changes_no_bit(gqa_forms, mode):
+    """runtime/mixed_step.py: the running rows' decode step and a newcomer's prefill chunk as one
+    forward give each row's logits and cache bit for bit as their separate forwards do."""
+    backend = OnnxRuntimeBackend(gqa_forms(mode))
+    assert backend.capabilities.mixed_steps
+
+    def rows() -> Batch:  # two running rows of lengths 6 and 2
+        batch = Batch(backend, 1, capacity=32, own_lengths=True)
+        batch.extend(np.array([PROMPTS[0]]))
+        other = Batch(backend, 1, capacity=32, own_lengths=True)
+        other.extend(np.array([PROMPTS[1]]))
+        batch.merge(other, capacity=32)
+        return batch
+
+    def newcomer() -> Batch:  # its first chunk already cached
+        batch = Batch(backend, 1, capacity=32, own_lengths=True)
+        batch.extend(np.array([PROMPTS[2][:2]]))
+        return batch
+
+    chunk = np.array([PROMPTS[2][2:]])
+    apart, apart_new = rows(), newcomer()
+    expected = apart.step([7, 8]), apart_new.extend(chunk, last_only=True)[0, -1]
+    together, together_new = rows(), newcomer()
+    got = together.step_with_chunk([7, 8], together_new, chunk)
+    np.testing.assert_array_equal(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    for a, b in ((apart, together), (apart_new, together_new)):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        for name, array in backend.cache_arrays(a.cache).items():
+            np.testing.assert_array_equal(backend.cache_arrays(b.cache)[name], array)
+    # the steps after it see the same caches
+    np.testing.assert_array_equal(together.step([9, 10]), apart.step([9, 10]))
+    np.testing.assert_array_equal(together_new.step([11]), apart_new.step([11]))
+
+
+def test_artifacts_without_mixed_steps_keep_separate_forwards(artifact):
+    """Left-padded forms (and the rows of a TensorRT engine) have no two-lane branch, nor do
+    artifacts whose rows round differently beside others (fp16: runtime/fp32_compute.py)."""
+    assert not OnnxRuntimeBackend(artifact(attention="onnx")).capabilities.mixed_steps
+    fp16 = OnnxRuntimeBackend(artifact(attention="gqa", precision="fp16"))
+    assert fp16.capabilities.own_row_lengths and not fp16.capabilities.mixed_steps

@@ -57,24 +57,17 @@ def test_joining_at_different_steps_equals_unbatched_greedy(generator):
         generator.generate(prompt=p, params=q) for p, q in zip(prompts, params, strict=True)
     ]
     jobs = list(zip(prompts, params, strict=True))
-    calls = []
-    forward = generator.backend.forward
-
-    def recording(ids, mask, positions, cache, **options):
-        calls.append((ids.shape, cache.length))
-        return forward(ids, mask, positions, cache, **options)
-
     # max_batch 4: the 30-token prompt joins at step 2 and is prefilled in chunks of 16 (the
-    # per-step budget) between decode steps; newcomers prefill alone, the last waits for a slot
+    # per-step budget) beside decode steps (inside them where the backend runs mixed steps);
+    # newcomers prefill on rows of their own, the last waits for a slot
     engine = BatchEngine(generator, max_batch=4, prefill_chunk=16)
-    generator.backend.forward = recording
-    try:
-        outputs = _run(engine, {0: [jobs[0]], 2: [jobs[1]], 5: jobs[2:]})
-    finally:
-        generator.backend.forward = forward
+    outputs, calls = _forwards(
+        generator, lambda: _run(engine, {0: [jobs[0]], 2: [jobs[1]], 5: jobs[2:]})
+    )
     assert ((1, len(prompts[1]) - 16), 16) in calls  # second chunk of the long prompt
     assert all(rows == 1 for (rows, seq), _ in calls if seq > 1)  # every prefill alone
     assert max(shape[0] for shape, _ in calls) == 4
+    assert (engine.stats["mixed_steps"] > 0) == generator.backend.capabilities.mixed_steps
     for deltas, result in zip(outputs, expected, strict=True):
         assert [d.token_id for d in deltas] == result.token_ids
         assert "".join(d.text for d in deltas) == result.text
@@ -282,19 +275,25 @@ def test_a_failing_speculative_request_fails_alone(generator):
     assert engine.active == 0 and engine.stats["failed"] == 1
 
 
-def _prefill_calls(generator, run):
-    """(rows, tokens, past) of every forward the engine makes while `run()` runs."""
-    calls, forward = [], generator.backend.forward
+def _forwards(generator, run):
+    """run()'s result and the (ids shape, cache length) of every forward it makes: each lane of
+    a mixed step counts as one."""
+    calls, backend = [], generator.backend
+    forward, mixed = backend.forward, getattr(backend, "forward_mixed", None)
 
     def recording(ids, mask, positions, cache, **options):
-        calls.append((*ids.shape, cache.length))
+        calls.append((ids.shape, cache.length))
         return forward(ids, mask, positions, cache, **options)
 
-    generator.backend.forward = recording
+    def recording_mixed(*lanes):
+        calls.extend((ids.shape, cache.length) for ids, _, _, cache in lanes)
+        return mixed(*lanes)
+
+    backend.forward, backend.forward_mixed = recording, recording_mixed
     try:
         return run(), calls
     finally:
-        generator.backend.forward = forward
+        backend.forward, backend.forward_mixed = forward, mixed
 
 
 def test_a_cached_prefix_is_not_prefilled_again_and_changes_nothing(generator):
@@ -308,7 +307,7 @@ def test_a_cached_prefix_is_not_prefilled_again_and_changes_nothing(generator):
     expected = [_run(cold, {0: [(turn, p)]})[0] for p in (greedy, seeded)]
     warm = BatchEngine(generator, prefill_chunk=16, prefix_cache_bytes=2**24)
     _run(warm, {0: [(history, greedy)]})
-    (outputs, calls) = _prefill_calls(
+    (outputs, calls) = _forwards(
         generator, lambda: [_run(warm, {0: [(turn, p)]})[0] for p in (greedy, seeded)]
     )
     for got, want in zip(outputs, expected, strict=True):
@@ -316,7 +315,7 @@ def test_a_cached_prefix_is_not_prefilled_again_and_changes_nothing(generator):
     # the first turn reuses the history's whole blocks, the second all of the first's (at least
     # two tokens are always prefilled)
     reused = [len(history) // 16 * 16, (len(turn) - 2) // 16 * 16]
-    fed = sum(tokens for rows, tokens, _ in calls if tokens > 1)
+    fed = sum(tokens for (_, tokens), _ in calls if tokens > 1)
     assert fed == sum(len(turn) - n for n in reused)
     assert warm.prefix_cache.stats()["hit_rate"] == 2 / 3
 
@@ -347,7 +346,7 @@ def test_echo_scores_the_prompt_in_the_prefill_that_starts_generation(generator)
     params = _params(generator, temperature=0, max_tokens=3, stop_token_ids=[])
     engine = BatchEngine(generator, prefill_chunk=256)
     out: list = []
-    queued, calls = _prefill_calls(
+    queued, calls = _forwards(
         generator,
         lambda: (
             engine.add(
@@ -360,7 +359,7 @@ def test_echo_scores_the_prompt_in_the_prefill_that_starts_generation(generator)
     expected = [token_logprob(logits[i - 1], prompt[i], 3) for i in range(1, len(prompt))]
     assert queued.prompt_logprobs[0] == TokenLogprob(prompt[0], None, [])
     assert queued.prompt_logprobs[1:] == expected
-    assert sum(tokens for _, tokens, _ in calls if tokens > 1) == len(prompt)  # one prefill
+    assert sum(tokens for (_, tokens), _ in calls if tokens > 1) == len(prompt)  # one prefill
     assert [d.token_id for d in out] == generator.generate(prompt=prompt, params=params).token_ids
 
 
@@ -395,4 +394,13 @@ def test_batch_invariance_needs_rows_of_their_own_length(generator):
         return
     assert not BatchEngine(generator).own_lengths
     with pytest.raises(QwenDeployError, match="export CHECKPOINT --attention gqa` on onnxrunt"):
+        BatchEngine(generator, batch_invariant=True)
+
+
+def test_batch_invariance_refuses_fp16_whose_rows_round_beside_others(artifact):
+    """An fp16 artifact's rows keep their own lengths, but a row's logits move (~2e-7 on the
+    tiny model) when other rows share its step: invariance is refused with the fix."""
+    generator = Generator(artifact(attention="gqa", precision="fp16"))
+    assert BatchEngine(generator).own_lengths
+    with pytest.raises(QwenDeployError, match="fp16 artifact's matrix products round a row"):
         BatchEngine(generator, batch_invariant=True)

@@ -1,0 +1,333 @@
+"""One forward for the running rows' decode step and a newcomer's prefill chunk (gqa graphs).
+
+A prefill chunk run as a forward of its own reads every weight again, so a step with one costs
+the running streams at least twice a decode step however small the chunk. Here the running rows'
+tokens and the chunk's tokens go through the linears, norms and LM head packed together (vLLM's
+one forward per step), and only attention runs per lane: the running rows at one token each over
+their own caches, the chunk over its request's one-row cache, each the GroupQueryAttention it runs
+alone. The linears compute each row on its own (at the default blocks), so every row's logits and
+cache are bit for bit those of the separate forwards: batch invariance holds.
+
+The session's graph is an If over the artifact's graph: `mixed_step` false (the default) runs the
+artifact's graph as it is, true the two-lane copy built here. Both branches read the same
+initializers, which onnxruntime prepacks once per session: the second branch costs no weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS
+
+MIXED = "mixed_step"  # bool input: run the two-lane branch
+CHUNK = "chunk."  # prefix of the chunk lane's inputs and outputs
+LANE_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS_TO_KEEP)
+_GQA_PAST = (3, 4)  # GroupQueryAttention's past_key / past_value inputs
+
+
+def chunk_name(name: str) -> str:
+    """The chunk lane's counterpart of a graph input or output."""
+    return CHUNK + name
+
+
+def mixable(model: onnx.ModelProto) -> bool:
+    """Whether `model` is a decoder this module rewrites: GroupQueryAttention with
+    `logits_to_keep` (artifacts from before it keep separate forwards)."""
+    graph = model.graph
+    return any(i.name == LOGITS_TO_KEEP for i in graph.input) and any(
+        n.op_type == "GroupQueryAttention" for n in graph.node
+    )
+
+
+def add_mixed_step(model: onnx.ModelProto) -> None:
+    """Rewrite `model` (a gqa decoder, external data left where it is) in place as an If over
+    its own nodes and their two-lane copy, with the chunk lane's inputs (defaults for steps
+    without a chunk) and outputs added. The initializers stay where they are: no copy of them."""
+    graph = model.graph
+    past = [i for i in graph.input if _is_gqa_past(graph, i.name)]
+    outputs = list(graph.output)
+    decode = _branch(graph, "decode", _pass_chunk_through(graph, past))
+    mixed = _branch(graph, "mixed", _TwoLanes(graph).nodes())
+    if_outputs = [o.name for o in outputs] + [chunk_name(o.name) for o in outputs]
+    chunk_inputs, defaults = _chunk_inputs(graph, past), _chunk_defaults(graph, past)
+    del graph.node[:]
+    graph.node.append(
+        helper.make_node(
+            "If", [MIXED], if_outputs, "mixed_or_decode", then_branch=mixed, else_branch=decode
+        )
+    )
+    graph.input.extend(chunk_inputs)
+    graph.output.extend(_typed(o, chunk_name(o.name)) for o in outputs)
+    graph.initializer.extend(defaults)
+
+
+def _is_gqa_past(graph: onnx.GraphProto, name: str) -> bool:
+    return any(
+        n.op_type == "GroupQueryAttention" and name in [n.input[i] for i in _GQA_PAST]
+        for n in graph.node
+    )
+
+
+def _renamed(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    out = copy.deepcopy(value)
+    out.name = name
+    return out
+
+
+def _typed(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    """`value`'s element type under `name`, its shape left open (the lanes' shapes differ)."""
+    return helper.make_tensor_value_info(name, value.type.tensor_type.elem_type, None)
+
+
+def _chunk_inputs(graph: onnx.GraphProto, past: list) -> list[onnx.ValueInfoProto]:
+    inputs = {i.name: i for i in graph.input}
+    lane = [inputs[name] for name in LANE_INPUTS]
+    chunk = [_renamed(v, chunk_name(v.name)) for v in lane + past]
+    for value in chunk:  # its own symbolic dimensions: the lanes' batches and lengths differ
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = chunk_name(dim.dim_param)
+    return [*chunk, helper.make_tensor_value_info(MIXED, TensorProto.BOOL, [])]
+
+
+def _chunk_defaults(graph: onnx.GraphProto, past: list) -> list[TensorProto]:
+    """Defaults of the chunk lane's inputs: what a step without a chunk leaves unfed."""
+    tensors = [
+        numpy_helper.from_array(np.zeros((1, 1), np.int64), chunk_name(INPUT_IDS)),
+        numpy_helper.from_array(np.ones((1, 1), np.int64), chunk_name(ATTENTION_MASK)),
+        numpy_helper.from_array(np.zeros((1, 1), np.int64), chunk_name(POSITION_IDS)),
+        numpy_helper.from_array(np.array(1, np.int64), chunk_name(LOGITS_TO_KEEP)),
+        numpy_helper.from_array(np.array(False), MIXED),
+    ]
+    for value in past:
+        dims = value.type.tensor_type.shape.dim
+        shape = (1, dims[1].dim_value, 0, dims[3].dim_value)
+        dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        tensors.append(numpy_helper.from_array(np.zeros(shape, dtype), chunk_name(value.name)))
+    return tensors
+
+
+def _pass_chunk_through(graph: onnx.GraphProto, past: list) -> list[onnx.NodeProto]:
+    """The artifact's nodes, then the chunk lane's outputs of a step without a chunk: its cache
+    as it was and no logits."""
+    logits = next(o for o in graph.output if o.name == LOGITS)
+    elem = logits.type.tensor_type.elem_type
+    nodes = list(graph.node)
+    nodes.append(
+        helper.make_node(
+            "ConstantOfShape",
+            [_const(nodes, "decode/no_logits_shape", [1, 0, 0])],
+            [chunk_name(LOGITS)],
+            value=helper.make_tensor("zero", elem, [1], [0]),
+        )
+    )
+    presents = _present_of_past(graph)
+    for value in past:
+        nodes.append(
+            helper.make_node(
+                "Identity", [chunk_name(value.name)], [chunk_name(presents[value.name])]
+            )
+        )
+    return nodes
+
+
+def _present_of_past(graph: onnx.GraphProto) -> dict[str, str]:
+    pairs = {}
+    for node in graph.node:
+        if node.op_type == "GroupQueryAttention":
+            pairs[node.input[3]], pairs[node.input[4]] = node.output[1], node.output[2]
+    return pairs
+
+
+def _const(nodes: list[onnx.NodeProto], name: str, value) -> str:
+    nodes.append(
+        helper.make_node(
+            "Constant",
+            [],
+            [name],
+            value=numpy_helper.from_array(np.asarray(value, np.int64), name),
+        )
+    )
+    return name
+
+
+def _branch(graph: onnx.GraphProto, tag: str, nodes: list[onnx.NodeProto]) -> onnx.GraphProto:
+    """`nodes` as an If branch: every value they make renamed under `tag` (a branch may not
+    shadow the outer graph's names); its outputs are the graph's, then the chunk lane's."""
+    renamed: dict[str, str] = {}
+    out = []
+    for index, node in enumerate(nodes):
+        node = copy.deepcopy(node)
+        node.name = f"{tag}/{node.name or index}"
+        node.input[:] = [renamed.get(x, x) for x in node.input]
+        for i, name in enumerate(node.output):
+            if name:
+                renamed[name] = node.output[i] = f"{tag}/{name}"
+        out.append(node)
+    values = [_typed(o, renamed[o.name]) for o in graph.output]
+    values += [_typed(o, renamed[chunk_name(o.name)]) for o in graph.output]
+    return helper.make_graph(out, tag, [], values)
+
+
+class _TwoLanes:
+    """The decoder's nodes rewritten for a packed step: lane a (the graph's own inputs, the
+    running rows) and lane b (the chunk lane's inputs) in one [1, rows_a + rows_b, ...] stream
+    through everything but attention and rotary embeddings."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.graph = graph
+        self.nodes_out: list[onnx.NodeProto] = []
+        self._count = 0
+
+    # -- small pieces --------------------------------------------------------------------------
+    def _op(self, op: str, inputs: list[str], output: str | None = None, **attrs) -> str:
+        self._count += 1
+        output = output or f"lanes/{op}_{self._count}"
+        self.nodes_out.append(
+            helper.make_node(op, inputs, [output], f"lanes/{op}_{self._count}", **attrs)
+        )
+        return output
+
+    def _int64(self, value) -> str:
+        self._count += 1
+        return _const(self.nodes_out, f"lanes/const_{self._count}", value)
+
+    def _lane(self, packed: str, lane: str) -> str:
+        """Lane a's or b's rows of a packed [1, n, d] value, shaped [rows, seq, d] as its inputs."""
+        start, end = (self._zero, self._rows_a) if lane == "a" else (self._rows_a, self._end)
+        part = self._op("Slice", [packed, start, end, self._one])
+        return self._op("Reshape", [part, self._shape3[lane]])
+
+    def _pack(self, a: str, b: str, output: str) -> str:
+        """[rows, seq, d] of both lanes as one packed [1, n, d] value."""
+        flat = self._int64([1, -1, 0])
+        return self._op(
+            "Concat",
+            [self._op("Reshape", [a, flat]), self._op("Reshape", [b, flat])],
+            output,
+            axis=1,
+        )
+
+    # -- the rewrite -----------------------------------------------------------------------------
+    def nodes(self) -> list[onnx.NodeProto]:
+        graph = self.graph
+        hidden = self._hidden_values()
+        lane_b = {name: chunk_name(name) for name in LANE_INPUTS}
+        presents = _present_of_past(graph)
+        self._zero, self._one = self._int64([0]), self._int64([1])
+        self._end = self._int64([np.iinfo(np.int64).max])
+        ids_a = self._op("Reshape", [INPUT_IDS, self._int64([1, -1])])
+        ids_b = self._op("Reshape", [chunk_name(INPUT_IDS), self._int64([1, -1])])
+        packed_ids = self._op("Concat", [ids_a, ids_b], axis=1)
+        self._rows_a = self._op("Slice", [self._op("Shape", [ids_a]), self._one, self._int64([2])])
+        minus_one = self._int64([-1])
+        self._shape3 = {
+            lane: self._op("Concat", [self._op("Shape", [ids]), minus_one], axis=0)
+            for lane, ids in (("a", INPUT_IDS), ("b", chunk_name(INPUT_IDS)))
+        }
+        lanes: dict[str, str] = {}  # a packed value's lane b counterpart
+        rope_of: dict[str, tuple[str, str]] = {}  # rotary output -> its lanes' outputs
+        for node in graph.node:
+            per_lane = any(x in lane_b or x in lanes for x in node.input)
+            if node.output[0] not in hidden and not per_lane:  # weights' casts: shared
+                self.nodes_out.append(node)
+            elif node.output[0] not in hidden:  # masks, lengths, positions: once per lane
+                self.nodes_out.append(node)
+                twin = copy.deepcopy(node)
+                twin.name = chunk_name(node.name) if node.name else ""
+                twin.input[:] = [lane_b.get(x, lanes.get(x, x)) for x in node.input]
+                for i, name in enumerate(node.output):
+                    lanes[name] = twin.output[i] = chunk_name(name)
+                self.nodes_out.append(twin)
+            elif node.op_type == "Gather" and node.input[1] == INPUT_IDS:  # the embedding
+                gather = copy.deepcopy(node)
+                gather.input[1] = packed_ids
+                self.nodes_out.append(gather)
+            elif node.op_type == "RotaryEmbedding":
+                rope_of[node.output[0]] = self._rope(node, lanes)
+            elif node.op_type == "GroupQueryAttention":
+                self._attention(node, rope_of, lanes, presents)
+            elif any(x in lanes and x not in hidden for x in node.input):  # logits_to_keep
+                self._keep_last(node, lanes)
+            else:
+                self.nodes_out.append(node)
+        self._split_logits()
+        return self.nodes_out
+
+    def _hidden_values(self) -> set[str]:
+        """Values computed from the token embeddings (everything per token)."""
+        hidden: set[str] = set()
+        for node in self.graph.node:
+            embedding = node.op_type == "Gather" and node.input[1] == INPUT_IDS
+            if embedding or any(x in hidden for x in node.input):
+                hidden.update(node.output)
+        return hidden
+
+    def _rope(self, node: onnx.NodeProto, lanes: dict[str, str]) -> tuple[str, str]:
+        outputs = []
+        for lane in ("a", "b"):
+            rope = copy.deepcopy(node)
+            rope.name = f"{node.name}/lane_{lane}"
+            rope.input[0] = self._lane(node.input[0], lane)
+            if lane == "b":
+                rope.input[3] = chunk_name(node.input[3])
+            rope.output[0] = f"{node.output[0]}/lane_{lane}"
+            self.nodes_out.append(rope)
+            outputs.append(rope.output[0])
+        return outputs[0], outputs[1]
+
+    def _attention(self, node, rope_of, lanes, presents) -> None:
+        outputs = []
+        for lane in ("a", "b"):
+            gqa = copy.deepcopy(node)
+            gqa.name = f"{node.name}/lane_{lane}"
+            for i in range(3):  # q, k (rotated per lane), v
+                source = node.input[i]
+                gqa.input[i] = (
+                    rope_of[source][lane == "b"] if source in rope_of else self._lane(source, lane)
+                )
+            gqa.output[0] = f"{node.output[0]}/lane_{lane}"
+            if lane == "b":
+                for i in range(3, len(node.input)):
+                    name = node.input[i]
+                    gqa.input[i] = chunk_name(name) if i in _GQA_PAST else lanes.get(name, name)
+                gqa.output[1] = chunk_name(presents[node.input[3]])
+                gqa.output[2] = chunk_name(presents[node.input[4]])
+            self.nodes_out.append(gqa)
+            outputs.append(gqa.output[0])
+        self._pack(outputs[0], outputs[1], node.output[0])
+
+    def _keep_last(self, node: onnx.NodeProto, lanes: dict[str, str]) -> None:
+        """The Slice that keeps the last `logits_to_keep` positions, per lane, then packed."""
+        kept = []
+        for lane in ("a", "b"):
+            keep = copy.deepcopy(node)
+            keep.name = f"{node.name}/lane_{lane}"
+            keep.input[0] = self._lane(node.input[0], lane)
+            if lane == "b":
+                keep.input[:] = [keep.input[0]] + [lanes.get(x, x) for x in node.input[1:]]
+            keep.output[0] = f"{node.output[0]}/lane_{lane}"
+            self.nodes_out.append(keep)
+            kept.append(keep.output[0])
+        self._kept = kept
+        self._pack(kept[0], kept[1], node.output[0])
+
+    def _split_logits(self) -> None:
+        """The LM head ran on both lanes' kept rows: lane a's as `logits`, b's as the chunk's."""
+        head = next(n for n in self.nodes_out if LOGITS in n.output)
+        packed = "lanes/logits"
+        head.output[list(head.output).index(LOGITS)] = packed
+        shape_a = self._op("Shape", [self._kept[0]])
+        rows_a = self._op(
+            "ReduceProd", [self._op("Slice", [shape_a, self._zero, self._int64([2])])], keepdims=1
+        )
+        part_a = self._op("Slice", [packed, self._zero, rows_a, self._one])
+        rows_seq = self._op("Slice", [shape_a, self._zero, self._int64([2])])
+        self._op(
+            "Reshape", [part_a, self._op("Concat", [rows_seq, self._int64([-1])], axis=0)], LOGITS
+        )
+        self._op("Slice", [packed, rows_a, self._end, self._one], chunk_name(LOGITS))
