@@ -21,12 +21,18 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..contract import ATTENTION_MASK, INPUT_IDS, LOGITS, LOGITS_TO_KEEP, POSITION_IDS
+from ..contract import (
+    ATTENTION_MASK,
+    INPUT_IDS,
+    LOGITS,
+    LOGITS_TO_KEEP,
+    POSITION_IDS,
+    is_past,
+)
 
 MIXED = "mixed_step"  # bool input: run the two-lane branch
 CHUNK = "chunk."  # prefix of the chunk lane's inputs and outputs
 LANE_INPUTS = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS_TO_KEEP)
-_GQA_PAST = (3, 4)  # GroupQueryAttention's past_key / past_value inputs
 
 
 def chunk_name(name: str) -> str:
@@ -48,7 +54,8 @@ def add_mixed_step(model: onnx.ModelProto) -> None:
     its own nodes and their two-lane copy, with the chunk lane's inputs (defaults for steps
     without a chunk) and outputs added. The initializers stay where they are: no copy of them."""
     graph = model.graph
-    past = [i for i in graph.input if _is_gqa_past(graph, i.name)]
+    presents = _present_of_past(graph)
+    past = [i for i in graph.input if i.name in presents]
     outputs = list(graph.output)
     decode = _branch(graph, "decode", _pass_chunk_through(graph, past))
     mixed = _branch(graph, "mixed", _TwoLanes(graph).nodes())
@@ -63,13 +70,6 @@ def add_mixed_step(model: onnx.ModelProto) -> None:
     graph.input.extend(chunk_inputs)
     graph.output.extend(_typed(o, chunk_name(o.name)) for o in outputs)
     graph.initializer.extend(defaults)
-
-
-def _is_gqa_past(graph: onnx.GraphProto, name: str) -> bool:
-    return any(
-        n.op_type == "GroupQueryAttention" and name in [n.input[i] for i in _GQA_PAST]
-        for n in graph.node
-    )
 
 
 def _renamed(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
@@ -136,6 +136,7 @@ def _pass_chunk_through(graph: onnx.GraphProto, past: list) -> list[onnx.NodePro
 
 
 def _present_of_past(graph: onnx.GraphProto) -> dict[str, str]:
+    """Each GroupQueryAttention's past key / value input -> its present output."""
     pairs = {}
     for node in graph.node:
         if node.op_type == "GroupQueryAttention":
@@ -176,11 +177,12 @@ def _branch(graph: onnx.GraphProto, tag: str, nodes: list[onnx.NodeProto]) -> on
 class _TwoLanes:
     """The decoder's nodes rewritten for a packed step: lane a (the graph's own inputs, the
     running rows) and lane b (the chunk lane's inputs) in one [1, rows_a + rows_b, ...] stream
-    through everything but attention and rotary embeddings."""
+    through everything but rotary embeddings and attention, which run once per lane."""
 
     def __init__(self, graph: onnx.GraphProto):
         self.graph = graph
         self.nodes_out: list[onnx.NodeProto] = []
+        self.lanes: dict[str, str] = {}  # a per-lane value (masks, lengths) -> lane b's
         self._count = 0
 
     # -- small pieces --------------------------------------------------------------------------
@@ -196,11 +198,22 @@ class _TwoLanes:
         self._count += 1
         return _const(self.nodes_out, f"lanes/const_{self._count}", value)
 
-    def _lane(self, packed: str, lane: str) -> str:
-        """Lane a's or b's rows of a packed [1, n, d] value, shaped [rows, seq, d] as its inputs."""
-        start, end = (self._zero, self._rows_a) if lane == "a" else (self._rows_a, self._end)
-        part = self._op("Slice", [packed, start, end, self._one])
-        return self._op("Reshape", [part, self._shape3[lane]])
+    def _in_lane_b(self, name: str) -> str:
+        """What lane b reads where the graph reads `name`."""
+        if name in LANE_INPUTS or is_past(name):
+            return chunk_name(name)
+        return self.lanes.get(name, name)
+
+    def _split(self, packed: str) -> tuple[str, str]:
+        """Lane a's and b's rows of a packed [1, n, d] value, each shaped [rows, seq, d]."""
+        parts = []
+        for start, end, shape in (
+            (self._zero, self._rows_a, self._shape_a),
+            (self._rows_a, self._end, self._shape_b),
+        ):
+            part = self._op("Slice", [packed, start, end, self._one])
+            parts.append(self._op("Reshape", [part, shape]))
+        return parts[0], parts[1]
 
     def _pack(self, a: str, b: str, output: str) -> str:
         """[rows, seq, d] of both lanes as one packed [1, n, d] value."""
@@ -212,49 +225,61 @@ class _TwoLanes:
             axis=1,
         )
 
+    def _per_lane(self, node: onnx.NodeProto, first: list) -> tuple[str, str]:
+        """`node` once per lane: its first inputs from `first` ((lane a's, lane b's) each), lane
+        b's other inputs its own; each copy's first output suffixed by its lane."""
+        outputs = []
+        for lane in (0, 1):
+            twin = copy.deepcopy(node)
+            twin.name = f"{node.name}/lane_{'ab'[lane]}"
+            twin.input[:] = [pair[lane] for pair in first] + [
+                self._in_lane_b(x) if lane else x for x in node.input[len(first) :]
+            ]
+            twin.output[0] = f"{node.output[0]}/lane_{'ab'[lane]}"
+            if lane and node.op_type == "GroupQueryAttention":  # the chunk's own cache
+                twin.output[1:3] = [chunk_name(self._presents[x]) for x in node.input[3:5]]
+            self.nodes_out.append(twin)
+            outputs.append(twin.output[0])
+        return outputs[0], outputs[1]
+
     # -- the rewrite -----------------------------------------------------------------------------
     def nodes(self) -> list[onnx.NodeProto]:
-        graph = self.graph
         hidden = self._hidden_values()
-        lane_b = {name: chunk_name(name) for name in LANE_INPUTS}
-        presents = _present_of_past(graph)
+        self._presents = _present_of_past(self.graph)
         self._zero, self._one = self._int64([0]), self._int64([1])
         self._end = self._int64([np.iinfo(np.int64).max])
         ids_a = self._op("Reshape", [INPUT_IDS, self._int64([1, -1])])
         ids_b = self._op("Reshape", [chunk_name(INPUT_IDS), self._int64([1, -1])])
         packed_ids = self._op("Concat", [ids_a, ids_b], axis=1)
         self._rows_a = self._op("Slice", [self._op("Shape", [ids_a]), self._one, self._int64([2])])
-        minus_one = self._int64([-1])
-        self._shape3 = {
-            lane: self._op("Concat", [self._op("Shape", [ids]), minus_one], axis=0)
-            for lane, ids in (("a", INPUT_IDS), ("b", chunk_name(INPUT_IDS)))
-        }
-        lanes: dict[str, str] = {}  # a packed value's lane b counterpart
-        rope_of: dict[str, tuple[str, str]] = {}  # rotary output -> its lanes' outputs
-        for node in graph.node:
-            per_lane = any(x in lane_b or x in lanes for x in node.input)
-            if node.output[0] not in hidden and not per_lane:  # weights' casts: shared
-                self.nodes_out.append(node)
-            elif node.output[0] not in hidden:  # masks, lengths, positions: once per lane
-                self.nodes_out.append(node)
-                twin = copy.deepcopy(node)
-                twin.name = chunk_name(node.name) if node.name else ""
-                twin.input[:] = [lane_b.get(x, lanes.get(x, x)) for x in node.input]
-                for i, name in enumerate(node.output):
-                    lanes[name] = twin.output[i] = chunk_name(name)
-                self.nodes_out.append(twin)
-            elif node.op_type == "Gather" and node.input[1] == INPUT_IDS:  # the embedding
+        self._shape_a, self._shape_b = (
+            self._op("Concat", [self._op("Shape", [ids]), self._int64([-1])], axis=0)
+            for ids in (INPUT_IDS, chunk_name(INPUT_IDS))
+        )
+        rope: dict[str, tuple[str, str]] = {}  # rotary output -> its lanes' outputs
+        for node in self.graph.node:
+            per_lane = any(x in LANE_INPUTS or x in self.lanes for x in node.input)
+            if node.output[0] in hidden and node.op_type == "RotaryEmbedding":
+                rope[node.output[0]] = self._per_lane(node, [self._split(node.input[0])])
+            elif node.output[0] in hidden and node.op_type == "GroupQueryAttention":
+                first = [rope.get(x) or self._split(x) for x in node.input[:3]]  # q, k, v
+                self._pack(*self._per_lane(node, first), node.output[0])
+            elif node.output[0] in hidden and INPUT_IDS in node.input:  # the embedding
                 gather = copy.deepcopy(node)
                 gather.input[1] = packed_ids
                 self.nodes_out.append(gather)
-            elif node.op_type == "RotaryEmbedding":
-                rope_of[node.output[0]] = self._rope(node, lanes)
-            elif node.op_type == "GroupQueryAttention":
-                self._attention(node, rope_of, lanes, presents)
-            elif any(x in lanes and x not in hidden for x in node.input):  # logits_to_keep
-                self._keep_last(node, lanes)
-            else:
+            elif node.output[0] in hidden and any(x in self.lanes for x in node.input):
+                self._kept = self._per_lane(node, [self._split(node.input[0])])  # logits_to_keep
+                self._pack(*self._kept, node.output[0])
+            elif node.output[0] in hidden or not per_lane:  # per token, or weights' casts
                 self.nodes_out.append(node)
+            else:  # masks, lengths, positions: once per lane
+                twin = copy.deepcopy(node)
+                twin.name = chunk_name(node.name) if node.name else ""
+                twin.input[:] = [self._in_lane_b(x) for x in node.input]
+                for i, name in enumerate(node.output):
+                    self.lanes[name] = twin.output[i] = chunk_name(name)
+                self.nodes_out += [node, twin]
         self._split_logits()
         return self.nodes_out
 
@@ -266,55 +291,6 @@ class _TwoLanes:
             if embedding or any(x in hidden for x in node.input):
                 hidden.update(node.output)
         return hidden
-
-    def _rope(self, node: onnx.NodeProto, lanes: dict[str, str]) -> tuple[str, str]:
-        outputs = []
-        for lane in ("a", "b"):
-            rope = copy.deepcopy(node)
-            rope.name = f"{node.name}/lane_{lane}"
-            rope.input[0] = self._lane(node.input[0], lane)
-            if lane == "b":
-                rope.input[3] = chunk_name(node.input[3])
-            rope.output[0] = f"{node.output[0]}/lane_{lane}"
-            self.nodes_out.append(rope)
-            outputs.append(rope.output[0])
-        return outputs[0], outputs[1]
-
-    def _attention(self, node, rope_of, lanes, presents) -> None:
-        outputs = []
-        for lane in ("a", "b"):
-            gqa = copy.deepcopy(node)
-            gqa.name = f"{node.name}/lane_{lane}"
-            for i in range(3):  # q, k (rotated per lane), v
-                source = node.input[i]
-                gqa.input[i] = (
-                    rope_of[source][lane == "b"] if source in rope_of else self._lane(source, lane)
-                )
-            gqa.output[0] = f"{node.output[0]}/lane_{lane}"
-            if lane == "b":
-                for i in range(3, len(node.input)):
-                    name = node.input[i]
-                    gqa.input[i] = chunk_name(name) if i in _GQA_PAST else lanes.get(name, name)
-                gqa.output[1] = chunk_name(presents[node.input[3]])
-                gqa.output[2] = chunk_name(presents[node.input[4]])
-            self.nodes_out.append(gqa)
-            outputs.append(gqa.output[0])
-        self._pack(outputs[0], outputs[1], node.output[0])
-
-    def _keep_last(self, node: onnx.NodeProto, lanes: dict[str, str]) -> None:
-        """The Slice that keeps the last `logits_to_keep` positions, per lane, then packed."""
-        kept = []
-        for lane in ("a", "b"):
-            keep = copy.deepcopy(node)
-            keep.name = f"{node.name}/lane_{lane}"
-            keep.input[0] = self._lane(node.input[0], lane)
-            if lane == "b":
-                keep.input[:] = [keep.input[0]] + [lanes.get(x, x) for x in node.input[1:]]
-            keep.output[0] = f"{node.output[0]}/lane_{lane}"
-            self.nodes_out.append(keep)
-            kept.append(keep.output[0])
-        self._kept = kept
-        self._pack(kept[0], kept[1], node.output[0])
 
     def _split_logits(self) -> None:
         """The LM head ran on both lanes' kept rows: lane a's as `logits`, b's as the chunk's."""

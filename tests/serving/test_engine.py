@@ -167,6 +167,41 @@ def test_a_model_failure_ends_the_batch_and_the_engine_recovers(generator):
         engine.add(engine.generator.prepare(prompt=[1, 999999], params=params), lambda _: None)
 
 
+def test_a_failing_mixed_step_fails_its_rows_and_its_newcomer_and_the_engine_recovers(generator):
+    """The forward that carries the running rows' decode and a newcomer's chunk fails: both get
+    the error, and the next requests are served as usual."""
+    if not generator.backend.capabilities.mixed_steps:
+        pytest.skip("left-padded rows run no mixed steps")
+    engine = BatchEngine(generator, max_batch=2)
+    params = _params(generator, temperature=0, max_tokens=6, stop_token_ids=[])
+    prompts = [generator.prompt_ids(prompt=t) for t in TEXTS[:2]]
+    running: list = []
+    engine.add(engine.generator.prepare(prompt=prompts[0], params=params), running.append)
+    engine.step()  # the first request is decoding
+    backend, mixed = generator.backend, generator.backend.forward_mixed
+
+    def failing(*lanes):
+        raise RuntimeError("device lost")
+
+    newcomer: list = []
+    backend.forward_mixed = failing
+    try:
+        engine.add(engine.generator.prepare(prompt=prompts[1], params=params), newcomer.append)
+        while engine.step():
+            pass
+    finally:
+        backend.forward_mixed = mixed
+    for out in (running, newcomer):
+        assert isinstance(out[-1], QwenDeployError)
+        assert "the model failed on this batch (RuntimeError: device lost)" in str(out[-1])
+    assert engine.active == 0 and engine.stats["failed"] == 2
+    outputs = _run(engine, {0: [(prompts[0], params)], 1: [(prompts[1], params)]})
+    assert engine.stats["mixed_steps"] > 0
+    for prompt, deltas in zip(prompts, outputs, strict=True):
+        expected = generator.generate(prompt=prompt, params=params).token_ids
+        assert [d.token_id for d in deltas] == expected
+
+
 def test_async_submit_on_the_worker_thread(generator):
     prompts = [generator.prompt_ids(prompt=t) for t in TEXTS[:4]]
     params = _params(generator, temperature=0, max_tokens=8, stop_token_ids=[])
