@@ -10,8 +10,10 @@ columns, (2) prefills up to `prefill_chunk` prompt tokens (PREFILL_CHUNK_ALONE w
 decodes), first come first served, each request on a one-row batch of its own (starting from the
 longest cached prefix of its prompt), so a long prompt arrives in chunks beside the running rows'
 decode steps instead of stalling them, (3) moves requests whose prompt is complete into the running
-batch (a copy of each row's cached positions through host arrays per join or leave, not per token;
-left-padded layouts pad the shorter rows to the common length), and (4) decodes one token (seq=1)
+batch (rows of their own length on onnxruntime CPU: the newcomer's positions copied into a free
+row slot, the running batch having room for max_batch rows; otherwise a copy of each row's
+cached positions through host arrays per join or leave, left-padded layouts padding the shorter
+rows to the common length), and (4) decodes one token (seq=1)
 for every running row. Where the backend runs mixed steps (runtime/mixed_step.py: rows of their
 own length on onnxruntime CPU), the first prefilling request's chunk runs inside that decode
 forward, so a newcomer costs the running rows what a larger batch costs, not a forward of its own.
@@ -502,6 +504,7 @@ class BatchEngine:
             self._count_cancelled(request)  # cancelled at its first token: it never runs
             return
         if self._batch is None:
+            batch.slots = self.max_batch  # rows that join later are copied in, not the batch
             batch.keep([0], self._room(batch.length))
             self._batch = batch
         else:

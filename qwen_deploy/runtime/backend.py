@@ -42,6 +42,9 @@ class Capabilities:
     own_row_lengths: bool = False
     # a step's decode and one row's prefill chunk run as one forward (runtime/mixed_step.py)
     mixed_steps: bool = False
+    # rows of their own length join and leave a cache in place (add_rows, keep_rows), without
+    # rebuilding it
+    row_slots: bool = False
 
 
 def kv_bytes(manifest: Manifest, itemsize: int) -> int:

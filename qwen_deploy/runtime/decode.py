@@ -11,7 +11,9 @@ written once. Two layouts:
   tokens go after its own length and its attention spans its own positions only, so a row's
   logits do not depend on the other rows' lengths (bit for bit on onnxruntime CPU).
 Either way each row gets the tokens it would get alone. Rows leave (`keep`) and join (`merge`)
-by rebuilding the cache from host arrays: a copy per change of the batch, not per token.
+by rebuilding the cache from host arrays: a copy per change of the batch, not per token. Rows of
+their own length on a backend with row slots (onnxruntime CPU, in place) skip the rebuild: a
+newcomer's positions are copied into a free slot and the rows after one that leaves move down.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ class Batch:
         self.backend = backend
         self.capacity = capacity
         self.own_lengths = own_lengths
+        # rows a rebuilt cache makes room for, so later joins copy only the newcomers' positions
+        # (backends with row slots; the batching engine sets its max_batch)
+        self.slots: int | None = None
         self.cache = backend.new_cache(rows, capacity)
         self.mask = np.zeros((rows, 0), np.int64)
 
@@ -157,6 +162,12 @@ class Batch:
         unchanged = rows == list(range(self.rows)) and first == 0 and end == self.length
         if unchanged and self.capacity is not None and (capacity or 0) <= self.capacity:
             return
+        if self._in_place_rows:  # the rows that stay move down over those that leave
+            lengths = mask.sum(axis=1)
+            if self.backend.keep_rows(self.cache, rows, lengths, end):
+                self.mask = np.ascontiguousarray(mask[:, :end])
+                self.capacity = max(capacity or 0, self.capacity or 0) or None
+                return
         arrays = self.backend.cache_arrays(self.cache)
         if self.own_lengths:  # each row's own positions: what lies past them is never read
             lengths = self.mask.sum(axis=1)
@@ -176,6 +187,16 @@ class Batch:
         rows = list(range(other.rows)) if rows is None else rows
         length = max(self.length, other.length)
         theirs = other.backend.cache_arrays(other.cache)
+        if self._in_place_rows:  # into free slots: only the newcomers' positions are copied
+            lengths = other.mask[rows].sum(axis=1)
+            every = rows == list(range(other.rows))
+            joining = theirs if every else {k: v[rows] for k, v in theirs.items()}
+            if self.backend.add_rows(self.cache, joining, lengths, length):
+                self.mask = np.concatenate(
+                    [_pad(m, length, right=True) for m in (self.mask, other.mask[rows])]
+                )
+                self.capacity = max(capacity or 0, self.capacity or 0) or None
+                return
         parts = [self.backend.cache_arrays(self.cache), {k: v[rows] for k, v in theirs.items()}]
         mask = np.concatenate(
             [_pad(m, length, self.own_lengths) for m in (self.mask, other.mask[rows])]
@@ -187,8 +208,15 @@ class Batch:
     ) -> None:
         self.capacity = capacity if capacity is not None else self.capacity
         lengths = mask.sum(axis=1) if self.own_lengths else None
-        self.cache = self.backend.cache_from_arrays(arrays, mask.shape[1], self.capacity, lengths)
+        slots = {"slots": self.slots} if self._in_place_rows and self.slots else {}
+        self.cache = self.backend.cache_from_arrays(
+            arrays, mask.shape[1], self.capacity, lengths, **slots
+        )
         self.mask = mask
+
+    @property
+    def _in_place_rows(self) -> bool:
+        return self.own_lengths and self.backend.capabilities.row_slots
 
 
 def _stack(parts: list[dict[str, np.ndarray]], length: int, right: bool) -> dict[str, np.ndarray]:

@@ -149,6 +149,8 @@ class OrtKVCache:
     length: int = 0
     values: dict[str, ort.OrtValue] | None = None
     capacity: int = 0
+    # in place on CPU: [slots, kv_heads, capacity, head_dim] each, `values` views its first rows
+    buffers: dict[str, np.ndarray] | None = None
 
 
 class OnnxRuntimeBackend:
@@ -201,6 +203,7 @@ class OnnxRuntimeBackend:
             # the gqa graph finds each row's length in its mask (export/graph.py _gqa_inputs)
             own_row_lengths=self.manifest.own_row_lengths,
             mixed_steps=mixed,
+            row_slots=self.in_place and self.device == "cpu",
         )
 
     def _kv_shape(self, batch: int, length: int) -> tuple[int, int, int, int]:
@@ -322,8 +325,11 @@ class OnnxRuntimeBackend:
     def _grow(self, cache: OrtKVCache, needed: int) -> None:
         """Move an in-place cache to larger buffers (amortized: at least doubling)."""
         arrays = self.cache_arrays(cache)
-        grown = self.cache_from_arrays(arrays, cache.length, max(needed, 2 * cache.capacity))
-        cache.values, cache.capacity = grown.values, grown.capacity
+        slots = next(iter(cache.buffers.values())).shape[0] if cache.buffers else None
+        grown = self.cache_from_arrays(
+            arrays, cache.length, max(needed, 2 * cache.capacity), slots=slots
+        )
+        cache.values, cache.capacity, cache.buffers = grown.values, grown.capacity, grown.buffers
 
     def truncate(self, cache: OrtKVCache, length: int) -> None:
         """Forget every position from `length` on (draft tokens a verify step rejected)."""
@@ -348,25 +354,78 @@ class OnnxRuntimeBackend:
         length: int,
         capacity: int | None = None,
         lengths: np.ndarray | None = None,
+        slots: int | None = None,
     ) -> OrtKVCache:
         """A bound cache holding `arrays` ([batch, kv_heads, length, head_dim] each); in place
         (gqa) with room for at least `capacity` positions, copying only each row's `lengths`
-        when given (the rest of a fresh buffer stays untouched zero pages). Rows join or leave a
-        running batch this way, so decode steps themselves copy no cache."""
+        when given (the rest of a fresh buffer stays untouched zero pages), and on CPU room for
+        `slots` rows that later join in place (add_rows). Decode steps themselves copy no
+        cache."""
         size = _round_up(max(capacity or 0, length + 1)) if self.in_place else 0
-        values = {}
+        values, buffers = {}, {}
         for name, array in arrays.items():
+            rows = array.shape[0]
             if self.in_place:
-                buffer = np.zeros((*array.shape[:2], size, array.shape[3]), self.kv_dtype)
+                shape = (max(rows, slots or 0), array.shape[1], size, array.shape[3])
+                buffer = buffers[name] = np.zeros(shape, self.kv_dtype)
                 if lengths is None:
-                    buffer[:, :, :length] = array[:, :, :length]
+                    buffer[:rows, :, :length] = array[:, :, :length]
                 else:
                     for row, n in enumerate(lengths):
                         buffer[row, :, :n] = array[row, :, :n]
             else:
                 buffer = np.ascontiguousarray(array, self.kv_dtype)
-            values[name] = self._device_value(buffer)
-        return OrtKVCache({}, length, values, size)
+            values[name] = self._device_value(buffer[:rows])
+        on_host = self.in_place and self.device == "cpu"  # values share the buffers' memory
+        return OrtKVCache({}, length, values, size, buffers if on_host else None)
+
+    def add_rows(
+        self,
+        cache: OrtKVCache,
+        arrays: dict[str, np.ndarray],
+        lengths: np.ndarray,
+        length: int,
+    ) -> bool:
+        """Rows of their own length (`arrays` [n, kv_heads, positions, head_dim], each row's
+        `lengths`) written into free slots of an in-place cache, which then spans `length`
+        positions: only their positions are copied (it grows at a step that needs more, as
+        always). False when it has no free slot or too few positions (the caller rebuilds)."""
+        if not cache.buffers:
+            return False
+        buffers = cache.buffers
+        rows, n = _rows(cache), len(lengths)
+        slots = next(iter(buffers.values())).shape[0]
+        if rows + n > slots or length >= cache.capacity:
+            return False
+        for name, array in arrays.items():
+            for row, positions in enumerate(lengths):
+                buffers[name][rows + row, :, :positions] = array[row, :, :positions]
+        self._view(cache, rows + n, length)
+        return True
+
+    def keep_rows(
+        self,
+        cache: OrtKVCache,
+        rows: list[int],
+        lengths: np.ndarray,
+        length: int,
+    ) -> bool:
+        """Only `rows` (ascending, each with its own length `lengths`) stay in an in-place
+        cache, moved down in place over the rows that leave; it then spans `length` positions.
+        False where a rebuild is needed (not in place, rows out of order)."""
+        if not cache.buffers or rows != sorted(rows):
+            return False
+        for buffer in cache.buffers.values():
+            for row, (source, positions) in enumerate(zip(rows, lengths, strict=True)):
+                if source != row:
+                    buffer[row, :, :positions] = buffer[source, :, :positions]
+        self._view(cache, len(rows), length)
+        return True
+
+    def _view(self, cache: OrtKVCache, rows: int, length: int) -> None:
+        """Point an in-place cache's values at its buffers' first `rows` rows."""
+        cache.values = {name: self._device_value(b[:rows]) for name, b in cache.buffers.items()}
+        cache.length = length
 
     def close(self) -> None:
         """Drop the session (its weights and arena); caches hold their own buffers."""
@@ -378,6 +437,10 @@ class OnnxRuntimeBackend:
     def _device_value(self, array: np.ndarray) -> ort.OrtValue:
         """An OrtValue on the provider's device (on CPU it shares memory with `array`)."""
         return ort.OrtValue.ortvalue_from_numpy(array, self.device, 0)
+
+
+def _rows(cache: OrtKVCache) -> int:
+    return next(iter(cache.values.values())).shape()[0]
 
 
 def _round_up(n: int) -> int:

@@ -85,33 +85,58 @@ def test_truncate_forgets_the_rejected_positions(backend):
     assert batch.length == kept + 2
 
 
+def own_row(backend, prompt: list[int]) -> tuple[Batch, np.ndarray]:
+    """A one-row batch of its own length after `prompt`, and its next-token logits [1, vocab]."""
+    batch = Batch(backend, 1, capacity=32, own_lengths=True)
+    return batch, batch.extend(np.array([prompt]), last_only=True)[:, -1]
+
+
+def own_alone(backend, prompt: list[int], then: list[int]) -> np.ndarray:
+    """A row's logits run by itself on its own bound cache: after its prompt, then each token."""
+    batch, first = own_row(backend, prompt)
+    return np.stack([first[0], *(batch.step([token])[0] for token in then)])
+
+
 def test_rows_of_their_own_length_get_their_solo_logits_bit_for_bit(artifact):
     """The gqa form's rows keep lengths of their own: rows of other lengths joining and leaving
     change no bit of a row's logits (what batch-invariant decoding rests on)."""
     backend = OnnxRuntimeBackend(artifact(attention="gqa"))
-
-    def row(prompt: list[int]) -> tuple[Batch, np.ndarray]:
-        batch = Batch(backend, 1, capacity=32, own_lengths=True)
-        return batch, batch.extend(np.array([prompt]), last_only=True)[:, -1]
-
-    def alone_bound(prompt: list[int], then: list[int]) -> np.ndarray:
-        batch, first = row(prompt)
-        return np.stack([first[0], *(batch.step([token])[0] for token in then)])
-
-    batch, first0 = row(PROMPTS[0])
-    other, first1 = row(PROMPTS[1])
+    batch, first0 = own_row(backend, PROMPTS[0])
+    other, first1 = own_row(backend, PROMPTS[1])
     batch.merge(other, capacity=32)  # lengths 6 and 2
     assert batch.mask.sum(axis=1).tolist() == [6, 2] and batch.length == 6
     second = batch.step([1, 2])
-    late, first2 = row(PROMPTS[2])
+    late, first2 = own_row(backend, PROMPTS[2])
     batch.keep([0])  # the short row leaves
     batch.merge(late, capacity=32)  # lengths 7 and 4
     third = batch.step([3, 4])
-    np.testing.assert_array_equal(
-        np.stack([first0[0], second[0], third[0]]), alone_bound(PROMPTS[0], [1, 3])
-    )
-    np.testing.assert_array_equal(np.stack([first1[0], second[1]]), alone_bound(PROMPTS[1], [2]))
-    np.testing.assert_array_equal(np.stack([first2[0], third[1]]), alone_bound(PROMPTS[2], [4]))
+    rows = [np.stack([first0[0], second[0], third[0]]), np.stack([first1[0], second[1]])]
+    rows.append(np.stack([first2[0], third[1]]))
+    for got, prompt, then in zip(rows, PROMPTS, ([1, 3], [2], [4]), strict=True):
+        np.testing.assert_array_equal(got, own_alone(backend, prompt, then))
+
+
+def test_rows_join_and_leave_an_in_place_cache_without_a_rebuild(artifact):
+    """With free row slots a newcomer's positions are copied into the running cache and rows
+    that leave are overwritten by those after them: the buffers stay, every row's logits are
+    its solo logits bit for bit."""
+    backend = OnnxRuntimeBackend(artifact(attention="gqa"))
+    assert backend.capabilities.row_slots
+    batch, first0 = own_row(backend, PROMPTS[0])
+    batch.slots = 3
+    other, first1 = own_row(backend, PROMPTS[1])
+    batch.merge(other, capacity=32)  # rebuilt with room for three rows
+    buffers = batch.cache.buffers
+    late, first2 = own_row(backend, PROMPTS[2])
+    batch.merge(late, capacity=32)  # into the free slot
+    second = batch.step([1, 2, 3])
+    batch.keep([0, 2])  # the middle row leaves, the last moves down
+    third = batch.step([4, 5])
+    assert batch.cache.buffers is buffers and batch.mask.sum(axis=1).tolist() == [8, 6]
+    rows = [np.stack([first0[0], second[0], third[0]]), np.stack([first1[0], second[1]])]
+    rows.append(np.stack([first2[0], second[2], third[1]]))
+    for got, prompt, then in zip(rows, PROMPTS, ([1, 4], [2], [3, 5]), strict=True):
+        np.testing.assert_array_equal(got, own_alone(backend, prompt, then))
 
 
 def test_rows_of_their_own_length_need_a_backend_that_has_them(artifact):
