@@ -13,10 +13,10 @@ decode steps instead of stalling them, (3) moves requests whose prompt is comple
 batch (rows of their own length on onnxruntime CPU: the newcomer's positions copied into a free
 row slot, the running batch having room for max_batch rows; otherwise a copy of each row's
 cached positions through host arrays per join or leave, left-padded layouts padding the shorter
-rows to the common length), and (4) decodes one token (seq=1)
-for every running row. Where the backend runs mixed steps (runtime/mixed_step.py: rows of their
-own length on onnxruntime CPU), the first prefilling request's chunk runs inside that decode
-forward, so a newcomer costs the running rows what a larger batch costs, not a forward of its own.
+rows to the common length), and (4) decodes one token (seq=1) for every running row. Where the
+backend runs mixed steps (runtime/mixed_step.py: rows of their own length on onnxruntime CPU), the
+first prefilling request's chunk runs inside that decode forward, so a newcomer costs the running
+rows what a larger batch costs, not a forward of its own.
 A prompt's tokens give the same logits however its prefill is chunked (one row, chunks of two or
 more tokens) and whichever forward carries a chunk, so neither the chunking, the mixing nor a
 prefix-cache hit changes what a request generates.
@@ -548,16 +548,16 @@ class BatchEngine:
         if mixed is None:
             logits = self._batch.step(tokens)
         else:
-            request, take = mixed
-            ids = self._chunk(request, take)
-            logits, chunk = self._batch.step_with_chunk(tokens, request.prefill, ids)
+            newcomer, take = mixed
+            ids = self._chunk(newcomer, take)
+            logits, chunk = self._batch.step_with_chunk(tokens, newcomer.prefill, ids)
             self.stats["mixed_steps"] += 1
         running = list(self._running)  # a request that finishes its prefill joins after
         if mixed is not None:
             try:
-                self._prefilled(request, take, chunk[None])
+                self._prefilled(newcomer, take, chunk[None])
             except Exception as e:  # this request fails alone
-                self._fail([request], e)
+                self._fail([newcomer], e)
         for row, request in enumerate(running):
             if not request.done:
                 self._sample(request, logits[row])

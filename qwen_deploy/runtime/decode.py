@@ -166,7 +166,6 @@ class Batch:
             lengths = mask.sum(axis=1)
             if self.backend.keep_rows(self.cache, rows, lengths, end):
                 self.mask = np.ascontiguousarray(mask[:, :end])
-                self.capacity = max(capacity or 0, self.capacity or 0) or None
                 return
         arrays = self.backend.cache_arrays(self.cache)
         if self.own_lengths:  # each row's own positions: what lies past them is never read
@@ -195,7 +194,6 @@ class Batch:
                 self.mask = np.concatenate(
                     [_pad(m, length, right=True) for m in (self.mask, other.mask[rows])]
                 )
-                self.capacity = max(capacity or 0, self.capacity or 0) or None
                 return
         parts = [self.backend.cache_arrays(self.cache), {k: v[rows] for k, v in theirs.items()}]
         mask = np.concatenate(
