@@ -205,10 +205,12 @@ class QwenDeployRunner:
         return process_peak_rss_mb()
 
     def batch(self, batch: int) -> dict:
-        """`batch` requests arriving together at the engine `serve` runs (continuous batching)."""
-        from .generation.engine import BatchEngine
+        """`batch` requests arriving together at the engine `serve` runs (continuous batching),
+        their prompts prefilled PREFILL_CHUNK_ALONE tokens a step: the decode phase (after every
+        first token) then has all of them running, as its rate assumes."""
+        from .generation.engine import PREFILL_CHUNK_ALONE, BatchEngine
 
-        engine = BatchEngine(self.generator, max_batch=batch)
+        engine = BatchEngine(self.generator, max_batch=batch, prefill_chunk=PREFILL_CHUNK_ALONE)
         stamps: list[list[float]] = [[] for _ in range(batch)]  # each request's token times
         start = time.perf_counter()
         for ids, times in zip(self.ids[:batch], stamps, strict=True):
