@@ -233,7 +233,7 @@ def fused_matmul_nbits(
     ]
     if zeros:
         inputs.append(rw.initializer(name + ".weight.zero_point", np.concatenate(zeros)))
-    bias = _fused_bias(rw, lins, widths)
+    bias = _fused_bias(rw, lins, widths, name)
     if bias:
         inputs += [""] * (5 - len(inputs)) + [bias]
     node = rw.node(
@@ -265,7 +265,7 @@ def _fused_name(lins: list[Linear]) -> str:
     return f"{prefix.rsplit('.', 1)[0]}.{roles}_proj"
 
 
-def _fused_bias(rw: GraphRewrite, lins: list[Linear], widths: list[int]) -> str | None:
+def _fused_bias(rw: GraphRewrite, lins: list[Linear], widths: list[int], name: str) -> str | None:
     """The linears' biases side by side (zeros for a linear without one; a single linear's own),
     None when none has one; their Adds are removed."""
     if not any(lin.bias for lin in lins):
@@ -278,7 +278,7 @@ def _fused_bias(rw: GraphRewrite, lins: list[Linear], widths: list[int]) -> str 
     parts = [rw.source.array(lin.bias) if lin.bias else None for lin in lins]
     dtype = next(p.dtype for p in parts if p is not None)
     bias = [np.zeros(n, dtype) if p is None else p for p, n in zip(parts, widths, strict=True)]
-    return rw.initializer(_fused_name(lins) + ".bias", np.concatenate(bias))
+    return rw.initializer(name + ".bias", np.concatenate(bias))
 
 
 def quantize_weight_only(

@@ -57,8 +57,8 @@ def add_mixed_step(model: onnx.ModelProto) -> None:
     presents = _present_of_past(graph)
     past = [i for i in graph.input if i.name in presents]
     outputs = list(graph.output)
-    decode = _branch(graph, "decode", _pass_chunk_through(graph, past))
-    mixed = _branch(graph, "mixed", _TwoLanes(graph).nodes())
+    decode = _branch(graph, "decode", _pass_chunk_through(graph, past, presents))
+    mixed = _branch(graph, "mixed", _TwoLanes(graph, presents).nodes())
     if_outputs = [o.name for o in outputs] + [chunk_name(o.name) for o in outputs]
     chunk_inputs, defaults = _chunk_inputs(graph, past), _chunk_defaults(graph, past)
     del graph.node[:]
@@ -111,7 +111,9 @@ def _chunk_defaults(graph: onnx.GraphProto, past: list) -> list[TensorProto]:
     return tensors
 
 
-def _pass_chunk_through(graph: onnx.GraphProto, past: list) -> list[onnx.NodeProto]:
+def _pass_chunk_through(
+    graph: onnx.GraphProto, past: list, presents: dict[str, str]
+) -> list[onnx.NodeProto]:
     """The artifact's nodes, then the chunk lane's outputs of a step without a chunk: its cache
     as it was and no logits."""
     logits = next(o for o in graph.output if o.name == LOGITS)
@@ -125,7 +127,6 @@ def _pass_chunk_through(graph: onnx.GraphProto, past: list) -> list[onnx.NodePro
             value=helper.make_tensor("zero", elem, [1], [0]),
         )
     )
-    presents = _present_of_past(graph)
     for value in past:
         nodes.append(
             helper.make_node(
@@ -179,8 +180,9 @@ class _TwoLanes:
     running rows) and lane b (the chunk lane's inputs) in one [1, rows_a + rows_b, ...] stream
     through everything but rotary embeddings and attention, which run once per lane."""
 
-    def __init__(self, graph: onnx.GraphProto):
+    def __init__(self, graph: onnx.GraphProto, presents: dict[str, str]):
         self.graph = graph
+        self._presents = presents  # past input -> present output of each attention
         self.nodes_out: list[onnx.NodeProto] = []
         self.lanes: dict[str, str] = {}  # a per-lane value (masks, lengths) -> lane b's
         self._count = 0
@@ -245,7 +247,6 @@ class _TwoLanes:
     # -- the rewrite -----------------------------------------------------------------------------
     def nodes(self) -> list[onnx.NodeProto]:
         hidden = self._hidden_values()
-        self._presents = _present_of_past(self.graph)
         self._zero, self._one = self._int64([0]), self._int64([1])
         self._end = self._int64([np.iinfo(np.int64).max])
         ids_a = self._op("Reshape", [INPUT_IDS, self._int64([1, -1])])

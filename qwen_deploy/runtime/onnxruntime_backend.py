@@ -177,9 +177,10 @@ class OnnxRuntimeBackend:
         # a step's decode and a prefill chunk in one forward, where rows keep their own lengths
         # and a row's result does not depend on the rows beside it
         m = self.manifest
-        mixed = provider == "cpu" and m.own_row_lengths and m.row_independent_kernels
-        self.session = create_session(self.folder, self.manifest, options, provider, mixed)
+        wanted = provider == "cpu" and m.own_row_lengths and m.row_independent_kernels
+        self.session = create_session(self.folder, self.manifest, options, provider, wanted)
         self._keeps_last = takes_logits_to_keep(self.session)
+        # older graphs (no logits_to_keep) stay as they are: mixed where the branch was built
         mixed = any(i.name == MIXED for i in self.session.get_overridable_initializers())
         if provider == "cpu" and huge_pages:
             collapse_resident_memory()  # the weights just loaded: fewer TLB misses per token
@@ -265,20 +266,13 @@ class OnnxRuntimeBackend:
         self, feeds: dict[str, np.ndarray], keep: np.ndarray | None, cache: OrtKVCache
     ) -> np.ndarray:
         seq = feeds["input_ids"].shape[1]
-        if self.in_place and cache.length + seq > cache.capacity:
-            self._grow(cache, cache.length + seq)
         binding = self.session.io_binding()
         for name, array in feeds.items():
             binding.bind_cpu_input(name, array)
         if keep is not None:
             bind_logits_to_keep(binding, keep)
         binding.bind_output("logits", self.device)
-        for past, present in self._pairs:
-            binding.bind_ortvalue_input(past, cache.values[past])
-            if self.in_place:
-                binding.bind_ortvalue_output(present, cache.values[past])
-            else:
-                binding.bind_output(present, self.device)
+        self._bind_cache(binding, cache, seq)
         self.session.run_with_iobinding(binding)
         logits, *presents = binding.get_outputs()  # in binding order
         if not self.in_place:
@@ -294,8 +288,6 @@ class OnnxRuntimeBackend:
         binding = self.session.io_binding()
         feeds = {}  # the binding points at these arrays' memory until the run
         for prefix, (ids, mask, positions, cache) in (("", rows), (CHUNK, chunk)):
-            if cache.length + ids.shape[1] > cache.capacity:
-                self._grow(cache, cache.length + ids.shape[1])
             for name, array in (
                 (INPUT_IDS, ids),
                 (ATTENTION_MASK, mask),
@@ -308,9 +300,7 @@ class OnnxRuntimeBackend:
                 prefix + LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(_KEEP[True])
             )
             binding.bind_output(prefix + LOGITS, self.device)
-            for past, present in self._pairs:
-                binding.bind_ortvalue_input(prefix + past, cache.values[past])
-                binding.bind_ortvalue_output(prefix + present, cache.values[past])
+            self._bind_cache(binding, cache, ids.shape[1], prefix)
         binding.bind_ortvalue_input(MIXED, ort.OrtValue.ortvalue_from_numpy(_MIXED))
         self.session.run_with_iobinding(binding)
         for ids, _, _, cache in (rows, chunk):
@@ -321,6 +311,20 @@ class OnnxRuntimeBackend:
             row_logits.numpy().astype(np.float32, copy=False),
             chunk_logits.numpy().astype(np.float32, copy=False),
         )
+
+    def _bind_cache(
+        self, binding: ort.IOBinding, cache: OrtKVCache, seq: int, prefix: str = ""
+    ) -> None:
+        """Bind a cache for a step of `seq` positions (an in-place one grown first if they would
+        not fit): each past as an input and, in place, as its present output too."""
+        if self.in_place and cache.length + seq > cache.capacity:
+            self._grow(cache, cache.length + seq)
+        for past, present in self._pairs:
+            binding.bind_ortvalue_input(prefix + past, cache.values[past])
+            if self.in_place:
+                binding.bind_ortvalue_output(prefix + present, cache.values[past])
+            else:
+                binding.bind_output(prefix + present, self.device)
 
     def _grow(self, cache: OrtKVCache, needed: int) -> None:
         """Move an in-place cache to larger buffers (amortized: at least doubling)."""
