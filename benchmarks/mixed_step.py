@@ -39,10 +39,10 @@ class Setup:
         rng = np.random.default_rng(rows)
         self.backend, self.capacity = backend, capacity
         self.prompts = [rng.integers(100, 20_000, context) for _ in range(rows + 1)]
-        self.arrays = [
-            {k: v.copy() for k, v in backend.cache_arrays(_row(backend, p, capacity).cache).items()}
-            for p in self.prompts
-        ]  # copies: the arrays are views of the batch's buffers
+        self.arrays = []
+        for prompt in self.prompts:
+            batch = _row(backend, prompt, capacity)  # alive while its buffers are copied
+            self.arrays.append({k: v.copy() for k, v in backend.cache_arrays(batch.cache).items()})
         self.context = context
 
     def fresh(self) -> tuple[Batch, Batch]:

@@ -347,7 +347,8 @@ class OnnxRuntimeBackend:
         cache.length = length  # in place, the next step overwrites what lies beyond
 
     def cache_arrays(self, cache: OrtKVCache) -> dict[str, np.ndarray]:
-        """Host copies of a cache's tensors, [batch, kv_heads, length, head_dim] each."""
+        """A cache's tensors on the host, [batch, kv_heads, length, head_dim] each: on CPU views
+        of its buffers, valid while the cache lives (copy what must outlive it)."""
         if cache.values is None:
             return dict(cache.arrays)
         return {name: v.numpy()[:, :, : cache.length] for name, v in cache.values.items()}
