@@ -504,7 +504,9 @@ class BatchEngine:
             self._count_cancelled(request)  # cancelled at its first token: it never runs
             return
         if self._batch is None:
-            batch.slots = self.max_batch  # rows that join later are copied in, not the batch
+            # rebuilt with room for max_batch rows now, while no row decodes: rows that join
+            # later are copied in, not the batch
+            batch.slots = self.max_batch
             batch.keep([0], self._room(batch.length))
             self._batch = batch
         else:

@@ -44,6 +44,7 @@ class Batch:
         # rows a rebuilt cache makes room for, so later joins copy only the newcomers' positions
         # (backends with row slots; the batching engine sets its max_batch)
         self.slots: int | None = None
+        self._slotted = False  # the cache has those slots (it was rebuilt with them)
         self.cache = backend.new_cache(rows, capacity)
         self.mask = np.zeros((rows, 0), np.int64)
 
@@ -155,14 +156,17 @@ class Batch:
 
     def keep(self, rows: list[int], capacity: int | None = None) -> None:
         """Only `rows` stay, without the columns that are padding in all of them (no copy when
-        that is all of it and the cache already has room for `capacity`)."""
+        that is all of it and the cache already has room for `capacity` and its `slots`: a
+        cache without them is rebuilt with them, once, so that later joins copy no rows)."""
         mask = self.mask[rows]
         used = np.flatnonzero(mask.any(axis=0))
         first, end = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
         unchanged = rows == list(range(self.rows)) and first == 0 and end == self.length
-        if unchanged and self.capacity is not None and (capacity or 0) <= self.capacity:
+        slotless = self._in_place_rows and self.slots is not None and not self._slotted
+        room = self.capacity is not None and (capacity or 0) <= self.capacity
+        if unchanged and room and not slotless:
             return
-        if self._in_place_rows:  # the rows that stay move down over those that leave
+        if self._in_place_rows and not slotless:  # those that stay move down over the leavers
             lengths = mask.sum(axis=1)
             if self.backend.keep_rows(self.cache, rows, lengths, end):
                 self.mask = np.ascontiguousarray(mask[:, :end])
@@ -210,6 +214,7 @@ class Batch:
         self.cache = self.backend.cache_from_arrays(
             arrays, mask.shape[1], self.capacity, lengths, **slots
         )
+        self._slotted = bool(slots)
         self.mask = mask
 
     @property

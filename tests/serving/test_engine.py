@@ -243,6 +243,24 @@ def test_decode_steps_keep_the_cache_on_the_backend(generator):
         assert {name: v.data_ptr() for name, v in cache.values.items()} == buffers
 
 
+def test_a_request_joins_a_running_one_without_a_rebuild(generator):
+    """The first request's batch is rebuilt with room for max_batch rows as it starts decoding
+    (no row decodes then), so a request that joins later copies only its own positions: the
+    running cache's buffers stay (a rebuild there stalled the running stream a step)."""
+    if not generator.backend.capabilities.row_slots:
+        pytest.skip("this form's rows share one length: a join rebuilds the cache")
+    engine = BatchEngine(generator, max_batch=4)
+    params = _params(generator, temperature=0, max_tokens=30, stop_token_ids=[])
+    engine.add(generator.prepare(prompt=TEXTS[0], params=params), lambda _: None)
+    engine.step()
+    buffers = engine._batch.cache.buffers
+    assert next(iter(buffers.values())).shape[0] == 4
+    engine.add(generator.prepare(prompt=TEXTS[1], params=params), lambda _: None)
+    while len(engine._running) < 2:
+        engine.step()
+    assert engine._batch.cache.buffers is buffers
+
+
 def test_speculative_requests_run_beside_the_batch_with_their_solo_tokens(generator):
     """A request with a drafter decodes on a batch of its own, a round per step, next to the
     batched rows; greedy and seeded output equal plain decoding, and its statistics add up."""
