@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .errors import QwenDeployError
+from .machine import Machine, describe, measured_bandwidth_gbs, this_machine
 from .manifest import Manifest
 
 ASSUMED_BANDWIDTH_GBS = 40.0  # this project's reference CPU machine
@@ -265,19 +266,6 @@ def weight_bytes_per_token(artifact: str | Path) -> int:
     return total
 
 
-def measured_bandwidth_gbs(size_mb: int = 1024, repeats: int = 5) -> float:
-    """Bandwidth now: a float32 matrix-vector product over 1 GiB, larger than CPU caches."""
-    matrix = np.ones(size_mb << 18, np.float32).reshape(-1, 1024)  # size_mb MiB of float32
-    vector = np.ones((1024,), np.float32)
-    matrix @ vector
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matrix @ vector
-        times.append(time.perf_counter() - start)
-    return matrix.nbytes / statistics.median(times) / 1e9
-
-
 def measure(
     callers: Mapping[str, Caller],
     engines: dict[str, EngineResult],
@@ -319,9 +307,11 @@ def build_report(
     engines: dict[str, EngineResult],
     speculative: dict,
     bandwidth_gbs: float,
+    machine: Machine,
 ) -> dict:
     """The report of measured engines (see module docstring): ours over each peer and each batch
-    over batch 1, and the roofline at the assumed and at the measured bandwidth."""
+    over batch 1, the roofline at the assumed and at the measured bandwidth, and the machine
+    they ran on."""
     bytes_per_token = weight_bytes_per_token(artifact)
     ours = engines[OURS]
     ratios = {}
@@ -343,6 +333,7 @@ def build_report(
             "at_measured_gemv_bandwidth": bandwidth_gbs * 1e9 / bytes_per_token,
         },
         "measured_gemv_bandwidth_gbs": bandwidth_gbs,
+        "machine": asdict(machine),
         "engines": {name: asdict(result) for name, result in engines.items()},
         "ratios": ratios,
         "speculative": speculative,
@@ -356,8 +347,9 @@ def run_bench(
 ) -> dict:
     """Measure the artifact in this process; returns the report (see module docstring).
 
-    The peak RSS with the batches is read right after the measurement, and the bandwidth probed
-    once after it: the probe's matrix (1 GiB by default) would otherwise be this process's peak.
+    The peak RSS with the batches is read right after the measurement, and the bandwidth and the
+    integer GEMM probed once after it: the probe's matrix (1 GiB by default) would otherwise be
+    this process's peak.
     """
     config = config or BenchConfig()
     config.check()
@@ -367,7 +359,8 @@ def run_bench(
     speculative = measure({OURS: ours}, engines, config, log)
     engines[OURS].batch_peak_rss_mb = process_peak_rss_mb()
     bandwidth = measured_bandwidth_gbs(config.bandwidth_probe_mb)
-    return build_report(artifact, config, engines, speculative, bandwidth)
+    machine = this_machine(config.threads)
+    return build_report(artifact, config, engines, speculative, bandwidth, machine)
 
 
 def _speculative_summary(runs: list[dict]) -> dict:
@@ -438,6 +431,7 @@ def format_report(report: dict) -> str:
         f"{roof['at_measured_gemv_bandwidth']:.1f} tok/s at the "
         f"{report['measured_gemv_bandwidth_gbs']:.1f} GB/s measured now"
     )
+    lines.append(describe(report["machine"]))
     lines += [f"{name}: {value:.2f}x" for name, value in report["ratios"].items()]
     for workload, rows in report.get("speculative", {}).items():
         lines.append(

@@ -40,6 +40,7 @@ def test_speculative_variants_are_compared_with_plain_decoding(tiny_artifact):
             assert row["decode_speedup"] == pytest.approx(row["decode_tok_s"] / plain_decode)
     text = format_report(report)
     assert "speculative, code edit" in text and "prompt lookup k=4" in text
+    assert report["machine"]["int8_gemm_tops"] > 0 and "\nmachine: " in text
 
 
 def test_llama_cpp_peer_is_skipped_with_the_reason(tiny_artifact, tmp_path, monkeypatch):

@@ -44,8 +44,8 @@ from qwen_deploy.bench import (  # noqa: E402
     build_report,
     format_report,
     measure,
-    measured_bandwidth_gbs,
 )
+from qwen_deploy.machine import measured_bandwidth_gbs, this_machine  # noqa: E402
 from qwen_deploy.manifest import Manifest  # noqa: E402
 
 RUNNERS = "benchmarks.peers.runners"
@@ -105,7 +105,8 @@ def compare(
     bandwidth = statistics.mean(
         [bandwidth_before, measured_bandwidth_gbs(config.bandwidth_probe_mb)]
     )
-    return build_report(artifact, config, engines, speculative, bandwidth)
+    machine = this_machine(config.threads)
+    return build_report(artifact, config, engines, speculative, bandwidth, machine)
 
 
 def _measure_in_workers(
