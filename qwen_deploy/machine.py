@@ -36,9 +36,7 @@ class Machine:
     cpu: str
     cores: int
     features: list[str]  # KERNEL_FEATURES the CPU's flags list
-    int8_gemm_tops: (
-        float  # onnxruntime's MatMulInteger, tera-operations (2 per multiply-add) a second
-    )
+    int8_gemm_tops: float  # onnxruntime's MatMulInteger: tera-operations a second (2 per MAC)
 
 
 def cpu_features(cpuinfo: str) -> tuple[str, list[str]]:
