@@ -35,6 +35,25 @@ class Graph:
     folder: Path
     runtime_casts: bool = False  # fp32_compute's graph: keep its Casts, plan memory per node
 
+    def __post_init__(self) -> None:
+        """`folder` becomes the folder the external data really lies in, each location its
+        file's name there: onnxruntime follows links and refuses data outside the folder it is
+        given, and model caches link files to blobs kept (and named) elsewhere. Data in several
+        folders stays as it is (onnxruntime's error then names the file)."""
+        entries = [
+            entry
+            for tensor in _tensors(self.model.graph)
+            if tensor.data_location == TensorProto.EXTERNAL
+            for entry in tensor.external_data
+            if entry.key == "location"
+        ]
+        targets = {e.value: (self.folder / e.value).resolve() for e in entries}
+        folders = {target.parent for target in targets.values()}
+        if len(folders) == 1:
+            for entry in entries:
+                entry.value = targets[entry.value].name
+            self.folder = folders.pop()
+
     def session(
         self,
         options: ort.SessionOptions,
@@ -55,6 +74,15 @@ class Graph:
             providers=providers,
             disabled_optimizers=disabled,
         )
+
+
+def _tensors(graph: onnx.GraphProto):
+    """The initializers of `graph` and of the graphs inside its nodes (an If's branches)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _tensors(sub)
 
 
 def _widen_types(graph: onnx.GraphProto) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -9,8 +10,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from qwen_deploy.contract import DATA_FILE
 from qwen_deploy.errors import QwenDeployError
 from qwen_deploy.manifest import Manifest
+from qwen_deploy.runtime.decode import Batch
 from qwen_deploy.runtime.onnxruntime_backend import GROW_STEP, OnnxRuntimeBackend
 
 
@@ -196,3 +199,29 @@ def test_real_fp16_on_cpu_peaks_below_1_3x_the_artifact(real_artifact, tmp_path)
     size = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
     peak = load_fp16(folder, tmp_path)
     assert peak < 1.3 * size, f"peak RSS {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB artifact"
+
+
+@pytest.mark.parametrize(
+    "form", [{"attention": "gqa"}, {"precision": "fp16"}], ids=["mixed-steps", "fp16"]
+)
+def test_an_artifact_whose_files_are_links_to_another_folder_loads(artifact, tmp_path, form):
+    """Model caches link files to blobs kept, and named by their hash, elsewhere. The graphs
+    built in memory at load (the mixed-step branch, fp16's float32 compute) read the weights
+    from the blob's folder: onnxruntime refuses external data outside the folder it is given,
+    following links."""
+    source = artifact(**form)
+    linked, blobs = tmp_path / "linked", tmp_path / "blobs"
+    linked.mkdir()
+    blobs.mkdir()
+    for file in source.iterdir():
+        target = file
+        if file.name == DATA_FILE:  # a blob named by its hash
+            target = blobs / "3f9a0c"
+            os.link(file, target)
+        (linked / file.name).symlink_to(target)
+    ids = np.array([[5, 6, 7, 8]], np.int64)
+    logits = []
+    for folder in (source, linked):
+        batch = Batch(OnnxRuntimeBackend(folder), 1)
+        logits.append(batch.prefill(ids.tolist(), 0, last_only=False))
+    np.testing.assert_array_equal(logits[0], logits[1])
