@@ -219,9 +219,8 @@ def test_an_artifact_whose_files_are_links_to_another_folder_loads(artifact, tmp
             target = blobs / "3f9a0c"
             os.link(file, target)
         (linked / file.name).symlink_to(target)
-    ids = np.array([[5, 6, 7, 8]], np.int64)
     logits = []
     for folder in (source, linked):
         batch = Batch(OnnxRuntimeBackend(folder), 1)
-        logits.append(batch.prefill(ids.tolist(), 0, last_only=False))
+        logits.append(batch.prefill([[5, 6, 7, 8]], 0, last_only=False))
     np.testing.assert_array_equal(logits[0], logits[1])
