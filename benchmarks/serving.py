@@ -145,16 +145,13 @@ def gaps(times: list[float]) -> list[float]:
     return [b - a for a, b in itertools.pairwise(times)]
 
 
-# <|endoftext|> and <|im_end|>, Qwen2's end tokens: biased away, a stream runs all its tokens
-ENDS = {"151643": -100, "151645": -100}
-
-
-def counting(first: int, tokens: int) -> dict:
+def counting(artifact: str, first: int, tokens: int) -> dict:
     """A streamed chat that keeps decoding for all its `tokens` (the model writes the numbers
     out; asked merely to count, it answers with a short loop in Python; some quantized forms
-    write digits and end early, so the end tokens are biased away)."""
+    write digits and end early, so the artifact's end tokens are biased away)."""
     words = f"Write the numbers from {first} to {first + 299} as words, separated by commas."
-    return chat(f"{words} Do not write code.", tokens, logit_bias=ENDS)
+    ends = {str(t): -100 for t in Manifest.load(Path(artifact)).eos_token_ids}
+    return chat(f"{words} Do not write code.", tokens, logit_bias=ends)
 
 
 def spanning(times: list[float], end: float) -> list[float]:
@@ -206,7 +203,8 @@ def long_prompt(artifact: str, tokenizer: Tokenizer, chunk: int = PREFILL_CHUNK)
         cached = last.raise_for_status().json()["usage"]["prompt_tokens_details"]["cached_tokens"]
         with ThreadPoolExecutor(5) as pool:
             streams = [
-                pool.submit(stream_times, server.url, counting(i + 1, 800)) for i in range(4)
+                pool.submit(stream_times, server.url, counting(artifact, i + 1, 800))
+                for i in range(4)
             ]
             time.sleep(3)  # the four are decoding
             arrival = time.perf_counter()
@@ -253,7 +251,7 @@ def event_loop(artifact: str, *serve_options: str) -> dict:
     def round_(bodies: list[bytes]) -> dict:
         health = []
         with ThreadPoolExecutor(5) as pool:
-            streamer = pool.submit(stream_times, server.url, counting(1, 400))
+            streamer = pool.submit(stream_times, server.url, counting(artifact, 1, 400))
             time.sleep(3)  # the stream is decoding
             start = time.perf_counter()
             senders = [pool.submit(send, body) for body in bodies]

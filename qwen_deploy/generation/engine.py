@@ -504,10 +504,9 @@ class BatchEngine:
             self._count_cancelled(request)  # cancelled at its first token: it never runs
             return
         if self._batch is None:
-            # rebuilt with room for max_batch rows now, while no row decodes: rows that join
-            # later are copied in, not the batch
-            batch.slots = self.max_batch
-            batch.keep([0], self._room(batch.length))
+            # room for max_batch rows now, while no row decodes: rows that join later are
+            # copied in, not the batch
+            batch.reserve(self.max_batch, self._room(batch.length))
             self._batch = batch
         else:
             self._batch.merge(batch, self._room(max(self._batch.length, batch.length)))

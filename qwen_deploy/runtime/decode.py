@@ -42,9 +42,8 @@ class Batch:
         self.capacity = capacity
         self.own_lengths = own_lengths
         # rows a rebuilt cache makes room for, so later joins copy only the newcomers' positions
-        # (backends with row slots; the batching engine sets its max_batch)
+        # (backends with row slots; set by `reserve`)
         self.slots: int | None = None
-        self._slotted = False  # the cache has those slots (it was rebuilt with them)
         self.cache = backend.new_cache(rows, capacity)
         self.mask = np.zeros((rows, 0), np.int64)
 
@@ -156,28 +155,37 @@ class Batch:
 
     def keep(self, rows: list[int], capacity: int | None = None) -> None:
         """Only `rows` stay, without the columns that are padding in all of them (no copy when
-        that is all of it and the cache already has room for `capacity` and its `slots`: a
-        cache without them is rebuilt with them, once, so that later joins copy no rows)."""
+        that is all of it and the cache already has room for `capacity`)."""
         mask = self.mask[rows]
-        used = np.flatnonzero(mask.any(axis=0))
-        first, end = (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
+        first, end = _span(mask)
         unchanged = rows == list(range(self.rows)) and first == 0 and end == self.length
-        slotless = self._in_place_rows and self.slots is not None and not self._slotted
-        room = self.capacity is not None and (capacity or 0) <= self.capacity
-        if unchanged and room and not slotless:
+        if unchanged and self.capacity is not None and (capacity or 0) <= self.capacity:
             return
-        if self._in_place_rows and not slotless:  # those that stay move down over the leavers
+        if self._in_place_rows:  # the rows that stay move down over those that leave
             lengths = mask.sum(axis=1)
             if self.backend.keep_rows(self.cache, rows, lengths, end):
                 self.mask = np.ascontiguousarray(mask[:, :end])
                 return
+        self._copy(rows, first, end, capacity)
+
+    def reserve(self, slots: int, capacity: int | None = None) -> None:
+        """Room for `slots` rows, so that rows which join later (backends with row slots) copy
+        only their own positions: the cache is rebuilt with them now, once; `keep` otherwise."""
+        self.slots = slots
+        if self._in_place_rows:
+            self._copy(list(range(self.rows)), *_span(self.mask), capacity)
+        else:
+            self.keep(list(range(self.rows)), capacity)
+
+    def _copy(self, rows: list[int], first: int, end: int, capacity: int | None) -> None:
+        """The cache rebuilt with only `rows` and the columns [first, end) from host arrays."""
         arrays = self.backend.cache_arrays(self.cache)
         if self.own_lengths:  # each row's own positions: what lies past them is never read
             lengths = self.mask.sum(axis=1)
             parts = [{k: v[r : r + 1, :, : lengths[r]] for k, v in arrays.items()} for r in rows]
         else:
             parts = [{k: v[rows, :, first:end] for k, v in arrays.items()}]
-        mask = np.ascontiguousarray(mask[:, first:end])
+        mask = np.ascontiguousarray(self.mask[rows, first:end])
         self._rebuild(_stack(parts, end - first, self.own_lengths), mask, capacity)
 
     def merge(
@@ -214,12 +222,17 @@ class Batch:
         self.cache = self.backend.cache_from_arrays(
             arrays, mask.shape[1], self.capacity, lengths, **slots
         )
-        self._slotted = bool(slots)
         self.mask = mask
 
     @property
     def _in_place_rows(self) -> bool:
         return self.own_lengths and self.backend.capabilities.row_slots
+
+
+def _span(mask: np.ndarray) -> tuple[int, int]:
+    """The first and the end column that any row of `mask` uses ((0, 0) for none)."""
+    used = np.flatnonzero(mask.any(axis=0))
+    return (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
 
 
 def _stack(parts: list[dict[str, np.ndarray]], length: int, right: bool) -> dict[str, np.ndarray]:

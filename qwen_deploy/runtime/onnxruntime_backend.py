@@ -329,7 +329,7 @@ class OnnxRuntimeBackend:
     def _grow(self, cache: OrtKVCache, needed: int) -> None:
         """Move an in-place cache to larger buffers (amortized: at least doubling)."""
         arrays = self.cache_arrays(cache)
-        slots = next(iter(cache.buffers.values())).shape[0] if cache.buffers else None
+        slots = _slots(cache) if cache.buffers else None
         grown = self.cache_from_arrays(
             arrays, cache.length, max(needed, 2 * cache.capacity), slots=slots
         )
@@ -397,14 +397,12 @@ class OnnxRuntimeBackend:
         always). False when it has no free slot or too few positions (the caller rebuilds)."""
         if not cache.buffers:
             return False
-        buffers = cache.buffers
         rows, n = _rows(cache), len(lengths)
-        slots = next(iter(buffers.values())).shape[0]
-        if rows + n > slots or length >= cache.capacity:
+        if rows + n > _slots(cache) or length >= cache.capacity:
             return False
         for name, array in arrays.items():
             for row, positions in enumerate(lengths):
-                buffers[name][rows + row, :, :positions] = array[row, :, :positions]
+                cache.buffers[name][rows + row, :, :positions] = array[row, :, :positions]
         self._view(cache, rows + n, length)
         return True
 
@@ -446,6 +444,11 @@ class OnnxRuntimeBackend:
 
 def _rows(cache: OrtKVCache) -> int:
     return next(iter(cache.values.values())).shape()[0]
+
+
+def _slots(cache: OrtKVCache) -> int:
+    """The rows an in-place cache's buffers have room for."""
+    return next(iter(cache.buffers.values())).shape[0]
 
 
 def _round_up(n: int) -> int:
